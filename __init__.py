@@ -1,0 +1,26 @@
+"""ModelPress: compress Hugging Face LLMs into checkpoints that vLLM serves as they are.
+
+The engine's public API is re-exported here lazily, so that importing a light part of the
+package (the operator, the spec) never imports torch.
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_ENGINE_EXPORTS = {
+    "oneshot": "modelpress.runner.engine.oneshot",
+    "OneshotResult": "modelpress.runner.engine.oneshot",
+    "QuantizationModifier": "modelpress.runner.engine.modifiers",
+    "load_recipe": "modelpress.runner.engine.recipe",
+    "ModelPressError": "modelpress.runner.engine.errors",
+}
+
+__all__ = ["__version__", *_ENGINE_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ENGINE_EXPORTS:
+        return getattr(import_module(_ENGINE_EXPORTS[name]), name)
+    raise AttributeError(f"module 'modelpress' has no attribute {name!r}")
