@@ -1,0 +1,3 @@
+from modelpress.runner.cli import run
+
+run()
