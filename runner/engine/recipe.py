@@ -87,5 +87,5 @@ def recipe_yaml(modifiers: list[Modifier]) -> str:
         if not groups or name in groups[-1]:
             groups.append({})
         groups[-1][name] = modifier.model_dump(mode="json", exclude_defaults=True)
-    stage = {f"quant_modifiers{'' if i == 0 else f'_{i}'}": g for i, g in enumerate(groups)}
+    stage = {f"quant{'' if i == 0 else f'_{i}'}_modifiers": g for i, g in enumerate(groups)}
     return yaml.safe_dump({"quant_stage": stage}, sort_keys=False)
