@@ -32,6 +32,7 @@ from modelpress.runner.engine.weights import (
     missing_weights,
     move_outside,
     resolve_model_dir,
+    return_freed_memory,
 )
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def oneshot(
             raise ModelPressError("output_dir: required when the model is given by path or hub id")
         model_dir = resolve_model_dir(model, revision)
         source = SafetensorsSource(model_dir)
+        return_freed_memory()
         model = build_skeleton(load_config(model_dir, trust_remote_code), trust_remote_code)
         missing = missing_weights(model, source)
         if missing:

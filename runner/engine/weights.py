@@ -4,16 +4,29 @@ The model is built as a skeleton (parameters on the meta device, buffers real), 
 being worked on occupy memory: the embeddings and head, plus one decoder layer at a time.
 """
 
+import ctypes
 import json
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from modelpress.runner.engine.errors import ModelPressError
 
+SAFETENSORS_TO_TORCH = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
@@ -36,33 +49,41 @@ def resolve_model_dir(model: str | Path, revision: str | None = None) -> Path:
 
 
 class SafetensorsSource:
-    """Tensors by name from a directory's safetensors files (with or without an index)."""
+    """Tensors by name from a directory's safetensors files (with or without an index).
+
+    Tensors are read with plain positioned reads, not memory maps: a mapped shard stays resident
+    as it is touched, which would bring the whole model into memory by the last layer.
+    """
 
     def __init__(self, model_dir: Path) -> None:
         index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: model_dir / file for name, file in weight_map.items()}
-        else:
-            self.files = {}
-            for file in sorted(model_dir.glob("*.safetensors")):
-                with safe_open(file, "pt") as f:
-                    self.files.update({name: file for name in f.keys()})
-        if not self.files:
+        files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() else sorted(model_dir.glob("*.safetensors"))
+        self.entries: dict[str, tuple[Path, str, list[int], int, int]] = {}
+        for file in files:
+            with file.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            for name, meta in header.items():
+                if name != "__metadata__":
+                    begin, end = meta["data_offsets"]
+                    self.entries[name] = (file, meta["dtype"], meta["shape"], 8 + size + begin, end - begin)
+        if not self.entries:
             raise ModelPressError(f"model: no safetensors weights in {model_dir}")
-        self._open: dict[Path, object] = {}
+        self.files = files
 
     def names(self) -> set[str]:
-        return set(self.files)
+        return set(self.entries)
 
     def get(self, name: str) -> torch.Tensor:
-        file = self.files[name]
-        if file not in self._open:
-            self._open[file] = safe_open(file, "pt")
-        return self._open[file].get_tensor(name)
+        file, dtype, shape, offset, length = self.entries[name]
+        buffer = torch.empty(length, dtype=torch.uint8)
+        with file.open("rb") as f:
+            f.seek(offset)
+            f.readinto(buffer.numpy())
+        return buffer.view(SAFETENSORS_TO_TORCH[dtype]).reshape(shape)
 
     def nbytes(self) -> int:
-        return sum(f.stat().st_size for f in set(self.files.values()))
+        return sum(f.stat().st_size for f in self.files)
 
 
 def load_config(model_dir: Path, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -128,6 +149,18 @@ def move_outside(model: torch.nn.Module, skip_prefix: str, device: torch.device)
         for key, buf in sub._buffers.items():
             if buf is not None and buf.device != device:
                 sub._buffers[key] = buf.to(device)
+
+
+def return_freed_memory() -> None:
+    """Serve large allocations from their own mappings so that a freed layer goes back to the OS.
+
+    glibc raises its mmap threshold as big blocks are freed, after which every layer lands on the
+    heap and fragments it: peak RSS then grows with the model instead of staying at one layer.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 def release(module: torch.nn.Module) -> None:
