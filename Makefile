@@ -21,4 +21,4 @@ test: $(STAMP)
 	$(VENV)/bin/pytest
 
 bench: $(STAMP)
-	$(PY) bench/oneshot_bench.py --output out/bench
+	$(PY) bench/oneshot_bench.py --recipe W4A16 --group-size 64 --output out/bench

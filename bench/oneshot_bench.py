@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from modelpress.runner.cli import preset_recipe
+from modelpress.runner.cli import recipe_argument
 from modelpress.runner.engine.oneshot import oneshot
 from modelpress.runner.smollm2 import smollm2_dir
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--recipe", default="W4A16")
-    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=None, help="for a preset; SmolLM2 needs 64")
     parser.add_argument("--observer", choices=["minmax", "mse"], default=None)
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--num-samples", type=int, default=128)
@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = args.model or smollm2_dir()
-    recipe = Path(args.recipe) if args.recipe.endswith((".yaml", ".yml")) else preset_recipe(args.recipe, args.group_size, args.observer)
+    recipe = recipe_argument(args.recipe, args.group_size, args.observer)
     shutil.rmtree(args.output, ignore_errors=True)
     before = rss_mib()
     start = time.monotonic()

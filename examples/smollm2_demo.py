@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
-from modelpress import QuantizationModifier, oneshot
+from modelpress import oneshot
+from modelpress.runner.cli import preset_recipe
 from modelpress.runner.engine.checkpoint import human_bytes
 from modelpress.runner.evaluation import answer
 from modelpress.runner.smollm2 import smollm2_dir
@@ -22,16 +23,8 @@ PROMPTS = [
     "Give me three tips for staying healthy.",
     "Explain in one sentence what a CPU does.",
 ]
-# int4 weights, one scale and zero point per 64 inputs (SmolLM2's 576 hidden features rule out 128).
-RECIPE = QuantizationModifier(
-    config_groups={
-        "group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64},
-        }
-    },
-    ignore=["lm_head"],
-)
+# int4 weights with a scale and zero point per 64 inputs (SmolLM2's 576 hidden features rule out 128)
+RECIPE = preset_recipe("W4A16_ASYM", group_size=64, observer=None)
 
 
 def side_by_side(left: str, right: str, width: int = 48) -> str:

@@ -46,17 +46,21 @@ def preset_recipe(preset: str, group_size: int | None, observer: str | None) -> 
     return QuantizationModifier(config_groups={"group_0": body}, ignore=PRESET_IGNORE, **extra)
 
 
+def recipe_argument(recipe: str, group_size: int | None, observer: str | None) -> Any:
+    """`--recipe`: a YAML file (used as it is), or a preset refined by --group-size/--observer."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if group_size or observer:
+            raise ModelPressError("--group-size/--observer: only apply to a preset; set them in the recipe file")
+        return path
+    return preset_recipe(recipe, group_size, observer)
+
+
 def compress(args: argparse.Namespace) -> None:
     from modelpress.runner.engine.checkpoint import human_bytes
     from modelpress.runner.engine.oneshot import oneshot
 
-    recipe_path = Path(args.recipe)
-    if recipe_path.suffix in (".yaml", ".yml") or recipe_path.is_file():
-        recipe: Any = recipe_path
-        if args.group_size or args.observer:
-            raise ModelPressError("--group-size/--observer: only apply to a preset; set them in the recipe file")
-    else:
-        recipe = preset_recipe(args.recipe, args.group_size, args.observer)
+    recipe = recipe_argument(args.recipe, args.group_size, args.observer)
     result = oneshot(
         model=args.model,
         dataset=args.dataset,

@@ -45,7 +45,6 @@ def smollm2_dir(cache: Path | None = None) -> Path:
     )
     # The dequantized model is a plain float model; drop the GGUF loading state so it saves as one.
     model.hf_quantizer = None
-    model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -13,23 +13,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsC
 
 from conftest import WIKITEXT
 from modelpress import QuantizationModifier, oneshot
+from modelpress.runner.cli import preset_recipe
 from modelpress.runner.evaluation import perplexity, text_slice
 from modelpress.runner.smollm2 import smollm2_dir
 
 pytestmark = pytest.mark.quality
 
 
-def int4_g64(symmetric: bool) -> QuantizationModifier:
-    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": 64}
-    return QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
-
-
 # scheme -> (recipe, allowed relative perplexity increase)
 BOUNDS = {
-    "W4A16_ASYM-g64": (lambda: int4_g64(False), 0.40),
+    "W4A16_ASYM-g64": (lambda: preset_recipe("W4A16_ASYM", 64, None), 0.40),
     # Symmetric int4 measured +38..43% here (the source weights are a dequantized Q4_1 GGUF, whose
     # asymmetric 4-bit grid a symmetric grid cannot follow); llm-compressor reports +36% on bf16 weights.
-    "W4A16-g64": (lambda: int4_g64(True), 0.50),
+    "W4A16-g64": (lambda: preset_recipe("W4A16", 64, None), 0.50),
     "W8A8": (lambda: QuantizationModifier(scheme="W8A8", ignore=["lm_head"]), 0.03),
     "FP8_DYNAMIC": (lambda: QuantizationModifier(scheme="FP8_DYNAMIC", ignore=["lm_head"]), 0.05),
 }

@@ -12,21 +12,10 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from modelpress.runner.engine.checkpoint import SAFETENSORS_DTYPES
 from modelpress.runner.engine.errors import ModelPressError
 
-SAFETENSORS_TO_TORCH = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+SAFETENSORS_TO_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
@@ -57,7 +46,10 @@ class SafetensorsSource:
 
     def __init__(self, model_dir: Path) -> None:
         index = model_dir / "model.safetensors.index.json"
-        files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() else sorted(model_dir.glob("*.safetensors"))
+        if index.is_file():
+            files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
         self.entries: dict[str, tuple[Path, str, list[int], int, int]] = {}
         for file in files:
             with file.open("rb") as f:
