@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 from conftest import CORPUS
 from modelpress import QuantizationModifier, oneshot
+from modelpress.runner.engine.modifiers import GPTQModifier, Modifier, SparseGPTModifier
 
 warnings.filterwarnings("ignore", message="You passed `quantization_config`")
 
@@ -29,6 +30,19 @@ SCHEMES = {
         "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "group", "group_size": 64}}},
     },
 }
+G64 = {"num_bits": 4, "strategy": "group", "group_size": 64}
+RECIPES = {name: [QuantizationModifier(ignore=["lm_head"], **kw)] for name, kw in SCHEMES.items()} | {
+    "GPTQ-W4A16": [GPTQModifier(scheme="W4A16", ignore=["lm_head"], block_size=32)],
+    "GPTQ-W8A8": [GPTQModifier(scheme="W8A8", ignore=["lm_head"])],
+    "GPTQ-int4-g64-asym-no-actorder": [
+        GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": {**G64, "symmetric": False}}}, actorder=None, ignore=["lm_head"])
+    ],
+    "GPTQ-FP8": [GPTQModifier(scheme="FP8", ignore=["lm_head"])],
+    "SparseGPT-2:4+GPTQ-W4A16": [
+        SparseGPTModifier(mask_structure="2:4", ignore=["lm_head"]),
+        GPTQModifier(scheme="W4A16", ignore=["lm_head"]),
+    ],
+}
 FORMAT_TENSORS = {
     "pack-quantized": ("weight_packed", torch.int32),
     "int-quantized": ("weight", torch.int8),
@@ -36,21 +50,19 @@ FORMAT_TENSORS = {
 }
 
 
-def compress_both_ways(model_dir: Path, out: Path, kwargs: dict) -> torch.nn.Module:
+def compress_both_ways(model_dir: Path, out: Path, recipe: list[Modifier]) -> torch.nn.Module:
     """Write the checkpoint (streamed from disk), and return the engine's in-memory quantized model."""
-    dataset = CORPUS if kwargs.get("scheme") == "FP8" else None
-    recipe = QuantizationModifier(ignore=["lm_head"], **kwargs)
-    oneshot(model=model_dir, recipe=recipe, dataset=dataset, output_dir=out, device="cpu", max_seq_length=32)
+    oneshot(model=model_dir, recipe=recipe, dataset=CORPUS, output_dir=out, device="cpu", max_seq_length=32)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    in_memory = oneshot(model=model, recipe=recipe, dataset=dataset, device="cpu", max_seq_length=32)
+    in_memory = oneshot(model=model, recipe=recipe, dataset=CORPUS, device="cpu", max_seq_length=32)
     assert in_memory.model is model
     return model
 
 
-@pytest.mark.parametrize("name", sorted(SCHEMES))
+@pytest.mark.parametrize("name", sorted(RECIPES))
 def test_loader_reproduces_engine_weights(tiny_model: Path, tmp_path: Path, name: str) -> None:
     out = tmp_path / "out"
-    engine = compress_both_ways(tiny_model, out, SCHEMES[name])
+    engine = compress_both_ways(tiny_model, out, RECIPES[name])
     original = AutoModelForCausalLM.from_pretrained(tiny_model)
 
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -73,8 +85,10 @@ def test_loader_reproduces_engine_weights(tiny_model: Path, tmp_path: Path, name
         assert not torch.equal(want, original.get_submodule(layer).weight), f"{layer} was not quantized"
         with safe_open(out / index[f"{layer}.{tensor_name}"], "pt") as f:
             assert f.get_tensor(f"{layer}.{tensor_name}").dtype == dtype
-            if name == "FP8":
+            if name.endswith("FP8"):
                 assert f.get_tensor(f"{layer}.input_scale").item() > 0
+        if name.startswith("SparseGPT-2:4"):  # two of every four inputs stay zero through quantization
+            assert ((got.reshape(got.shape[0], -1, 4) == 0).sum(-1) >= 2).all(), layer
     for n, p in original.named_parameters():  # everything not quantized is copied unchanged
         if not any(n.startswith(q + ".") for q in quantized):
             assert torch.equal(loaded.get_parameter(n), p), n
@@ -89,7 +103,7 @@ def test_loader_reproduces_engine_weights(tiny_model: Path, tmp_path: Path, name
 def test_default_loader_runs_compressed_checkpoint(llama_dir: Path, tmp_path: Path, name: str) -> None:
     """The path vLLM-like readers take: compressed modules, decompressed on first use."""
     out = tmp_path / "out"
-    engine = compress_both_ways(llama_dir, out, SCHEMES[name])
+    engine = compress_both_ways(llama_dir, out, RECIPES[name])
     loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
     ids = torch.tensor([[1, 5, 9, 13]])

@@ -1,6 +1,7 @@
 """`oneshot`: compress a model with a recipe in one pass and write a vLLM-ready checkpoint."""
 
 import copy
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from modelpress.runner.engine.checkpoint import (
     write_module,
 )
 from modelpress.runner.engine.errors import ModelPressError
-from modelpress.runner.engine.modifiers import Modifier
+from modelpress.runner.engine.modifiers import LayerState, Modifier
 from modelpress.runner.engine.pipeline import LayerReport, ProgressFn, capture_first_layer_inputs, run_pipeline
 from modelpress.runner.engine.recipe import RecipeInput, load_recipe, recipe_yaml
 from modelpress.runner.engine.weights import (
@@ -36,6 +37,8 @@ from modelpress.runner.engine.weights import (
 )
 
 log = logging.getLogger(__name__)
+
+REPORT_FILE = "modelpress-report.json"
 
 
 @dataclass
@@ -143,13 +146,14 @@ def oneshot(
             if module.weight is embeddings:
                 module.weight = torch.nn.Parameter(embeddings.data.clone(), requires_grad=False)
                 config.tie_word_embeddings = False
-        outside_done.update(modifier.apply(mods, {}))
+        outside_done.update(modifier.apply(mods, {}, LayerState()))
     schemes.update({n: ql.scheme for n, ql in outside_done.items()})
 
     if out is not None and writer is not None:
         write_module(writer, "", model, outside_done, skip_prefix=inside)
         writer.close()
         _write_metadata(out, model, config, modifiers, schemes, model_dir, tokenizer)
+        _write_report(out, reports)
     if source is None:
         move_outside(model, inside, home)
     return OneshotResult(
@@ -170,6 +174,8 @@ def _default_device() -> torch.device:
 def _check_plans(modifiers: list[Modifier], plans: list[dict[str, Any]]) -> None:
     owners: dict[str, str] = {}
     for modifier, plan in zip(modifiers, plans):
+        if not modifier.quantizes:
+            continue
         for name in plan:
             if name in owners:
                 raise ModelPressError(
@@ -206,7 +212,8 @@ def _write_metadata(
         for name, scheme in getattr(modifier, "groups", {}).items():
             groups[name if name not in groups else f"{name}_{len(groups)}"] = scheme
     ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in schemes]
-    config.quantization_config = quantization_config(groups, schemes, ignore)
+    if schemes:
+        config.quantization_config = quantization_config(groups, schemes, ignore)
     config.save_pretrained(out)
     (out / "recipe.yaml").write_text(recipe_yaml(modifiers))
     copy_aux_files(model_dir, out)
@@ -214,3 +221,23 @@ def _write_metadata(
         tokenizer.save_pretrained(out)
     if not (out / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
+
+
+def _write_report(out: Path, reports: list[LayerReport]) -> None:
+    """Per-layer losses and achieved sparsity: the checkpoint format has no place for them, and
+    pruned weights are stored dense, so this file is where a reader finds them."""
+    layers = [
+        {
+            "layer": r.index,
+            "seconds": round(r.seconds, 3),
+            "sequential": r.sequential,
+            "loss": r.losses,
+            "sparsity": r.sparsity,
+            "dampening_raised": r.dampening,
+        }
+        for r in reports
+    ]
+    total = [s for r in reports for s in r.sparsity.values()]
+    summary = {"mean_sparsity": round(sum(total) / len(total), 6) if total else 0.0}
+    (out / REPORT_FILE).write_text(json.dumps({**summary, "layers": layers}, indent=1) + "\n")
+

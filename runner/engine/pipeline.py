@@ -14,13 +14,19 @@ import torch
 
 from compressed_tensors.quantization import QuantizationScheme
 
-from modelpress.runner.engine.calibration import ActivationStats, StatsCollector
+from modelpress.runner.engine.calibration import StatsCollector
 from modelpress.runner.engine.checkpoint import ShardedSafetensorsWriter, write_module
-from modelpress.runner.engine.modifiers import Modifier
+from modelpress.runner.engine.modifiers import LayerState, Modifier
 from modelpress.runner.engine.quantize import QuantizedLinear
+from modelpress.runner.engine.sequential import (
+    LayerInput,
+    compress_sequential,
+    find_parts,
+    group_stats,
+    reproduces_layer,
+)
 from modelpress.runner.engine.weights import SafetensorsSource, materialize, release
 
-LayerInput = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's (args, kwargs) for one sample
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -28,7 +34,11 @@ ProgressFn = Callable[[dict[str, Any]], None]
 class LayerReport:
     index: int
     seconds: float
+    sequential: bool  # compressed part by part (one pass) rather than calibrate-then-propagate
     quantized: list[str] = field(default_factory=list)
+    losses: dict[str, float] = field(default_factory=dict)
+    sparsity: dict[str, float] = field(default_factory=dict)
+    dampening: dict[str, float] = field(default_factory=dict)
 
 
 class _Captured(Exception):
@@ -77,19 +87,69 @@ def compress_layer(
     modifiers: list[Modifier],
     plans: list[dict[str, Any]],
     inputs: list[LayerInput] | None,
+    state: LayerState,
 ) -> dict[str, QuantizedLinear]:
-    """Calibrate one layer on its inputs (when a modifier needs data) and apply every modifier."""
+    """The generic path: calibrate the whole layer on its inputs, then apply every modifier.
+
+    Every Linear sees the float layer's activations; the caller runs the layer again afterwards
+    to propagate the compressed outputs.
+    """
     linears = {f"{prefix}{n}": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     targeted = {n: m for n, m in linears.items() if any(n in plan for plan in plans)}
-    stats: dict[str, ActivationStats] = {}
+    stats = {}
     if inputs is not None and any(m.needs_data() for m in modifiers):
         with StatsCollector(targeted, hessians=any(m.needs_hessians for m in modifiers)) as collector:
             run_layer(layer, inputs)
         stats = collector.stats
+        if any(getattr(m, "offload_hessians", False) for m in modifiers):
+            for s in stats.values():
+                s.xtx = s.xtx.cpu() if s.xtx is not None else None
+    return _apply_all(modifiers, plans, targeted, stats, state)
+
+
+def _apply_all(
+    modifiers: list[Modifier],
+    plans: list[dict[str, Any]],
+    modules: dict[str, torch.nn.Linear],
+    stats: dict,
+    state: LayerState,
+) -> dict[str, QuantizedLinear]:
+    """Every modifier in recipe order, each on the modules it planned for."""
     quantized: dict[str, QuantizedLinear] = {}
     for modifier, plan in zip(modifiers, plans):
-        mine = {n: m for n, m in targeted.items() if n in plan}
-        quantized.update(modifier.apply(mine, stats))
+        mine = {n: m for n, m in modules.items() if n in plan}
+        if mine:
+            quantized.update(modifier.apply(mine, stats, state))
+    return quantized
+
+
+def compress_layer_sequential(
+    layer: torch.nn.Module,
+    prefix: str,
+    modifiers: list[Modifier],
+    plans: list[dict[str, Any]],
+    inputs: list[LayerInput],
+    state: LayerState,
+    last: bool,
+) -> dict[str, QuantizedLinear] | None:
+    """The one-pass path (see sequential.py), or None when the layer's layout is not known.
+
+    `inputs` becomes the layer's outputs in place.
+    """
+    parts = find_parts(layer)
+    if parts is None or not reproduces_layer(layer, parts, inputs[0]):
+        return None
+    quantized: dict[str, QuantizedLinear] = {}
+    hessians = any(m.needs_hessians for m in modifiers)
+
+    def compress_group(names: list[str], xs: list[torch.Tensor]) -> None:
+        modules = {f"{prefix}{n}": layer.get_submodule(n) for n in names}
+        modules = {n: m for n, m in modules.items() if any(n in plan for plan in plans)}
+        if modules:
+            shared = group_stats(xs, hessians)
+            quantized.update(_apply_all(modifiers, plans, modules, {n: shared for n in modules}, state))
+
+    compress_sequential(parts, inputs, compress_group, last)
     return quantized
 
 
@@ -121,9 +181,16 @@ def run_pipeline(
         else:
             home = next(layer.parameters()).device
             layer.to(device)
-        done = compress_layer(layer, prefix, modifiers, plans, inputs)
-        if inputs is not None and i + 1 < len(layers):
-            inputs = run_layer(layer, inputs)
+        state = LayerState()
+        last = i + 1 == len(layers)
+        done = None
+        if inputs is not None and any(m.needs_data() for m in modifiers):
+            done = compress_layer_sequential(layer, prefix, modifiers, plans, inputs, state, last)
+        sequential = done is not None
+        if done is None:
+            done = compress_layer(layer, prefix, modifiers, plans, inputs, state)
+            if inputs is not None and not last:
+                inputs = run_layer(layer, inputs)
         if writer is not None:
             write_module(writer, prefix, layer, done)
         if source is not None:
@@ -131,7 +198,9 @@ def run_pipeline(
         else:
             layer.to(home)
         schemes.update({name: ql.scheme for name, ql in done.items()})
-        reports.append(LayerReport(i, time.monotonic() - t0, sorted(done)))
+        reports.append(
+            LayerReport(i, time.monotonic() - t0, sequential, sorted(done), state.losses, state.sparsity, state.dampening)
+        )
         if progress is not None:
             elapsed = time.monotonic() - start
             progress(
