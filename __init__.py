@@ -13,6 +13,8 @@ _ENGINE_EXPORTS = {
     "oneshot": "modelpress.runner.engine.oneshot",
     "OneshotResult": "modelpress.runner.engine.oneshot",
     "QuantizationModifier": "modelpress.runner.engine.modifiers",
+    "GPTQModifier": "modelpress.runner.engine.modifiers",
+    "SparseGPTModifier": "modelpress.runner.engine.modifiers",
     "load_recipe": "modelpress.runner.engine.recipe",
     "ModelPressError": "modelpress.runner.engine.errors",
 }

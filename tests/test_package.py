@@ -8,7 +8,7 @@ def test_top_level_import_is_light_and_exports_resolve() -> None:
     code = (
         "import sys, modelpress\n"
         "assert 'torch' not in sys.modules, 'importing modelpress pulled in torch'\n"
-        "from modelpress import oneshot, QuantizationModifier, load_recipe, ModelPressError\n"
+        "from modelpress import oneshot, QuantizationModifier, GPTQModifier, SparseGPTModifier, load_recipe, ModelPressError\n"
         "assert 'torch' in sys.modules and callable(oneshot)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

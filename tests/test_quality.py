@@ -1,7 +1,8 @@
 """Quality on the real SmolLM2-135M-Instruct: perplexity of each scheme against the float model.
 
-8k tokens of WikiText-2 validation text (second half of the file), in 512-token windows. When the
-file is absent, the float model writes its own evaluation text.
+8k tokens of WikiText-2 validation text (second half of the file), in 512-token windows;
+calibration, where a recipe needs it, comes from the first half. When the file is absent, the
+float model writes its own texts.
 """
 
 import shutil
@@ -12,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
 from conftest import WIKITEXT
-from modelpress import QuantizationModifier, oneshot
+from modelpress import GPTQModifier, QuantizationModifier, SparseGPTModifier, oneshot
 from modelpress.runner.cli import preset_recipe
 from modelpress.runner.evaluation import perplexity, text_slice
 from modelpress.runner.smollm2 import smollm2_dir
@@ -41,14 +42,30 @@ def tokenizer(smollm2: Path):
     return AutoTokenizer.from_pretrained(smollm2)
 
 
+def generated_text(smollm2: Path, tokenizer, seed: int, tokens: int) -> str:
+    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    torch.manual_seed(seed)
+    ids = model.generate(torch.tensor([[tokenizer.bos_token_id or 1]]), max_new_tokens=tokens, do_sample=True, top_p=0.95)
+    return tokenizer.decode(ids[0], skip_special_tokens=True)
+
+
 @pytest.fixture(scope="module")
 def eval_text(smollm2: Path, tokenizer) -> str:
     if WIKITEXT.is_file():
         return text_slice(WIKITEXT, 0.5)
-    model = AutoModelForCausalLM.from_pretrained(smollm2)
-    torch.manual_seed(0)
-    ids = model.generate(torch.tensor([[tokenizer.bos_token_id or 1]]), max_new_tokens=2048, do_sample=True, top_p=0.95)
-    return tokenizer.decode(ids[0], skip_special_tokens=True)
+    return generated_text(smollm2, tokenizer, 0, 2048)
+
+
+@pytest.fixture(scope="module")
+def calibration(smollm2: Path, tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """32 windows of 512 tokens (the benchmark uses 128) from text the evaluation never sees."""
+    if WIKITEXT.is_file():
+        text = text_slice(WIKITEXT, 0.0, len(WIKITEXT.read_text(encoding="utf-8")) // 2)
+    else:
+        text = generated_text(smollm2, tokenizer, 1, 4 * 512)
+    path = tmp_path_factory.mktemp("calibration") / "calibration.txt"
+    path.write_text(text, encoding="utf-8")
+    return {"dataset": path, "num_calibration_samples": 32, "max_seq_length": 512, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +86,50 @@ def test_perplexity_within_bound(name: str, smollm2: Path, tokenizer, eval_text:
     print(f"{name}: perplexity {ppl:.2f} vs float {float_ppl:.2f} (+{100 * (ppl / float_ppl - 1):.1f}%)")
     assert float_ppl < ppl <= float_ppl * (1 + bound)
     shutil.rmtree(out)
+
+
+W4_G64 = {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "group", "group_size": 64}}}
+
+
+def in_memory(smollm2: Path, recipe, calibration: dict, out: Path | None = None) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    oneshot(model=model, recipe=recipe, output_dir=out, **calibration)
+    return model
+
+
+def test_gptq_beats_rtn_and_its_checkpoint_reads_back_the_same(
+    smollm2: Path, tokenizer, eval_text: str, float_ppl: float, calibration: dict, tmp_path: Path
+) -> None:
+    rtn = perplexity(in_memory(smollm2, QuantizationModifier(config_groups=W4_G64, ignore=["lm_head"]), {}), tokenizer, eval_text)
+    out = tmp_path / "gptq"
+    engine = perplexity(in_memory(smollm2, GPTQModifier(config_groups=W4_G64, ignore=["lm_head"]), calibration, out), tokenizer, eval_text)
+    loaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    read_back = perplexity(loaded, tokenizer, eval_text)
+    print(f"W4A16 g64: float {float_ppl:.2f}, RTN {rtn:.2f}, GPTQ {engine:.2f} (checkpoint {read_back:.2f})")
+    assert float_ppl < engine < rtn
+    assert read_back == pytest.approx(engine, rel=0.005)
+
+
+def test_gptq_w8a8_stays_within_two_percent(
+    smollm2: Path, tokenizer, eval_text: str, float_ppl: float, calibration: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "w8a8"
+    in_memory(smollm2, GPTQModifier(scheme="W8A8", ignore=["lm_head"]), calibration, out)
+    ppl = perplexity(AutoModelForCausalLM.from_pretrained(out), tokenizer, eval_text)  # activations int8 per token
+    print(f"GPTQ W8A8: {ppl:.2f} vs float {float_ppl:.2f}")
+    assert ppl <= float_ppl * 1.02
+
+
+def test_sparsegpt_2of4_beats_magnitude_2of4(smollm2: Path, tokenizer, eval_text: str, calibration: dict) -> None:
+    sparse = perplexity(in_memory(smollm2, SparseGPTModifier(mask_structure="2:4", ignore=["lm_head"]), calibration), tokenizer, eval_text)
+    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for m in layer.modules():
+                if isinstance(m, torch.nn.Linear):
+                    w = m.weight.reshape(m.out_features, -1, 4)
+                    w.scatter_(-1, w.abs().topk(2, dim=-1, largest=False).indices, 0.0)
+    magnitude = perplexity(model, tokenizer, eval_text)
+    print(f"2:4 sparsity: SparseGPT {sparse:.2f}, magnitude {magnitude:.2f}")
+    assert sparse < magnitude
+

@@ -53,7 +53,9 @@ def inverse_hessian(hessian: torch.Tensor, dampening_frac: float) -> InverseHess
         damped[eye, eye] += frac * mean
         lower, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            # cholesky_solve, not cholesky_inverse: the latter is ~100x slower on CPU builds
+            inverse = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype, device=h.device), lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info == 0:
                 if frac != dampening_frac:
                     log.warning("Hessian not positive definite: dampening raised from %g to %g", dampening_frac, frac)
