@@ -104,7 +104,13 @@ def _md5_file(path: Path) -> str:
 def fetch_hub_model(uri: str, revision: str | None, token: str | None) -> Path:
     """hf://org/name: a snapshot in the hub cache (HF_HOME / HF_HUB_CACHE), downloaded in parallel and resumed."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo = uri.removeprefix("hf://").strip("/")
     try:
@@ -113,6 +119,8 @@ def fetch_hub_model(uri: str, revision: str | None, token: str | None) -> Path:
         raise ModelPressError(f"spec.model.uri: {uri} is missing or needs access ({type(err).__name__}); check the name and tokenSecret") from None
     except RevisionNotFoundError:
         raise ModelPressError(f"spec.model.revision: {revision!r} does not exist in {uri}; use a branch, tag or commit") from None
+    except LocalEntryNotFoundError:  # no route to the hub (offline, or a network fault): worth a retry
+        raise RuntimeError(f"cannot reach the hub for {uri} at revision {revision or 'main'!r}, and the hub cache lacks it") from None
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
         if status in (401, 403):
