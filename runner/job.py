@@ -108,7 +108,7 @@ def run_job(job: CompressionJob, ctx: Context) -> dict[str, Any]:
         if needs_data and not resumed and calib.dataset != SELF_GENERATED:
             report.stage("calibrate", dataset=calib.dataset)
             data = open_dataset(calib.dataset, calib.split, calib.subset, "spec.calibration.dataset",
-                                _local_fetcher(clients, work, env), token)
+                                _local_fetcher(clients, work, env, "spec.calibration.dataset"), token)
             samples = calibration_set(data, tokenizer, calib.num_samples, calib.max_sequence_length, calib.seed,
                                       calib.text_field, calib.messages_field)
     before: dict[str, Any] = {}
@@ -118,15 +118,16 @@ def run_job(job: CompressionJob, ctx: Context) -> dict[str, Any]:
             with _timed(ctx, "calibrate"):
                 report.stage("calibrate", dataset=SELF_GENERATED)
                 samples = self_generated(original, tokenizer, calib.num_samples, calib.max_sequence_length, calib.seed)
-        with _timed(ctx, "evaluate"):
-            report.stage("evaluate", model="original")
-            before = evaluate(original, tokenizer, text, spec)
+        if wants_eval:
+            with _timed(ctx, "evaluate"):
+                report.stage("evaluate", model="original")
+                before = evaluate(original, tokenizer, text, spec)
         del original
         gc.collect()
 
     with _timed(ctx, "compress"):
         if not resumed:
-            report.stage("compress", layers="streamed")
+            report.stage("compress")
             marker.unlink(missing_ok=True)
             shutil.rmtree(staged, ignore_errors=True)
             _compress(model_dir, staged, modifiers, samples, spec, device, report)
@@ -165,19 +166,16 @@ def run_job(job: CompressionJob, ctx: Context) -> dict[str, Any]:
 
 def _connections(spec: JobSpec, ctx: Context) -> dict[str, S3Connection]:
     """S3 connections by role, resolved before any work so missing credentials fail first."""
+    ppl = spec.evaluation.perplexity
     uses = {
-        "model": (spec.model.uri, spec.model.connection, "spec.model.connection"),
-        "data": (
-            (spec.calibration.dataset or "") + " " + (spec.evaluation.perplexity.dataset if spec.evaluation.perplexity else ""),
-            spec.calibration.connection,
-            "spec.calibration.connection",
-        ),
-        "output": (spec.output.uri, spec.output.connection, "spec.output.connection"),
+        "model": ([spec.model.uri], spec.model.connection, "spec.model.connection"),
+        "data": ([spec.calibration.dataset, ppl.dataset if ppl else None], spec.calibration.connection, "spec.calibration.connection"),
+        "output": ([spec.output.uri], spec.output.connection, "spec.output.connection"),
     }
     return {
         role: s3_connection(role, name, ctx.env, ctx.objects, where)
         for role, (uris, name, where) in uses.items()
-        if any(u.startswith("s3://") for u in uris.split())
+        if any(u and u.startswith("s3://") for u in uris)
     }
 
 
@@ -213,7 +211,7 @@ def fetch_model(spec: JobSpec, client: Any, token: str | None, work: Path, ctx: 
     return path
 
 
-def _local_fetcher(clients: dict[str, Any], work: Path, env: Mapping[str, str]):
+def _local_fetcher(clients: dict[str, Any], work: Path, env: Mapping[str, str], field_path: str):
     """Maps a data URI to a local file: s3:// objects are downloaded (resumably) into scratch."""
 
     def local(uri: str) -> Path:
@@ -223,7 +221,7 @@ def _local_fetcher(clients: dict[str, Any], work: Path, env: Mapping[str, str]):
         found = list_objects(clients["data"], bucket, key.rsplit("/", 1)[0] if "/" in key else "")
         meta = found.get(key.rsplit("/", 1)[-1])
         if meta is None:
-            raise ModelPressError(f"spec.calibration.dataset: {uri} does not exist; check the key and connection")
+            raise ModelPressError(f"{field_path}: {uri} does not exist; check the key and connection")
         target = work / "data" / key
         download_object(clients["data"], bucket, key, meta["Size"], target, meta["ETag"], None, lambda n: None)
         return target
@@ -234,7 +232,7 @@ def _local_fetcher(clients: dict[str, Any], work: Path, env: Mapping[str, str]):
 def _evaluation_text(spec: JobSpec, clients: dict[str, Any], work: Path, token: str | None, env: Mapping[str, str]) -> str:
     ppl = spec.evaluation.perplexity
     data = open_dataset(ppl.dataset, ppl.split, ppl.subset, "spec.evaluation.perplexity.dataset",
-                        _local_fetcher(clients, work, env), token)
+                        _local_fetcher(clients, work, env, "spec.evaluation.perplexity.dataset"), token)
     text = evaluation_text(data, ppl.text_field, ppl.max_tokens * 16)
     if not text.strip():
         raise ModelPressError("spec.evaluation.perplexity.dataset: holds no text; check textField and split")

@@ -167,7 +167,7 @@ def download_object(
         with part.open("ab") as out:
             _copy_stream(response["Body"], out, on_bytes)
     else:
-        part.touch()
+        part.touch()  # an empty object, or a part already whole
     got = part.stat().st_size
     if got != size:
         raise RuntimeError(f"s3://{bucket}/{key}: got {got} bytes, expected {size}; the retry resumes it")

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import datasets
 import huggingface_hub
 import pytest
 import yaml
@@ -165,7 +166,7 @@ def test_quality_gate_fails_with_exit_3_and_publishes_nothing(
     assert (tmp_path / "out" / "modelpress-manifest.json").is_file() and not (tmp_path / "scratch").joinpath("local").exists()
 
 
-def test_text_calibration_local_dir_and_self_generated(llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_text_parquet_and_self_generated_calibration(llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(CORPUS))
     doc = job_document(
@@ -176,6 +177,15 @@ def test_text_calibration_local_dir_and_self_generated(llama_dir: Path, tmp_path
     )
     code, term = run(tmp_path, doc)
     assert code == 0 and term["calibration"]["samples"] == 4
+    datasets.Dataset.from_dict({"content": CORPUS[:5]}).to_parquet(tmp_path / "calib.parquet")
+    doc["spec"]["calibration"] = {"dataset": str(tmp_path / "calib.parquet"), "textField": "content", "numSamples": 5}
+    doc["spec"]["output"]["uri"] = str(tmp_path / "out-parquet")
+    code, term = run(tmp_path, doc)
+    assert code == 0 and term["calibration"]["samples"] == 5
+    doc["spec"]["calibration"]["numSamples"] = 6
+    doc["spec"]["output"]["uri"] = str(tmp_path / "out-parquet-6")
+    code, term = run(tmp_path, doc)
+    assert code == 2 and "the dataset yields 5 usable samples" in term["message"]
     doc["spec"]["calibration"] = {"dataset": "self-generated", "numSamples": 3, "maxSequenceLength": 16}
     doc["spec"]["output"]["uri"] = str(tmp_path / "out-self")
     code, term = run(tmp_path, doc)
