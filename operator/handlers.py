@@ -46,7 +46,7 @@ def _reject(body: kopf.Body, patch: kopf.Patch, problem: str) -> None:
     generation = body["metadata"].get("generation", 1)
     observation = Observation(phase="Failed", reason="InvalidSpec", message=problem)
     patch.status.update(status_patch(body.get("status") or {}, generation, observation, None))
-    kopf.warn(body, reason="InvalidSpec", message=problem)
+    kopf.event(body, type="Warning", reason="InvalidSpec", message=problem)
     metrics.PHASES.labels("Failed", "InvalidSpec").inc()
 
 
@@ -83,7 +83,7 @@ def launch(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.
     patch.status["recipe"] = recipe_summary(job)
     if created:
         metrics.JOBS_CREATED.inc()
-        kopf.info(body, reason="JobCreated", message=f"created Job {manifest['metadata']['name']}")
+        kopf.event(body, type="Normal", reason="JobCreated", message=f"created Job {manifest['metadata']['name']}")
         pending = Observation(phase="Pending", reason="JobCreated", message="waiting for the runner pod to start")
         patch.status.update(status_patch(status, body["metadata"].get("generation", 1), pending, None))
     else:
@@ -124,9 +124,9 @@ def _changed(status: Mapping[str, Any], update: Mapping[str, Any]) -> bool:
 def _announce(body: kopf.Body, status: Mapping[str, Any], observation: Observation) -> None:
     message = f"{observation.phase}: {observation.message}" if observation.message else observation.phase
     if observation.phase == "Failed":
-        kopf.warn(body, reason=observation.reason, message=message)
+        kopf.event(body, type="Warning", reason=observation.reason, message=message)
     else:
-        kopf.info(body, reason=observation.reason, message=message)
+        kopf.event(body, type="Normal", reason=observation.reason, message=message)
     metrics.PHASES.labels(observation.phase, observation.reason).inc()
     if observation.phase in TERMINAL_PHASES and observation.start_time and observation.completion_time:
         metrics.DURATION.labels(observation.phase).observe(_seconds(observation.start_time, observation.completion_time))
@@ -136,13 +136,13 @@ def _seconds(start: str, end: str) -> float:
     return max(0.0, (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds())
 
 
-def suspend(body: kopf.Body, new: Any, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    """Carry spec.runtime.suspend to the Job, unless Kueue owns the Job's suspension."""
+def suspend(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Carry a change of spec.runtime.suspend to the Job, unless Kueue owns the Job's suspension."""
     name = (body.get("status") or {}).get("jobName")
-    if not name or (body.get("status") or {}).get("phase") in TERMINAL_PHASES:
+    if old is None or not name or (body.get("status") or {}).get("phase") in TERMINAL_PHASES:
         return
     if is_kueue_managed(body):
-        kopf.info(body, reason="SuspendIgnored", message="Kueue manages this Job's suspension; change the queue instead")
+        kopf.event(body, type="Normal", reason="SuspendIgnored", message="Kueue manages this Job's suspension; change the queue instead")
         return
     kube.set_job_suspended(memo.api, body["metadata"]["namespace"], name, bool(new))
     logger.info("Job %s suspend=%s", name, bool(new))

@@ -206,7 +206,7 @@ def build_resources(job: CompressionJob, config: OperatorConfig) -> dict[str, An
     if config.scratch_volume == "emptyDir":
         requests["ephemeral-storage"] = limits["ephemeral-storage"] = res.scratch
     if res.gpus:
-        requests[res.gpu_resource] = limits[res.gpu_resource] = res.gpus
+        requests[res.gpu_resource] = limits[res.gpu_resource] = str(res.gpus)
     return {"requests": requests, "limits": limits}
 
 

@@ -4,6 +4,7 @@ Only the key names of Secrets and ConfigMaps are ever returned, never their valu
 secret can leak into status, events or logs from here.
 """
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -24,8 +25,9 @@ def load_client() -> client.ApiClient:
         return config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
 
 
-def _dict(api: client.ApiClient, obj: Any) -> dict[str, Any]:
-    return api.sanitize_for_serialization(obj)
+def _raw(response: Any) -> dict[str, Any]:
+    """The object as the server sent it (the client's models reject fields they do not know)."""
+    return json.loads(response.data)
 
 
 def _absent(err: ApiException) -> bool:
@@ -58,7 +60,7 @@ def create_job(api: client.ApiClient, manifest: Mapping[str, Any]) -> tuple[dict
     """Create the Job; when it already exists (a retry, a restart) return that one. -> (job, created)"""
     namespace = manifest["metadata"]["namespace"]
     try:
-        return _dict(api, client.BatchV1Api(api).create_namespaced_job(namespace, manifest)), True
+        return _raw(client.BatchV1Api(api).create_namespaced_job(namespace, manifest, _preload_content=False)), True
     except ApiException as err:
         if err.status != 409:
             raise
@@ -70,7 +72,7 @@ def create_job(api: client.ApiClient, manifest: Mapping[str, Any]) -> tuple[dict
 
 def read_job(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        return _dict(api, client.BatchV1Api(api).read_namespaced_job(name, namespace))
+        return _raw(client.BatchV1Api(api).read_namespaced_job(name, namespace, _preload_content=False))
     except ApiException as err:
         if _absent(err):
             return None
@@ -79,8 +81,8 @@ def read_job(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]
 
 def job_pods(api: client.ApiClient, namespace: str, job_name: str) -> list[dict[str, Any]]:
     """The Job's pods (filtered here too: the selector is a hint some servers ignore)."""
-    pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=f"{JOB_NAME_LABELS[0]}={job_name}")
-    found = [_dict(api, pod) for pod in pods.items]
+    found = _raw(client.CoreV1Api(api).list_namespaced_pod(
+        namespace, label_selector=f"{JOB_NAME_LABELS[0]}={job_name}", _preload_content=False))["items"]
     return [pod for pod in found
             if any((pod["metadata"].get("labels") or {}).get(label) == job_name for label in JOB_NAME_LABELS)]
 

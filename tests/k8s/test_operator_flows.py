@@ -1,0 +1,136 @@
+"""Whole lifecycles: kopf runs in the test's event loop against the emulated API server."""
+
+import json
+from typing import Any
+
+import pytest
+
+from k8s.conftest import (CR, EVENTS, FAST, JOBS, NAMESPACE, api, cr_path, create_cr, create_secret, eventually, obj,
+                          operator_running)
+from k8s.crd_schema import problems
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "very-secret-value",
+           "AWS_S3_ENDPOINT": "https://s3.example.internal", "AWS_S3_BUCKET": "models", "AWS_DEFAULT_REGION": "us-east-1"}
+HF_SECRET = {"HF_TOKEN": "hf_secret_token_value"}
+SECRET_VALUES = [*S3_KEYS.values(), *HF_SECRET.values()]
+SECRET_VALUES.remove("models")  # the bucket name is also in the (public) URI
+SECRET_VALUES.remove("us-east-1")
+SPEC: dict[str, Any] = {
+    "model": {"uri": "hf://acme/tiny-llama", "tokenSecret": {"name": "hf-token", "key": "HF_TOKEN"}},
+    "recipe": {"preset": "W4A16", "algorithm": "GPTQ", "groupSize": 64},
+    "calibration": {"dataset": "self-generated", "numSamples": 32},
+    "output": {"uri": "s3://models/tiny-llama-w4a16", "connection": "models-s3"},
+    "runtime": {"resources": {"cpu": "8", "memory": "32Gi", "gpus": 1}},
+}
+KUEUE = {"kueue.x-k8s.io/queue-name": "gpu-queue", "app.kubernetes.io/instance": "argocd-app"}
+
+
+def job_of(kube: Any, name: str = "tiny") -> dict[str, Any] | None:
+    return obj(kube, JOBS, f"{name}-runner")
+
+
+def status_of(kube: Any, name: str = "tiny") -> dict[str, Any]:
+    return (obj(kube, CR, name) or {}).get("status") or {}
+
+
+def condition(kube: Any, name: str = "tiny") -> dict[str, Any]:
+    return next(c for c in status_of(kube, name)["conditions"] if c["type"] == "Succeeded")
+
+
+async def set_job_status(kube: Any, name: str, status: dict[str, Any]) -> None:
+    await api(kube, "PATCH", f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{name}/status", {"status": status})
+
+
+async def add_pod(kube: Any, job: str, phase: str, terminated: dict[str, Any] | None = None, log: str = "") -> str:
+    """A pod of `job` as the Job controller would make it, with the runner container's state."""
+    name = f"{job}-abcde"
+    state = {"terminated": terminated} if terminated else ({"running": {}} if phase == "Running" else {"waiting": {"reason": "ContainerCreating"}})
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"batch.kubernetes.io/job-name": job}},
+           "status": {"phase": phase, "containerStatuses": [{"name": "runner", "state": state}]}}
+    if obj(kube, "v1/pods", name) is None:
+        await api(kube, "POST", f"/api/v1/namespaces/{NAMESPACE}/pods", pod)
+    else:
+        await api(kube, "PATCH", f"/api/v1/namespaces/{NAMESPACE}/pods/{name}", {"status": pod["status"]})
+    kube.pod_logs[(NAMESPACE, name)] = log
+    return name
+
+
+def events(kube: Any, reason: str) -> list[dict[str, Any]]:
+    found = []
+    for (resource, namespace, _), item in kube.objects.items():
+        if resource.plural == "events" and not item.deleted and item.raw.get("reason") == reason:
+            found.append(item.raw)
+    return found
+
+
+async def preload_secrets(kube: Any) -> None:
+    await create_secret(kube, "models-s3", S3_KEYS)
+    await create_secret(kube, "hf-token", HF_SECRET)
+
+
+@pytest.mark.asyncio
+async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validator) -> None:
+    await preload_secrets(kube)
+    async with operator_running():
+        await create_cr(kube, "tiny", SPEC, labels=KUEUE)
+        job = await eventually(lambda: job_of(kube))
+        cr = obj(kube, CR, "tiny")
+
+        # The manifest: owner, labels, security, resources, env from Secrets by reference only.
+        assert job["metadata"]["ownerReferences"] == [{
+            "apiVersion": "modelpress.dev/v1alpha1", "kind": "CompressionJob", "name": "tiny",
+            "uid": cr["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        assert "app.kubernetes.io/instance" not in job["metadata"]["labels"]
+        pod = job["spec"]["template"]["spec"]
+        runner = pod["containers"][0]
+        assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        assert runner["securityContext"]["allowPrivilegeEscalation"] is False
+        assert runner["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert runner["resources"]["limits"]["nvidia.com/gpu"] == "1" == runner["resources"]["requests"]["nvidia.com/gpu"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        env = {e["name"]: e for e in runner["env"]}
+        assert env["OUTPUT_AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "models-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
+        assert json.loads(env["MODELPRESS_SPEC"]["value"])["spec"] == cr["spec"]
+        assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2, 3]
+        await eventually(lambda: status_of(kube).get("jobName") == "tiny-runner")
+        assert status_of(kube)["recipe"] == "W4A16 GPTQ g64"
+        await eventually(lambda: events(kube, "JobCreated"))
+
+        # Running, with the runner's progress read from its log.
+        progress = {"event": "progress", "stage": "quantize", "layer": 12, "layers": 30, "percent": 41.6, "eta_s": 300}
+        await set_job_status(kube, "tiny-runner", {"active": 1, "startTime": "2026-01-01T10:00:00Z"})
+        await add_pod(kube, "tiny-runner", "Running", log="loading\n" + json.dumps(progress) + "\n")
+        await eventually(lambda: status_of(kube).get("progress", {}).get("layersDone") == 12)
+        status = status_of(kube)
+        assert status["phase"] == "Running" and status["progress"] == {
+            "stage": "quantize", "percent": 42, "layersDone": 12, "layersTotal": 30,
+            "estimatedRemainingSeconds": 300, "lastUpdateTime": status["progress"]["lastUpdateTime"]}
+        assert condition(kube)["status"] == "Unknown" and condition(kube)["reason"] == "Running"
+
+        # Done: the termination message becomes the result.
+        result = {"event": "result", "uri": "s3://models/tiny-llama-w4a16", "original_size_bytes": 1000,
+                  "compressed_size_bytes": 250, "ratio": 4.0, "duration_s": 12.5, "metrics": {"perplexity": {"before": 18.0, "after": 18.9}}}
+        await add_pod(kube, "tiny-runner", "Succeeded", terminated={"exitCode": 0, "reason": "Completed", "message": json.dumps(result)})
+        await set_job_status(kube, "tiny-runner", {"active": 0, "succeeded": 1, "startTime": "2026-01-01T10:00:00Z",
+                                                   "completionTime": "2026-01-01T10:20:00Z",
+                                                   "conditions": [{"type": "Complete", "status": "True"}]})
+        await eventually(lambda: status_of(kube).get("phase") == "Succeeded")
+        status = status_of(kube)
+        assert status["result"] == {"uri": "s3://models/tiny-llama-w4a16", "originalSizeBytes": 1000, "compressedSizeBytes": 250,
+                                    "ratio": 4.0, "durationSeconds": 12.5,
+                                    "metrics": [{"name": "perplexity.before", "value": 18.0}, {"name": "perplexity.after", "value": 18.9}]}
+        assert status["completionTime"] == "2026-01-01T10:20:00Z" and status["progress"]["percent"] == 100
+        assert condition(kube) | {"lastTransitionTime": None} == {
+            "type": "Succeeded", "status": "True", "reason": "Succeeded", "message": "the runner finished",
+            "observedGeneration": 1, "lastTransitionTime": None}
+        assert status["observedGeneration"] == obj(kube, CR, "tiny")["metadata"]["generation"]
+        assert problems(validator, obj(kube, CR, "tiny")) == []
+        await eventually(lambda: events(kube, "Succeeded"))
+
+    # No secret value anywhere the operator wrote.
+    written = json.dumps([job_of(kube), obj(kube, CR, "tiny"), [e.raw for e in kube.objects.values() if not e.deleted and e.raw.get("kind") == "Event"]])
+    for value in SECRET_VALUES:
+        assert value not in written
