@@ -1,5 +1,6 @@
 """Whole lifecycles: kopf runs in the test's event loop against the emulated API server."""
 
+import asyncio
 import json
 from typing import Any
 
@@ -130,7 +131,173 @@ async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validat
         assert problems(validator, obj(kube, CR, "tiny")) == []
         await eventually(lambda: events(kube, "Succeeded"))
 
+    # The operator never writes spec (the test itself never patched this CR's main endpoint).
+    spec_writes = [r for r in kube._requests if r.method == "PATCH" and r.url.path == cr_path("tiny")
+                   and ("spec" in r.data if isinstance(r.data, dict) else any(op["path"].startswith("/spec") for op in r.data))]
+    assert spec_writes == []
     # No secret value anywhere the operator wrote.
     written = json.dumps([job_of(kube), obj(kube, CR, "tiny"), [e.raw for e in kube.objects.values() if not e.deleted and e.raw.get("kind") == "Event"]])
     for value in SECRET_VALUES:
         assert value not in written
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("job_reason, terminated, expected", [
+    ("PodFailurePolicy", {"exitCode": 2, "reason": "Error", "message": "spec.model.uri: repository not found; check the name"},
+     "InvalidInput"),
+    ("PodFailurePolicy", {"exitCode": 3, "reason": "Error", "message": "perplexity rose 14% > 5%"}, "QualityGateFailed"),
+    ("BackoffLimitExceeded", {"exitCode": 137, "reason": "OOMKilled", "message": ""}, "OOMKilled"),
+    ("DeadlineExceeded", None, "DeadlineExceeded"),
+    ("BackoffLimitExceeded", {"exitCode": 1, "reason": "Error", "message": "connection reset"}, "BackoffLimitExceeded"),
+])
+async def test_runner_failure_ends_failed_with_its_reason(kube, validator, job_reason, terminated, expected) -> None:
+    await preload_secrets(kube)
+    async with operator_running():
+        await create_cr(kube, "tiny", SPEC)
+        await eventually(lambda: status_of(kube).get("jobName"))
+        await set_job_status(kube, "tiny-runner", {"active": 1, "startTime": "2026-01-01T10:00:00Z"})
+        await add_pod(kube, "tiny-runner", "Running")
+        await eventually(lambda: status_of(kube).get("phase") == "Running")
+        # FailureTarget alone is not terminal: pods may still be terminating.
+        await set_job_status(kube, "tiny-runner", {"conditions": [{"type": "FailureTarget", "status": "True", "reason": job_reason}]})
+        if terminated:
+            await add_pod(kube, "tiny-runner", "Failed", terminated=terminated)
+        await set_job_status(kube, "tiny-runner", {"active": 0, "failed": 1, "conditions": [
+            {"type": "FailureTarget", "status": "True", "reason": job_reason},
+            {"type": "Failed", "status": "True", "reason": job_reason, "message": "Job has reached the specified backoff limit",
+             "lastTransitionTime": "2026-01-01T10:05:00Z"}]})
+        await eventually(lambda: status_of(kube).get("phase") == "Failed")
+        status = status_of(kube)
+        assert status["failure"]["reason"] == expected == condition(kube)["reason"]
+        assert condition(kube)["status"] == "False" and status["completionTime"] == "2026-01-01T10:05:00Z"
+        if terminated and terminated["message"]:
+            assert status["failure"]["message"] == terminated["message"]
+        if terminated:
+            assert status["failure"]["exitCode"] == terminated["exitCode"]
+        assert problems(validator, obj(kube, CR, "tiny")) == []
+        await eventually(lambda: any(e["type"] == "Warning" for e in events(kube, expected)))
+
+
+@pytest.mark.asyncio
+async def test_invalid_spec_fails_at_once_without_a_job(kube) -> None:
+    await preload_secrets(kube)
+    bad = {**SPEC, "output": {"uri": "s3://models", "connection": "models-s3"}}
+    async with operator_running():
+        await create_cr(kube, "tiny", bad)
+        await eventually(lambda: status_of(kube).get("phase") == "Failed")
+        status = status_of(kube)
+        assert status["failure"]["reason"] == "InvalidSpec" and condition(kube)["status"] == "False"
+        assert status["failure"]["message"].startswith("spec.output.uri: give a prefix inside the bucket")
+        await asyncio.sleep(0.3)  # kopf records the handled state once more
+        writes = len(kube.objects[CR, NAMESPACE, "tiny", :])
+        await asyncio.sleep(1.0)  # ten sync intervals and five retry delays: nothing more happens
+        assert len(kube.objects[CR, NAMESPACE, "tiny", :]) == writes
+    assert job_of(kube) is None
+    assert len(events(kube, "InvalidSpec")) == 1
+
+
+@pytest.mark.asyncio
+async def test_wrong_secret_key_is_an_invalid_spec(kube) -> None:
+    await create_secret(kube, "models-s3", {k: v for k, v in S3_KEYS.items() if k != "AWS_S3_ENDPOINT"})
+    await create_secret(kube, "hf-token", HF_SECRET)
+    async with operator_running():
+        await create_cr(kube, "tiny", SPEC)
+        await eventually(lambda: status_of(kube).get("phase") == "Failed")
+    assert status_of(kube)["failure"]["message"] == (
+        "spec.output.connection: Secret 'models-s3' has no key 'AWS_S3_ENDPOINT'; add it to the Secret")
+    assert job_of(kube) is None
+
+
+@pytest.mark.asyncio
+async def test_missing_secret_waits_then_runs_when_it_appears(kube) -> None:
+    await create_secret(kube, "hf-token", HF_SECRET)
+    async with operator_running():
+        await create_cr(kube, "tiny", SPEC)
+        await eventually(lambda: condition(kube)["reason"] == "WaitingForReference")
+        assert status_of(kube)["phase"] == "Pending"
+        assert "spec.output.connection: Secret 'models-s3' not found" in condition(kube)["message"]
+        await asyncio.sleep(0.5)  # a few retries later, still waiting and still no Job
+        assert job_of(kube) is None
+        await create_secret(kube, "models-s3", S3_KEYS)
+        await eventually(lambda: job_of(kube))
+        await eventually(lambda: condition(kube)["reason"] == "JobCreated")
+
+
+@pytest.mark.asyncio
+async def test_restart_adopts_the_job_instead_of_making_a_second(kube) -> None:
+    await preload_secrets(kube)
+    async with operator_running():
+        await create_cr(kube, "tiny", SPEC)
+        await eventually(lambda: status_of(kube).get("jobName"))
+        await set_job_status(kube, "tiny-runner", {"active": 1, "startTime": "2026-01-01T10:00:00Z"})
+        await add_pod(kube, "tiny-runner", "Running")
+        await eventually(lambda: status_of(kube).get("phase") == "Running")
+    job_uid = job_of(kube)["metadata"]["uid"]
+    creates = [r for r in kube._requests if r.method == "POST" and "/jobs" in r.url.path]
+    async with operator_running():
+        await asyncio.sleep(0.5)
+        await set_job_status(kube, "tiny-runner", {"active": 0, "succeeded": 1,
+                                                   "conditions": [{"type": "Complete", "status": "True"}]})
+        await eventually(lambda: status_of(kube).get("phase") == "Succeeded")
+    assert job_of(kube)["metadata"]["uid"] == job_uid
+    assert len([r for r in kube._requests if r.method == "POST" and "/jobs" in r.url.path]) <= len(creates) + 1
+    assert len(events(kube, "JobCreated")) == 1 and len(events(kube, "Running")) == 1
+
+
+@pytest.mark.asyncio
+async def test_delete_removes_the_job_and_releases_the_resource(kube) -> None:
+    await preload_secrets(kube)
+    async with operator_running():
+        await create_cr(kube, "tiny", SPEC)
+        await eventually(lambda: job_of(kube))
+        assert obj(kube, CR, "tiny")["metadata"]["finalizers"] == ["modelpress.dev/cleanup"]
+        await api(kube, "DELETE", cr_path("tiny"))
+        await eventually(lambda: obj(kube, CR, "tiny") is None)
+        assert job_of(kube) is None
+    deletes = [r for r in kube._requests if r.method == "DELETE" and r.url.path.endswith("/jobs/tiny-runner")]
+    assert deletes  # repeated deletes are harmless: an absent Job counts as done
+    assert all(d.params.get("propagationPolicy") == "Background" or (d.data or {}).get("propagationPolicy") == "Background"
+               for d in deletes)
+
+
+@pytest.mark.asyncio
+async def test_suspend_suspends_and_resumes_the_job(kube) -> None:
+    await preload_secrets(kube)
+    async with operator_running():
+        await create_cr(kube, "tiny", SPEC)
+        await eventually(lambda: job_of(kube))
+        assert job_of(kube)["spec"]["suspend"] is False
+        await api(kube, "PATCH", cr_path("tiny"), {"spec": {"runtime": {"suspend": True}}})
+        await eventually(lambda: job_of(kube)["spec"]["suspend"] is True)
+        await eventually(lambda: status_of(kube).get("phase") == "Suspended")
+        await api(kube, "PATCH", cr_path("tiny"), {"spec": {"runtime": {"suspend": False}}})
+        await eventually(lambda: job_of(kube)["spec"]["suspend"] is False)
+        await eventually(lambda: status_of(kube).get("phase") == "Pending")
+        assert condition(kube)["observedGeneration"] == 3
+
+
+@pytest.mark.asyncio
+async def test_kueue_owns_suspension_and_the_job_shows_queued(kube) -> None:
+    await preload_secrets(kube)
+    async with operator_running():
+        await create_cr(kube, "tiny", SPEC, labels=KUEUE)
+        await eventually(lambda: job_of(kube))
+        # Kueue's webhook suspends the Job until the workload is admitted.
+        await api(kube, "PATCH", f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/tiny-runner", {"spec": {"suspend": True}})
+        await eventually(lambda: status_of(kube).get("phase") == "Queued")
+        await api(kube, "PATCH", cr_path("tiny"), {"spec": {"runtime": {"suspend": True}}})
+        await eventually(lambda: events(kube, "SuspendIgnored"))
+        await api(kube, "PATCH", cr_path("tiny"), {"spec": {"runtime": {"suspend": False}}})
+        await asyncio.sleep(0.3)
+        assert job_of(kube)["spec"]["suspend"] is True  # never unsuspended by the operator
+
+
+@pytest.mark.asyncio
+async def test_job_deleted_underneath_fails_the_run(kube) -> None:
+    await preload_secrets(kube)
+    async with operator_running():
+        await create_cr(kube, "tiny", SPEC)
+        await eventually(lambda: status_of(kube).get("jobName"))
+        await api(kube, "DELETE", f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/tiny-runner")
+        await eventually(lambda: status_of(kube).get("phase") == "Failed")
+    assert status_of(kube)["failure"]["reason"] == "JobDeleted"
