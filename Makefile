@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/smollm2_demo.py
+	$(VENV)/bin/modelpress smollm2 >/dev/null
+	$(VENV)/bin/modelpress run examples/quickstart.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/pytest

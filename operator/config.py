@@ -1,6 +1,7 @@
 """Operator settings, read once from the environment (the Deployment sets them)."""
 
 import os
+import shlex
 from dataclasses import dataclass, field
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
@@ -15,7 +16,7 @@ class OperatorConfig:
     """Everything the operator does not read from a CompressionJob."""
 
     runner_image: str = "quay.io/modelpress/runner:0.1.0"
-    runner_command: tuple[str, ...] = ("modelpress-runner",)
+    runner_command: tuple[str, ...] = ("python", "-m", "modelpress.runner")
     # Namespaces to serve; empty means every namespace (cluster-wide).
     namespaces: tuple[str, ...] = ()
     # Scratch volume kind: "ephemeral" (a generic ephemeral PVC) or "emptyDir" (node-local disk).
@@ -40,7 +41,7 @@ class OperatorConfig:
             raise ValueError(f"MODELPRESS_SCRATCH_VOLUME: must be ephemeral or emptyDir (got {scratch!r})")
         return cls(
             runner_image=env.get("MODELPRESS_RUNNER_IMAGE", defaults.runner_image),
-            runner_command=_split(env.get("MODELPRESS_RUNNER_COMMAND", "")) or defaults.runner_command,
+            runner_command=tuple(shlex.split(env.get("MODELPRESS_RUNNER_COMMAND", ""))) or defaults.runner_command,
             namespaces=_split(env.get("MODELPRESS_WATCH_NAMESPACES", "")),
             scratch_volume=scratch,
             scratch_storage_class=env.get("MODELPRESS_SCRATCH_STORAGE_CLASS") or None,

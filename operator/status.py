@@ -142,11 +142,19 @@ def failure_reason(job_reason: str | None, terminated: Mapping[str, Any] | None)
         if terminated.get("reason") == "OOMKilled":
             return "OOMKilled"
         exit_code = terminated.get("exitCode")
-        if exit_code == 2:
-            return "InvalidInput"
-        if exit_code == 3:
-            return "QualityGateFailed"
+        if exit_code in (2, 3):
+            report = runner_report(terminated.get("message")) or {}
+            return report.get("reason") or ("InvalidInput" if exit_code == 2 else "QualityGateFailed")
     return job_reason or "JobFailed"
+
+
+def failure_message(terminated: Mapping[str, Any] | None, fallback: str) -> str:
+    """The runner's one-line message when it wrote one, else what the pod or the Job said."""
+    raw = (terminated or {}).get("message") or ""
+    report = runner_report(raw)
+    if report is not None and report.get("message"):
+        return str(report["message"])[:4096]
+    return (raw.strip() or fallback)[:4096]
 
 
 def observe(job: Mapping[str, Any] | None, pods: list[Mapping[str, Any]], kueue: bool) -> Observation:
@@ -162,7 +170,7 @@ def observe(job: Mapping[str, Any] | None, pods: list[Mapping[str, Any]], kueue:
                            termination_message=message or None, exit_code=0, **times)
     if failed := _true(job, "Failed"):
         reason = failure_reason(failed.get("reason"), terminated)
-        return Observation(phase="Failed", reason=reason, message=(message or failed.get("message") or reason)[:4096],
+        return Observation(phase="Failed", reason=reason, message=failure_message(terminated, failed.get("message") or reason),
                            exit_code=(terminated or {}).get("exitCode"), termination_message=message or None,
                            start_time=times["start_time"], completion_time=failed.get("lastTransitionTime") or now())
     if (job.get("spec") or {}).get("suspend") and not status.get("active"):
@@ -206,41 +214,33 @@ def _count(value: Any) -> int | None:
     return max(0, int(round(value))) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-# The runner's result keys (snake_case or camelCase) and the status field each fills.
-_RESULT_KEYS = {
-    "uri": "uri", "output": "uri", "outputUri": "uri",
-    "originalSizeBytes": "original_size_bytes", "originalBytes": "original_size_bytes",
-    "compressedSizeBytes": "compressed_size_bytes", "compressedBytes": "compressed_size_bytes",
-    "sizeBytes": "compressed_size_bytes",
-    "ratio": "ratio", "compressionRatio": "ratio",
-    "durationSeconds": "duration_seconds", "durationS": "duration_seconds",
-}
+def runner_report(message: str | None) -> dict[str, Any] | None:
+    """The runner's last JSON object (termination message: `{"event": "result" | "failure", ...}`)."""
+    for line in reversed((message or "").strip().splitlines()):
+        try:
+            report = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(report, dict) and report.get("event") in ("result", "failure"):
+            return report
+    return None
 
 
 def parse_result(message: str | None) -> Result | None:
-    """The runner's JSON result (termination message, or its last `{"event": "result"}` line)."""
-    document = None
-    for line in reversed((message or "").strip().splitlines()):
-        try:
-            candidate = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(candidate, dict) and candidate.get("event", "result") == "result":
-            document = candidate
-            break
-    if document is None:
+    """status.result from the runner's result: output URI, sizes, ratio, total time, metrics."""
+    report = runner_report(message)
+    if report is None or report.get("event") != "result":
         return None
-    fields: dict[str, Any] = {}
-    metrics: list[Metric] = []
-    for key, value in document.items():
-        target = _RESULT_KEYS.get(to_camel(key))
-        if target == "uri" and isinstance(value, str):
-            fields[target] = value[:1024]
-        elif target and isinstance(value, (int, float)) and not isinstance(value, bool):
-            fields[target] = int(value) if target.endswith("bytes") else float(value)
-        elif key == "metrics":
-            metrics += _metrics(value, "")
-    return Result(**fields, metrics=metrics[:16])
+    sizes = report.get("sizes") or {}
+    total = (report.get("durationsS") or {}).get("total")
+    return Result(
+        uri=(report.get("output") or {}).get("uri"),
+        original_size_bytes=sizes.get("originalBytes"),
+        compressed_size_bytes=sizes.get("compressedBytes"),
+        ratio=sizes.get("ratio"),
+        duration_seconds=total,
+        metrics=_metrics(report.get("metrics"), "")[:16],
+    )
 
 
 def _metrics(value: Any, prefix: str) -> list[Metric]:

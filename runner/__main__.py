@@ -1,3 +1,7 @@
-from modelpress.runner.cli import run
+"""The runner pod's entry point: `python -m modelpress.runner` runs the job in MODELPRESS_SPEC(_FILE)."""
 
-run()
+import sys
+
+from modelpress.runner.cli import main
+
+sys.exit(main(sys.argv[1:] or ["run"]))

@@ -112,8 +112,10 @@ async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validat
         assert condition(kube)["status"] == "Unknown" and condition(kube)["reason"] == "Running"
 
         # Done: the termination message becomes the result.
-        result = {"event": "result", "uri": "s3://models/tiny-llama-w4a16", "original_size_bytes": 1000,
-                  "compressed_size_bytes": 250, "ratio": 4.0, "duration_s": 12.5, "metrics": {"perplexity": {"before": 18.0, "after": 18.9}}}
+        result = {"event": "result", "status": "Succeeded", "output": {"uri": "s3://models/tiny-llama-w4a16", "files": 7},
+                  "sizes": {"originalBytes": 1000, "compressedBytes": 250, "ratio": 4.0},
+                  "metrics": {"perplexityOriginal": 18.0, "perplexityCompressed": 18.9, "gate": {"passed": True}},
+                  "durationsS": {"compress": 10.0, "total": 12.5}}
         await add_pod(kube, "tiny-runner", "Succeeded", terminated={"exitCode": 0, "reason": "Completed", "message": json.dumps(result)})
         await set_job_status(kube, "tiny-runner", {"active": 0, "succeeded": 1, "startTime": "2026-01-01T10:00:00Z",
                                                    "completionTime": "2026-01-01T10:20:00Z",
@@ -122,7 +124,7 @@ async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validat
         status = status_of(kube)
         assert status["result"] == {"uri": "s3://models/tiny-llama-w4a16", "originalSizeBytes": 1000, "compressedSizeBytes": 250,
                                     "ratio": 4.0, "durationSeconds": 12.5,
-                                    "metrics": [{"name": "perplexity.before", "value": 18.0}, {"name": "perplexity.after", "value": 18.9}]}
+                                    "metrics": [{"name": "perplexityOriginal", "value": 18.0}, {"name": "perplexityCompressed", "value": 18.9}]}
         assert status["completionTime"] == "2026-01-01T10:20:00Z" and status["progress"]["percent"] == 100
         assert condition(kube) | {"lastTransitionTime": None} == {
             "type": "Succeeded", "status": "True", "reason": "Succeeded", "message": "the runner finished",
@@ -143,9 +145,12 @@ async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validat
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("job_reason, terminated, expected", [
-    ("PodFailurePolicy", {"exitCode": 2, "reason": "Error", "message": "spec.model.uri: repository not found; check the name"},
+    ("PodFailurePolicy", {"exitCode": 2, "reason": "Error", "message": json.dumps(
+        {"event": "failure", "reason": "InvalidInput", "exitCode": 2, "message": "model: hf://acme/tiny-llama not found"})},
      "InvalidInput"),
-    ("PodFailurePolicy", {"exitCode": 3, "reason": "Error", "message": "perplexity rose 14% > 5%"}, "QualityGateFailed"),
+    ("PodFailurePolicy", {"exitCode": 3, "reason": "Error", "message": json.dumps(
+        {"event": "failure", "reason": "QualityGateFailed", "exitCode": 3, "message": "perplexity rose 14.0%, past 5%"})},
+     "QualityGateFailed"),
     ("BackoffLimitExceeded", {"exitCode": 137, "reason": "OOMKilled", "message": ""}, "OOMKilled"),
     ("DeadlineExceeded", None, "DeadlineExceeded"),
     ("BackoffLimitExceeded", {"exitCode": 1, "reason": "Error", "message": "connection reset"}, "BackoffLimitExceeded"),
@@ -170,7 +175,9 @@ async def test_runner_failure_ends_failed_with_its_reason(kube, validator, job_r
         status = status_of(kube)
         assert status["failure"]["reason"] == expected == condition(kube)["reason"]
         assert condition(kube)["status"] == "False" and status["completionTime"] == "2026-01-01T10:05:00Z"
-        if terminated and terminated["message"]:
+        if terminated and terminated["message"].startswith("{"):
+            assert status["failure"]["message"] == json.loads(terminated["message"])["message"]
+        elif terminated and terminated["message"]:
             assert status["failure"]["message"] == terminated["message"]
         if terminated:
             assert status["failure"]["exitCode"] == terminated["exitCode"]
