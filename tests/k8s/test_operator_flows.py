@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from k8s.conftest import (CR, EVENTS, FAST, JOBS, NAMESPACE, api, cr_path, create_cr, create_secret, eventually, obj,
                           operator_running)
@@ -57,6 +58,10 @@ async def add_pod(kube: Any, job: str, phase: str, terminated: dict[str, Any] | 
     return name
 
 
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def events(kube: Any, reason: str) -> list[dict[str, Any]]:
     found = []
     for (resource, namespace, _), item in kube.objects.items():
@@ -73,6 +78,9 @@ async def preload_secrets(kube: Any) -> None:
 @pytest.mark.asyncio
 async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validator) -> None:
     await preload_secrets(kube)
+    succeeded_before = metric("modelpress_compressionjob_phase_total", phase="Succeeded", reason="Succeeded")
+    durations_before = metric("modelpress_compressionjob_duration_seconds_count", phase="Succeeded")
+    seconds_before = metric("modelpress_compressionjob_duration_seconds_sum", phase="Succeeded")
     async with operator_running():
         await create_cr(kube, "tiny", SPEC, labels=KUEUE)
         job = await eventually(lambda: job_of(kube))
@@ -132,6 +140,9 @@ async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validat
         assert status["observedGeneration"] == obj(kube, CR, "tiny")["metadata"]["generation"]
         assert problems(validator, obj(kube, CR, "tiny")) == []
         await eventually(lambda: events(kube, "Succeeded"))
+        assert metric("modelpress_compressionjob_phase_total", phase="Succeeded", reason="Succeeded") == succeeded_before + 1
+        assert metric("modelpress_compressionjob_duration_seconds_count", phase="Succeeded") == durations_before + 1
+        assert metric("modelpress_compressionjob_duration_seconds_sum", phase="Succeeded") - seconds_before == 1200
 
     # The operator never writes spec (the test itself never patched this CR's main endpoint).
     spec_writes = [r for r in kube._requests if r.method == "PATCH" and r.url.path == cr_path("tiny")
