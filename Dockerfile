@@ -1,0 +1,41 @@
+# Two images from one file, both on UBI 9 Python, non-root, group-0 writable (OpenShift's arbitrary UID):
+#   docker build --target operator -t quay.io/modelpress/operator:0.1.0 .
+#   docker build --target runner   -t quay.io/modelpress/runner:0.1.0 .
+# Nothing secret is baked in: credentials reach pods only as Secret references at run time.
+FROM registry.access.redhat.com/ubi9/python-311:latest AS base
+USER 1001
+WORKDIR /opt/app-root/src
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+COPY --chown=1001:0 pyproject.toml README.md __init__.py ./modelpress/
+COPY --chown=1001:0 runner/ ./modelpress/runner/
+COPY --chown=1001:0 operator/ ./modelpress/operator/
+
+# The operator: kopf, the Kubernetes client and the spec model; the project itself without its
+# dependencies, so no torch.
+FROM base AS operator
+RUN pip install --no-deps ./modelpress \
+ && pip install $(python -c "import tomllib; print(' '.join(tomllib.load(open('modelpress/pyproject.toml', 'rb'))['project']['optional-dependencies']['operator']))") \
+ && fix-permissions /opt/app-root -P
+LABEL name="modelpress-operator" version="0.1.0" \
+      summary="ModelPress operator: CompressionJob resources to runner Jobs" \
+      description="Validates CompressionJobs, runs the ModelPress runner as Kubernetes Jobs, and reports progress and results in their status." \
+      io.k8s.display-name="ModelPress operator" io.openshift.tags="modelpress,llm,quantization,operator"
+USER 1001
+ENTRYPOINT ["modelpress-operator"]
+CMD ["--all-namespaces"]
+
+# The runner: torch first from the chosen index (CPU by default; a CUDA index for GPU nodes),
+# then the project and its pinned stack. Everything is installed now: clusters may be disconnected.
+FROM base AS runner
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+ && pip install ./modelpress \
+ && fix-permissions /opt/app-root -P
+ENV HOME=/opt/app-root/src HF_HUB_DISABLE_TELEMETRY=1
+LABEL name="modelpress-runner" version="0.1.0" \
+      summary="ModelPress runner: one CompressionJob from spec to compressed model" \
+      description="Fetches a model, calibrates and compresses it into a compressed-tensors checkpoint, evaluates and uploads it." \
+      io.k8s.display-name="ModelPress runner" io.openshift.tags="modelpress,llm,quantization,vllm"
+USER 1001
+ENTRYPOINT ["python", "-m", "modelpress.runner"]

@@ -1,0 +1,54 @@
+"""Operator settings, read once from the environment (the Deployment sets them)."""
+
+import os
+import shlex
+from dataclasses import dataclass, field
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Everything the operator does not read from a CompressionJob."""
+
+    runner_image: str = "quay.io/modelpress/runner:0.1.0"
+    runner_command: tuple[str, ...] = ("python", "-m", "modelpress.runner")
+    # Namespaces to serve; empty means every namespace (cluster-wide).
+    namespaces: tuple[str, ...] = ()
+    # Scratch volume kind: "ephemeral" (a generic ephemeral PVC) or "emptyDir" (node-local disk).
+    scratch_volume: str = "ephemeral"
+    scratch_storage_class: str | None = None
+    # ConfigMap with a trusted CA bundle (OpenShift AI creates it in every project).
+    ca_bundle_configmap: str = "odh-trusted-ca-bundle"
+    # Seconds between syncs of a running job's status, and before retrying a missing Secret.
+    sync_interval: float = 10.0
+    retry_delay: float = 30.0
+    log_tail_lines: int = 50
+    metrics_port: int = 8000
+    proxy_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "OperatorConfig":
+        """Read `MODELPRESS_*` settings and the proxy variables OLM injects."""
+        env = dict(os.environ if env is None else env)
+        defaults = cls()
+        scratch = env.get("MODELPRESS_SCRATCH_VOLUME", defaults.scratch_volume)
+        if scratch not in ("ephemeral", "emptyDir"):
+            raise ValueError(f"MODELPRESS_SCRATCH_VOLUME: must be ephemeral or emptyDir (got {scratch!r})")
+        return cls(
+            runner_image=env.get("MODELPRESS_RUNNER_IMAGE", defaults.runner_image),
+            runner_command=tuple(shlex.split(env.get("MODELPRESS_RUNNER_COMMAND", ""))) or defaults.runner_command,
+            namespaces=_split(env.get("MODELPRESS_WATCH_NAMESPACES", "")),
+            scratch_volume=scratch,
+            scratch_storage_class=env.get("MODELPRESS_SCRATCH_STORAGE_CLASS") or None,
+            ca_bundle_configmap=env.get("MODELPRESS_CA_BUNDLE_CONFIGMAP", defaults.ca_bundle_configmap),
+            sync_interval=float(env.get("MODELPRESS_SYNC_INTERVAL", defaults.sync_interval)),
+            retry_delay=float(env.get("MODELPRESS_RETRY_DELAY", defaults.retry_delay)),
+            log_tail_lines=int(env.get("MODELPRESS_LOG_TAIL_LINES", defaults.log_tail_lines)),
+            metrics_port=int(env.get("MODELPRESS_METRICS_PORT", defaults.metrics_port)),
+            proxy_env={key: env[key] for key in PROXY_VARIABLES if env.get(key)},
+        )

@@ -1,0 +1,306 @@
+"""The CompressionJob status block, and how Job, pod and runner output map onto it.
+
+Everything here is a pure function of plain dicts (the Job, its pods, the log tail), so the
+whole lifecycle is tested without an API server. Users read `phase`; tools read the `Succeeded`
+condition (Unknown while running, True or False at the end).
+"""
+
+import datetime
+import json
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Phase = Literal["Pending", "Queued", "Suspended", "Running", "Succeeded", "Failed"]
+TERMINAL_PHASES = ("Succeeded", "Failed")
+REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+Text = Annotated[str, Field(max_length=1024)]
+Time = Annotated[str, Field(max_length=64, json_schema_extra={"format": "date-time"})]
+Count = Annotated[int, Field(ge=0)]
+
+
+class Wire(BaseModel):
+    """camelCase on the wire, like the spec."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class Condition(Wire):
+    """A metav1.Condition."""
+
+    type: Annotated[str, Field(min_length=1, max_length=316)]
+    status: Literal["True", "False", "Unknown"]
+    reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=REASON)]
+    message: Annotated[str, Field(max_length=32768)] = ""
+    last_transition_time: Time
+    observed_generation: Count | None = None
+
+
+class Progress(Wire):
+    """The runner's last progress line, as of `lastUpdateTime`."""
+
+    stage: Text | None = None
+    percent: Annotated[int, Field(ge=0, le=100)] | None = None
+    layers_done: Count | None = None
+    layers_total: Count | None = None
+    estimated_remaining_seconds: Count | None = None
+    last_update_time: Time | None = None
+
+
+class Metric(Wire):
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    value: float
+
+
+class Result(Wire):
+    """What the runner reported in its termination message when it succeeded."""
+
+    uri: Text | None = None
+    original_size_bytes: Count | None = None
+    compressed_size_bytes: Count | None = None
+    ratio: float | None = None
+    duration_seconds: float | None = None
+    metrics: Annotated[list[Metric], Field(max_length=16)] = Field(default_factory=list)
+
+
+class Failure(Wire):
+    """The last failure, structured for tools (reason) and humans (message)."""
+
+    reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=REASON)]
+    message: Annotated[str, Field(max_length=4096)] = ""
+    exit_code: int | None = None
+    time: Time | None = None
+
+
+class Status(Wire):
+    phase: Phase | None = None
+    observed_generation: Count | None = None
+    job_name: Text | None = None
+    recipe: Text | None = Field(None, description="the recipe in a few words, for the printer column")
+    start_time: Time | None = None
+    completion_time: Time | None = None
+    conditions: Annotated[list[Condition], Field(max_length=8)] = Field(default_factory=list)
+    progress: Progress | None = None
+    result: Result | None = None
+    failure: Failure | None = None
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Observation(BaseModel):
+    """What the Job and its pods say about the run, before it is turned into a status."""
+
+    phase: Phase
+    reason: str
+    message: str = ""
+    exit_code: int | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    termination_message: str | None = None
+
+
+def _true(obj: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _terminated(pods: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The runner container's last terminated state across the Job's pods (newest pod first)."""
+    newest = sorted(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "", reverse=True)
+    for pod in newest:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            state = status.get("state", {}).get("terminated") or status.get("lastState", {}).get("terminated")
+            if state:
+                return state
+    return None
+
+
+def _waiting(pods: list[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """Why a pod is not running yet: a container waiting reason or an unschedulable pod."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        for container in status.get("containerStatuses") or []:
+            waiting = container.get("state", {}).get("waiting")
+            if waiting and waiting.get("reason"):
+                return waiting["reason"], waiting.get("message", "")
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return cond.get("reason") or "Unschedulable", cond.get("message", "")
+    return None
+
+
+def failure_reason(job_reason: str | None, terminated: Mapping[str, Any] | None) -> str:
+    """The CR's failure reason: the container's own cause first, then the Job controller's."""
+    if terminated is not None:
+        if terminated.get("reason") == "OOMKilled":
+            return "OOMKilled"
+        exit_code = terminated.get("exitCode")
+        if exit_code in (2, 3):
+            report = runner_report(terminated.get("message")) or {}
+            return report.get("reason") or ("InvalidInput" if exit_code == 2 else "QualityGateFailed")
+    return job_reason or "JobFailed"
+
+
+def failure_message(terminated: Mapping[str, Any] | None, fallback: str) -> str:
+    """The runner's one-line message when it wrote one, else what the pod or the Job said."""
+    raw = (terminated or {}).get("message") or ""
+    report = runner_report(raw)
+    if report is not None and report.get("message"):
+        return str(report["message"])[:4096]
+    return (raw.strip() or fallback)[:4096]
+
+
+def observe(job: Mapping[str, Any] | None, pods: list[Mapping[str, Any]], kueue: bool) -> Observation:
+    """Reduce a Job and its pods to one phase with a reason (pure; FailureTarget alone is not terminal)."""
+    if job is None:
+        return Observation(phase="Pending", reason="JobNotCreated", message="the runner Job does not exist yet")
+    status = job.get("status") or {}
+    terminated = _terminated(pods)
+    message = (terminated or {}).get("message") or ""
+    times = {"start_time": status.get("startTime"), "completion_time": status.get("completionTime")}
+    if _true(job, "Complete"):
+        return Observation(phase="Succeeded", reason="Succeeded", message="the runner finished",
+                           termination_message=message or None, exit_code=0, **times)
+    if failed := _true(job, "Failed"):
+        reason = failure_reason(failed.get("reason"), terminated)
+        return Observation(phase="Failed", reason=reason, message=failure_message(terminated, failed.get("message") or reason),
+                           exit_code=(terminated or {}).get("exitCode"), termination_message=message or None,
+                           start_time=times["start_time"], completion_time=failed.get("lastTransitionTime") or now())
+    if (job.get("spec") or {}).get("suspend") and not status.get("active"):
+        if kueue:
+            return Observation(phase="Queued", reason="Queued", message="waiting for Kueue to admit the Job", **times)
+        return Observation(phase="Suspended", reason="Suspended", message="spec.runtime.suspend is true", **times)
+    if any((p.get("status") or {}).get("phase") == "Running" for p in pods):
+        return Observation(phase="Running", reason="Running", message="the runner is working", **times)
+    if waiting := _waiting(pods):
+        return Observation(phase="Pending", reason=waiting[0], message=waiting[1], **times)
+    return Observation(phase="Pending", reason="PodPending", message="waiting for the runner pod to start", **times)
+
+
+def parse_progress(log_tail: str, previous: Mapping[str, Any] | None = None) -> Progress | None:
+    """The last `{"event": "progress"}` line of the runner's output; keeps the old time if nothing moved."""
+    for line in reversed(log_tail.splitlines()):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(event, dict) or event.get("event") != "progress":
+            continue
+        percent = event.get("percent")
+        progress = Progress(
+            stage=str(event["stage"])[:1024] if event.get("stage") is not None else None,
+            percent=max(0, min(100, round(percent))) if isinstance(percent, (int, float)) else None,
+            layers_done=_count(event.get("layer")),
+            layers_total=_count(event.get("layers")),
+            estimated_remaining_seconds=_count(event.get("eta_s")),
+        )
+        old = Progress.model_validate(previous) if previous else None
+        same = old is not None and old.model_copy(update={"last_update_time": None}) == progress
+        return progress.model_copy(update={"last_update_time": old.last_update_time if same else now()})
+    return None
+
+
+def _count(value: Any) -> int | None:
+    return max(0, int(round(value))) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def runner_report(message: str | None) -> dict[str, Any] | None:
+    """The runner's last JSON object (termination message: `{"event": "result" | "failure", ...}`)."""
+    for line in reversed((message or "").strip().splitlines()):
+        try:
+            report = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(report, dict) and report.get("event") in ("result", "failure"):
+            return report
+    return None
+
+
+def parse_result(message: str | None) -> Result | None:
+    """status.result from the runner's result: output URI, sizes, ratio, total time, metrics."""
+    report = runner_report(message)
+    if report is None or report.get("event") != "result":
+        return None
+    sizes = report.get("sizes") or {}
+    total = (report.get("durationsS") or {}).get("total")
+    return Result(
+        uri=(report.get("output") or {}).get("uri"),
+        original_size_bytes=sizes.get("originalBytes"),
+        compressed_size_bytes=sizes.get("compressedBytes"),
+        ratio=sizes.get("ratio"),
+        duration_seconds=total,
+        metrics=_metrics(report.get("metrics"), "")[:16],
+    )
+
+
+def _metrics(value: Any, prefix: str) -> list[Metric]:
+    """Numbers in a (nested) dict or a [{name, value}] list, flattened to `a.b` names."""
+    if isinstance(value, list):
+        return [Metric(name=str(m["name"])[:128], value=float(m["value"])) for m in value
+                if isinstance(m, dict) and isinstance(m.get("value"), (int, float))]
+    if isinstance(value, dict):
+        found: list[Metric] = []
+        for key, item in value.items():
+            name = f"{prefix}{key}"
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                found.append(Metric(name=name[:128], value=float(item)))
+            else:
+                found += _metrics(item, name + ".")
+        return found
+    return []
+
+
+def set_condition(conditions: list[Mapping[str, Any]], new: Condition) -> list[dict[str, Any]]:
+    """Replace the condition of `new.type`; its transition time moves only when its status flips."""
+    out: list[dict[str, Any]] = []
+    for cond in conditions:
+        if cond.get("type") == new.type:
+            if cond.get("status") == new.status:
+                new = new.model_copy(update={"last_transition_time": cond["lastTransitionTime"]})
+        else:
+            out.append(dict(cond))
+    out.append(new.model_dump(by_alias=True, exclude_none=True))
+    return out
+
+
+def succeeded_condition(phase: Phase, reason: str, message: str, generation: int) -> Condition:
+    value = {"Succeeded": "True", "Failed": "False"}.get(phase, "Unknown")
+    safe_reason = reason if re.match(REASON, reason or "") else "Unknown"
+    return Condition(type="Succeeded", status=value, reason=safe_reason, message=message[:32768],
+                     last_transition_time=now(), observed_generation=generation)
+
+
+def status_patch(previous: Mapping[str, Any], generation: int, observation: Observation,
+                 progress: Progress | None) -> dict[str, Any]:
+    """The status fields to write for `observation` (a merge patch over `previous`)."""
+    cond = succeeded_condition(observation.phase, observation.reason, observation.message, generation)
+    patch: dict[str, Any] = {
+        "phase": observation.phase,
+        "observedGeneration": generation,
+        "conditions": set_condition(previous.get("conditions") or [], cond),
+    }
+    if observation.start_time:
+        patch["startTime"] = observation.start_time
+    if progress is not None:
+        patch["progress"] = progress.model_dump(by_alias=True, exclude_none=True)
+    if observation.phase == "Succeeded":
+        patch["completionTime"] = observation.completion_time or now()
+        result = parse_result(observation.termination_message)
+        if result is not None:
+            patch["result"] = result.model_dump(by_alias=True, exclude_none=True)
+        patch["progress"] = {**(patch.get("progress") or previous.get("progress") or {}), "percent": 100, "lastUpdateTime": now()}
+    if observation.phase == "Failed":
+        patch["completionTime"] = observation.completion_time or now()
+        patch["failure"] = Failure(reason=cond.reason, message=observation.message[:4096],
+                                   exit_code=observation.exit_code, time=now()).model_dump(by_alias=True, exclude_none=True)
+    return patch
