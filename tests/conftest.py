@@ -17,7 +17,7 @@ from transformers import (
     Qwen2Config,
 )
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
