@@ -22,4 +22,4 @@ test: $(STAMP)
 	$(VENV)/bin/pytest
 
 bench: $(STAMP)
-	$(PY) bench/oneshot_bench.py --recipe W4A16 --group-size 64 --output out/bench
+	$(PY) bench/oneshot_bench.py --recipe bench/recipes/gptq_w4a16_g64.yaml --forward --perplexity --output out/bench

@@ -67,8 +67,9 @@ def test_each_part_runs_once_per_sample_for_a_whole_stage(llama_dir: Path) -> No
     result = oneshot(model=model, recipe=recipe, dataset=CORPUS, num_calibration_samples=samples, max_seq_length=32)
     assert all(r.sequential for r in result.layers)
     layers = len(result.layers)
-    # per layer: every sample once, plus two on one sample to check the split (whole layer, split)
-    assert calls == {"attn": layers * (samples + 2), "mlp": layers * (samples + 2)}
+    # per layer: attention once per sample, the token-wise MLP once over all tokens, and each
+    # twice more on one sample to check the split (whole layer, then split)
+    assert calls == {"attn": layers * (samples + 2), "mlp": layers * (1 + 2)}
 
 
 def test_unknown_layer_layout_takes_the_generic_path(llama_dir: Path, tmp_path: Path) -> None:

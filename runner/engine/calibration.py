@@ -102,7 +102,9 @@ class ActivationStats:
     def update(self, x: torch.Tensor, with_hessian: bool) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
-        amin, amax, cmax = x.min(), x.max(), x.abs().amax(0)
+        # per-channel extremes first: two passes over x instead of one per statistic
+        low, high = x.amin(0), x.amax(0)
+        amin, amax, cmax = low.min(), high.max(), torch.maximum(high, -low)
         if self.xmin is None:
             self.xmin, self.xmax, self.channel_absmax = amin, amax, cmax
         else:
@@ -110,8 +112,10 @@ class ActivationStats:
             self.xmax = torch.maximum(self.xmax, amax)
             self.channel_absmax = torch.maximum(self.channel_absmax, cmax)
         if with_hessian:
-            xtx = x.T @ x
-            self.xtx = xtx if self.xtx is None else self.xtx.add_(xtx)
+            if self.xtx is None:
+                self.xtx = x.T @ x
+            else:
+                self.xtx.addmm_(x.T, x)
 
     @property
     def hessian(self) -> torch.Tensor:

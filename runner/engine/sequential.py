@@ -26,6 +26,7 @@ LayerInput = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's (args, 
 GroupCompressor = Callable[[list[str], list[torch.Tensor]], None]  # (Linear names, their inputs)
 
 HESSIAN_CHUNK_TOKENS = 16384  # tokens per X^T X product: large enough for BLAS, small next to X
+TOKEN_CHUNK = 8192  # tokens per call of a token-wise part: bounds the MLP's temporaries
 
 
 @dataclass
@@ -99,8 +100,8 @@ def _mlp_inner(parts: PreNormParts, normed: torch.Tensor) -> torch.Tensor:
     return _tap(parts.mlp, parts.down_proj, normed)
 
 
-def _residual(h: torch.Tensor, out: torch.Tensor, post_norm: torch.nn.Module | None) -> torch.Tensor:
-    return h + (post_norm(out) if post_norm is not None else out)
+def _post(post_norm: torch.nn.Module | None, out: torch.Tensor) -> torch.Tensor:
+    return post_norm(out) if post_norm is not None else out
 
 
 @torch.no_grad()
@@ -118,9 +119,9 @@ def reproduces_layer(layer: torch.nn.Module, parts: PreNormParts, sample: LayerI
         expected = out[0] if isinstance(out, tuple) else out
         x = args[0]
         n1 = parts.attn_norm(x)
-        h = _residual(x, parts.o_proj(_attention_inner(parts, n1, kwargs)), parts.post_attn_norm)
+        h = x + _post(parts.post_attn_norm, parts.o_proj(_attention_inner(parts, n1, kwargs)))
         n2 = parts.mlp_norm(h)
-        y = _residual(h, parts.down_proj(_mlp_inner(parts, n2)), parts.post_mlp_norm)
+        y = h + _post(parts.post_mlp_norm, parts.down_proj(_mlp_inner(parts, n2)))
     except Exception:  # any layer the split cannot drive is simply not split
         return False
     finally:
@@ -131,20 +132,46 @@ def reproduces_layer(layer: torch.nn.Module, parts: PreNormParts, sample: LayerI
     return complete and same_inputs and torch.allclose(y, expected, rtol=1e-4, atol=1e-5)
 
 
-def group_stats(xs: list[torch.Tensor], with_hessian: bool) -> ActivationStats:
-    """Statistics of one group input over all samples, X^T X as a few large products."""
+def group_stats(x: torch.Tensor, with_hessian: bool) -> ActivationStats:
+    """Statistics of one group's input [tokens, features]: X^T X as a few large products."""
     stats = ActivationStats()
-    chunk: list[torch.Tensor] = []
-    size = 0
-    for x in xs:
-        chunk.append(x.reshape(-1, x.shape[-1]))
-        size += chunk[-1].shape[0]
-        if size >= HESSIAN_CHUNK_TOKENS:
-            stats.update(torch.cat(chunk), with_hessian)
-            chunk, size = [], 0
-    if chunk:
-        stats.update(torch.cat(chunk), with_hessian)
+    for rows in x.split(HESSIAN_CHUNK_TOKENS):
+        stats.update(rows, with_hessian)
     return stats
+
+
+def _token_rows(inputs: list[LayerInput]) -> torch.Tensor:
+    """Every sample's hidden states as one [tokens, hidden] matrix, and the samples as views of it.
+
+    The previous layer leaves its outputs that way, so only the first layer copies.
+    """
+    hidden = [args[0] for args, _ in inputs]
+    base = hidden[0]._base
+    offset, reuse = 0, base is not None and base.dim() == 2
+    for h in hidden:
+        reuse = reuse and h._base is base and h.data_ptr() == base.data_ptr() + offset * base.stride(0) * base.element_size()
+        offset += h.shape[-2]
+    rows = base if reuse and offset == base.shape[0] else torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden])
+    _as_views(inputs, rows)
+    return rows
+
+
+def _as_views(inputs: list[LayerInput], rows: torch.Tensor) -> None:
+    offset = 0
+    for i, (args, kwargs) in enumerate(inputs):
+        length = args[0].shape[-2]
+        inputs[i] = ((rows[offset : offset + length].view(1, length, -1), *args[1:]), kwargs)
+        offset += length
+
+
+def _per_token(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """A token-wise part (norm, MLP) over all tokens, in chunks that bound its temporaries."""
+    out = None
+    for start in range(0, rows.shape[0], TOKEN_CHUNK):
+        y = fn(rows[start : start + TOKEN_CHUNK].unsqueeze(0))[0]
+        out = out if out is not None else rows.new_empty(rows.shape[0], y.shape[-1])
+        out[start : start + y.shape[0]] = y
+    return out
 
 
 @torch.no_grad()
@@ -154,33 +181,36 @@ def compress_sequential(
     compress_group: GroupCompressor,
     last: bool,
 ) -> None:
-    """Compress the layer group by group; replace `inputs` in place by the layer's outputs.
+    """Compress the layer group by group; `inputs` become the layer's outputs, in place.
 
-    `compress_group(names, xs)` compresses the named Linears given their inputs. The outputs are
-    skipped for the last layer (nothing reads them).
+    `compress_group(names, x)` compresses the named Linears given their input rows [tokens,
+    features]. Token-wise parts (norms, projections, MLP) run over all samples' tokens at once;
+    only attention runs sample by sample. The last layer's outputs are not computed.
     """
-    hidden = [args[0] for args, _ in inputs]
-    normed = [parts.attn_norm(h) for h in hidden]
+    hidden = _token_rows(inputs)
+    bounds = [0]
+    for args, _ in inputs:
+        bounds.append(bounds[-1] + args[0].shape[-2])
+
+    normed = _per_token(parts.attn_norm, hidden)
     compress_group(parts.groups[0], normed)
-    inner = []
+    inner = None
     for i, (_, kwargs) in enumerate(inputs):
-        inner.append(_attention_inner(parts, normed[i], kwargs))
-        normed[i] = None
+        sample = normed[bounds[i] : bounds[i + 1]].unsqueeze(0)
+        out = _attention_inner(parts, sample, kwargs)[0]
+        inner = inner if inner is not None else hidden.new_empty(hidden.shape[0], out.shape[-1])
+        inner[bounds[i] : bounds[i + 1]] = out
     del normed
     compress_group(parts.groups[1], inner)
-    for i in range(len(hidden)):
-        hidden[i] = _residual(hidden[i], parts.o_proj(inner[i]), parts.post_attn_norm)
-        inner[i] = None
-    normed = [parts.mlp_norm(h) for h in hidden]
-    compress_group(parts.groups[2], normed)
-    inner = []
-    for i in range(len(normed)):
-        inner.append(_mlp_inner(parts, normed[i]))
-        normed[i] = None
-    compress_group(parts.groups[3], inner)
-    if last:
-        return
-    for i, (args, kwargs) in enumerate(inputs):
-        inputs[i] = ((_residual(hidden[i], parts.down_proj(inner[i]), parts.post_mlp_norm), *args[1:]), kwargs)
-        inner[i] = hidden[i] = None
+    for rows, x in zip(hidden.split(TOKEN_CHUNK), inner.split(TOKEN_CHUNK)):
+        rows += _post(parts.post_attn_norm, parts.o_proj(x))
+    del inner
 
+    normed = _per_token(parts.mlp_norm, hidden)
+    compress_group(parts.groups[2], normed)
+    inner = _per_token(lambda x: _mlp_inner(parts, x), normed)
+    del normed
+    compress_group(parts.groups[3], inner)
+    if not last:
+        for rows, x in zip(hidden.split(TOKEN_CHUNK), inner.split(TOKEN_CHUNK)):
+            rows += _post(parts.post_mlp_norm, parts.down_proj(x))
