@@ -75,3 +75,14 @@ def test_static_activation_scale_comes_from_observed_range() -> None:
     assert ql.input_qparams is not None and ql.input_qparams.scale.item() == pytest.approx(5 / 448)
     with pytest.raises(ModelPressError, match="calibration data"):
         quantize_linear(torch.nn.Linear(16, 4), preset_name_to_scheme("FP8", ["Linear"]), None)
+
+
+def test_hessian_of_wide_inputs_is_the_full_gram_matrix() -> None:
+    """Wide inputs accumulate only the upper blocks of X^T X; the Hessian must still be all of it."""
+    from modelpress.runner.engine.calibration import ActivationStats
+
+    x = torch.randn(600, 1100)
+    stats = ActivationStats()
+    stats.update(x[:250], True)
+    stats.update(x[250:], True)
+    assert torch.allclose(stats.hessian, 2 * x.T @ x / 600, atol=1e-4)

@@ -113,16 +113,31 @@ class ActivationStats:
             self.channel_absmax = torch.maximum(self.channel_absmax, cmax)
         if with_hessian:
             if self.xtx is None:
-                self.xtx = x.T @ x
-            else:
-                self.xtx.addmm_(x.T, x)
+                self.xtx = x.new_zeros(x.shape[1], x.shape[1])
+            add_upper_gram(self.xtx, x)
 
     @property
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / n, the curvature of the layer-wise squared error (GPTQ, SparseGPT)."""
         if self.xtx is None:
             raise RuntimeError("Hessian was not collected for this module")
-        return self.xtx * (2.0 / self.tokens)
+        upper = torch.triu(self.xtx)
+        return (upper + torch.triu(upper, 1).T) * (2.0 / self.tokens)
+
+
+GRAM_BLOCK = 512
+
+
+def add_upper_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += X^T X on and above the diagonal blocks only: X^T X is symmetric, so for wide inputs
+    the blocks below the diagonal are skipped (a quarter to a third of the work); `hessian`
+    mirrors them once at the end."""
+    d = x.shape[1]
+    if d < 2 * GRAM_BLOCK:
+        acc.addmm_(x.T, x)
+        return
+    for i in range(0, d, GRAM_BLOCK):
+        acc[i : i + GRAM_BLOCK, i:].addmm_(x[:, i : i + GRAM_BLOCK].T, x[:, i:])
 
 
 class StatsCollector:

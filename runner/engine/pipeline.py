@@ -20,6 +20,7 @@ from modelpress.runner.engine.modifiers import LayerState, Modifier
 from modelpress.runner.engine.quantize import QuantizedLinear
 from modelpress.runner.engine.sequential import (
     LayerInput,
+    Rows,
     compress_sequential,
     find_parts,
     group_stats,
@@ -142,11 +143,11 @@ def compress_layer_sequential(
     quantized: dict[str, QuantizedLinear] = {}
     hessians = any(m.needs_hessians for m in modifiers)
 
-    def compress_group(names: list[str], xs: list[torch.Tensor]) -> None:
+    def compress_group(names: list[str], rows: Rows) -> None:
         modules = {f"{prefix}{n}": layer.get_submodule(n) for n in names}
         modules = {n: m for n, m in modules.items() if any(n in plan for plan in plans)}
         if modules:
-            shared = group_stats(xs, hessians)
+            shared = group_stats(rows, hessians)
             quantized.update(_apply_all(modifiers, plans, modules, {n: shared for n in modules}, state))
 
     compress_sequential(parts, inputs, compress_group, last)

@@ -16,17 +16,18 @@ does not reproduce goes through the generic calibrate-then-propagate path instea
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from modelpress.runner.engine.calibration import ActivationStats
 
 LayerInput = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's (args, kwargs) for one sample
-GroupCompressor = Callable[[list[str], list[torch.Tensor]], None]  # (Linear names, their inputs)
+Rows = Callable[[], Iterator[torch.Tensor]]  # a group's input, [tokens, features] chunk by chunk; re-iterable
+GroupCompressor = Callable[[list[str], Rows], None]  # compress the named Linears given their input
 
 HESSIAN_CHUNK_TOKENS = 16384  # tokens per X^T X product: large enough for BLAS, small next to X
-TOKEN_CHUNK = 8192  # tokens per call of a token-wise part: bounds the MLP's temporaries
+TOKEN_CHUNK = 4096  # tokens per call of a token-wise part: bounds the MLP's temporaries
 
 
 @dataclass
@@ -132,11 +133,11 @@ def reproduces_layer(layer: torch.nn.Module, parts: PreNormParts, sample: LayerI
     return complete and same_inputs and torch.allclose(y, expected, rtol=1e-4, atol=1e-5)
 
 
-def group_stats(x: torch.Tensor, with_hessian: bool) -> ActivationStats:
-    """Statistics of one group's input [tokens, features]: X^T X as a few large products."""
+def group_stats(rows: Rows, with_hessian: bool) -> ActivationStats:
+    """Statistics of one group's input: X^T X as a few large products over all tokens."""
     stats = ActivationStats()
-    for rows in x.split(HESSIAN_CHUNK_TOKENS):
-        stats.update(rows, with_hessian)
+    for chunk in rows():
+        stats.update(chunk, with_hessian)
     return stats
 
 
@@ -164,13 +165,25 @@ def _as_views(inputs: list[LayerInput], rows: torch.Tensor) -> None:
         offset += length
 
 
-def _per_token(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """A token-wise part (norm, MLP) over all tokens, in chunks that bound its temporaries."""
+def _chunks(rows: torch.Tensor, size: int = TOKEN_CHUNK) -> Iterator[torch.Tensor]:
+    yield from rows.split(size)
+
+
+def _per_token(
+    fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, size: int = TOKEN_CHUNK
+) -> Iterator[torch.Tensor]:
+    """A token-wise part (norm, MLP) over all tokens, chunk by chunk, so its temporaries stay small."""
+    for chunk in _chunks(rows, size):
+        yield fn(chunk.unsqueeze(0))[0]
+
+
+def _collect(chunks: Iterator[torch.Tensor], tokens: int) -> torch.Tensor:
     out = None
-    for start in range(0, rows.shape[0], TOKEN_CHUNK):
-        y = fn(rows[start : start + TOKEN_CHUNK].unsqueeze(0))[0]
-        out = out if out is not None else rows.new_empty(rows.shape[0], y.shape[-1])
+    start = 0
+    for y in chunks:
+        out = out if out is not None else y.new_empty(tokens, y.shape[-1])
         out[start : start + y.shape[0]] = y
+        start += y.shape[0]
     return out
 
 
@@ -183,34 +196,33 @@ def compress_sequential(
 ) -> None:
     """Compress the layer group by group; `inputs` become the layer's outputs, in place.
 
-    `compress_group(names, x)` compresses the named Linears given their input rows [tokens,
-    features]. Token-wise parts (norms, projections, MLP) run over all samples' tokens at once;
-    only attention runs sample by sample. The last layer's outputs are not computed.
+    Token-wise parts (norms, projections, MLP) run over all samples' tokens in large chunks; only
+    attention runs sample by sample. Norm outputs are recomputed where needed rather than kept:
+    a norm costs little next to the memory of another copy of the activations. Kept are the
+    hidden states and one inner activation (attention output, then the MLP's). The last layer's
+    outputs are not computed.
     """
     hidden = _token_rows(inputs)
     bounds = [0]
     for args, _ in inputs:
         bounds.append(bounds[-1] + args[0].shape[-2])
 
-    normed = _per_token(parts.attn_norm, hidden)
-    compress_group(parts.groups[0], normed)
-    inner = None
-    for i, (_, kwargs) in enumerate(inputs):
-        sample = normed[bounds[i] : bounds[i + 1]].unsqueeze(0)
-        out = _attention_inner(parts, sample, kwargs)[0]
-        inner = inner if inner is not None else hidden.new_empty(hidden.shape[0], out.shape[-1])
-        inner[bounds[i] : bounds[i + 1]] = out
-    del normed
-    compress_group(parts.groups[1], inner)
-    for rows, x in zip(hidden.split(TOKEN_CHUNK), inner.split(TOKEN_CHUNK)):
+    compress_group(parts.groups[0], lambda: _per_token(parts.attn_norm, hidden, HESSIAN_CHUNK_TOKENS))
+    inner = _collect(
+        (
+            _attention_inner(parts, parts.attn_norm(hidden[bounds[i] : bounds[i + 1]].unsqueeze(0)), kwargs)[0]
+            for i, (_, kwargs) in enumerate(inputs)
+        ),
+        hidden.shape[0],
+    )
+    compress_group(parts.groups[1], lambda: _chunks(inner, HESSIAN_CHUNK_TOKENS))
+    for rows, x in zip(_chunks(hidden), _chunks(inner)):
         rows += _post(parts.post_attn_norm, parts.o_proj(x))
     del inner
 
-    normed = _per_token(parts.mlp_norm, hidden)
-    compress_group(parts.groups[2], normed)
-    inner = _per_token(lambda x: _mlp_inner(parts, x), normed)
-    del normed
-    compress_group(parts.groups[3], inner)
+    compress_group(parts.groups[2], lambda: _per_token(parts.mlp_norm, hidden, HESSIAN_CHUNK_TOKENS))
+    inner = _collect(_per_token(lambda x: _mlp_inner(parts, parts.mlp_norm(x)), hidden), hidden.shape[0])
+    compress_group(parts.groups[3], lambda: _chunks(inner, HESSIAN_CHUNK_TOKENS))
     if not last:
-        for rows, x in zip(hidden.split(TOKEN_CHUNK), inner.split(TOKEN_CHUNK)):
+        for rows, x in zip(_chunks(hidden), _chunks(inner)):
             rows += _post(parts.post_mlp_norm, parts.down_proj(x))
