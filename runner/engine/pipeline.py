@@ -140,6 +140,7 @@ def compress_layer_sequential(
     if parts is None or not reproduces_layer(layer, parts, inputs[0]):
         return None
     quantized: dict[str, QuantizedLinear] = {}
+    state.quantized = quantized
     hessians = any(m.needs_hessians for m in modifiers)
 
     def compress_group(names: list[str], xs: list[torch.Tensor]) -> None:
@@ -147,7 +148,9 @@ def compress_layer_sequential(
         modules = {n: m for n, m in modules.items() if any(n in plan for plan in plans)}
         if modules:
             shared = group_stats(xs, hessians)
+            state.inputs = xs  # smoothing rescales them (and `shared`) in place
             quantized.update(_apply_all(modifiers, plans, modules, {n: shared for n in modules}, state))
+            state.inputs = None
 
     compress_sequential(parts, inputs, compress_group, last)
     return quantized
