@@ -155,3 +155,12 @@ def test_explicit_mappings_replace_the_derived_ones(llama_dir: Path) -> None:
     assert sorted(planned) == sorted(f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up"))
     awq = AWQModifier(mappings=[{"smooth_layer": "re:.*input_layernorm", "balance_layers": ["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"]}])
     assert len(awq.plan(model)) == 6
+
+
+def test_an_awq_modifier_with_its_own_scheme_becomes_awq_then_rtn() -> None:
+    from modelpress.runner.engine.recipe import load_recipe
+
+    old = "quant_stage:\n  quant_modifiers:\n    AWQModifier: {scheme: W4A16_ASYM, ignore: [lm_head], n_grid: 5}\n"
+    awq, rtn = load_recipe(old)
+    assert isinstance(awq, AWQModifier) and awq.n_grid == 5 and type(rtn) is QuantizationModifier
+    assert rtn.ignore == ["lm_head"] and rtn.groups["group_0"].weights.symmetric is False
