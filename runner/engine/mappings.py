@@ -86,7 +86,13 @@ def parse_awq_mappings(value: Any, owner: str) -> list[MappingSpec]:
 
 def derive_mappings(layer: torch.nn.Module, prefix: str) -> list[Mapping]:
     """The usual mappings of one decoder layer, from its module names and shapes."""
-    get = lambda name: _linear_or_module(layer, name)  # noqa: E731
+
+    def get(name: str) -> torch.nn.Module | None:
+        try:
+            return layer.get_submodule(name)
+        except AttributeError:
+            return None
+
     mappings: list[Mapping] = []
     attn_in = [n for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if isinstance(get(n), torch.nn.Linear)]
     fused_qkv = isinstance(get("self_attn.qkv_proj"), torch.nn.Linear)
@@ -122,13 +128,6 @@ def derive_mappings(layer: torch.nn.Module, prefix: str) -> list[Mapping]:
                 Mapping(f"{prefix}mlp.gate_up_proj", (f"{prefix}mlp.down_proj",), (down.in_features, gate_up.out_features))
             )
     return mappings
-
-
-def _linear_or_module(layer: torch.nn.Module, name: str) -> torch.nn.Module | None:
-    try:
-        return layer.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def resolve_mappings(
