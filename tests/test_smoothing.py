@@ -119,7 +119,10 @@ def test_rescaled_statistics_are_those_of_the_scaled_inputs() -> None:
 
 def test_gptq_after_smoothing_sees_the_smoothed_inputs(llama_dir: Path) -> None:
     """One pass of SmoothQuant + GPTQ quantizes layer 0's q/k/v as GPTQ does on the pre-smoothed model."""
-    gptq = lambda: GPTQModifier(scheme="W8A8", ignore=["lm_head"])  # noqa: E731
+
+    def gptq() -> GPTQModifier:
+        return GPTQModifier(scheme="W8A8", ignore=["lm_head"])
+
     joint = load(llama_dir)
     oneshot(model=joint, recipe=[SmoothQuantModifier(), gptq()], dataset=CORPUS, num_calibration_samples=8, max_seq_length=32)
     apart = load(llama_dir)
@@ -164,3 +167,24 @@ def test_an_awq_modifier_with_its_own_scheme_becomes_awq_then_rtn() -> None:
     awq, rtn = load_recipe(old)
     assert isinstance(awq, AWQModifier) and awq.n_grid == 5 and type(rtn) is QuantizationModifier
     assert rtn.ignore == ["lm_head"] and rtn.groups["group_0"].weights.symmetric is False
+
+
+def test_awq_search_lowers_the_measured_output_error() -> None:
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from modelpress.runner.engine.awq import search_scales
+    from modelpress.runner.engine.modifiers import _fake_quantizer
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) * torch.where(torch.arange(64) % 16 == 0, 20.0, 1.0)  # four outlier channels
+    w = torch.randn(48, 64)
+    scheme = QuantizationScheme(targets=["Linear"], weights={"num_bits": 4, "strategy": "group", "group_size": 32})
+    fake = _fake_quantizer(scheme)
+    result = search_scales(x.T @ x, 512, [w], [fake], 32, 20, duo_scaling=True)
+
+    def measured(s: torch.Tensor) -> float:
+        return float(((x @ w.T - x @ (fake(w * s) / s).T) ** 2).sum())
+
+    assert result.ratio is not None and result.loss < 0.8 * result.unscaled_loss
+    assert measured(result.scales) == pytest.approx(result.loss, rel=1e-3)
+    assert measured(torch.ones(64)) == pytest.approx(result.unscaled_loss, rel=1e-3)
