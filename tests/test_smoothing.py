@@ -94,7 +94,7 @@ def test_scaling_alone_leaves_the_float_model_unchanged(arch_dir: tuple[str, Pat
         reports = scale_only(model, model_dir, SmoothQuantModifier(smoothing_strength=0.8))
     else:
         follower = QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "group_size": 32, "symmetric": True, "strategy": "group"}}}, ignore=["lm_head"])
-        reports = scale_only(model, model_dir, AWQModifier(n_grid=10), follower)
+        reports = scale_only(model, model_dir, AWQModifier(n_grid=10, duo_scaling="both"), follower)
     changed = [n for n, p in model.named_parameters() if n in norms and not torch.equal(p, norms[n])]
     assert changed, "no scale was folded into any norm"
     assert all(r.sequential for r in reports) == (arch != "mixtral")  # MoE layers take the generic path
