@@ -188,3 +188,24 @@ def test_awq_search_lowers_the_measured_output_error() -> None:
     assert result.ratio is not None and result.loss < 0.8 * result.unscaled_loss
     assert measured(result.scales) == pytest.approx(result.loss, rel=1e-3)
     assert measured(torch.ones(64)) == pytest.approx(result.unscaled_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("preset", "algorithm", "modifiers"),
+    [("W4A16_ASYM", "AWQ", ["AWQModifier", "QuantizationModifier"]), ("W8A8", "SmoothQuant+GPTQ", ["SmoothQuantModifier", "GPTQModifier"])],
+)
+def test_job_presets_compress(llama_dir: Path, tmp_path: Path, preset: str, algorithm: str, modifiers: list[str]) -> None:
+    import json
+
+    from modelpress.runner.engine.recipe import parse_recipe
+    from modelpress.runner.recipes import preset_document
+
+    recipe = parse_recipe(preset_document(preset, algorithm, ["lm_head"], group_size=32 if "W4" in preset else None))
+    out = tmp_path / "out"
+    result = oneshot(model=llama_dir, recipe=recipe, dataset=CORPUS, num_calibration_samples=8, max_seq_length=32, output_dir=out)
+    assert result.quantized_modules == 14
+    import yaml
+
+    applied = yaml.safe_load((out / "recipe.yaml").read_text())["quant_stage"]["quant_modifiers"]
+    assert list(applied) == modifiers
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["ignore"] == ["lm_head"]
