@@ -148,8 +148,8 @@ def test_smoothquant_makes_rtn_w8a8_better(
 ) -> None:
     """Both checkpoints are read by the compressed loader, which quantizes activations per token.
 
-    Measured: RTN W8A8 +2.5%; SmoothQuant (0.8) + RTN W8A8 +1.9% with these 32 samples and
-    +1.5% with the benchmark's 128, hence the looser bound here.
+    Measured: RTN W8A8 +2.5%; SmoothQuant (0.8) + RTN W8A8 +1.0% with these 32 samples, +1.1%
+    with the benchmark's 128.
     """
     plain, smoothed = tmp_path / "w8a8", tmp_path / "sq-w8a8"
     in_memory(smollm2, QuantizationModifier(scheme="W8A8", ignore=["lm_head"]), {}, plain)
@@ -159,4 +159,4 @@ def test_smoothquant_makes_rtn_w8a8_better(
     sq = perplexity(AutoModelForCausalLM.from_pretrained(smoothed), tokenizer, eval_text)
     print(f"W8A8: float {float_ppl:.2f}, RTN {rtn:.2f}, SmoothQuant + RTN {sq:.2f}")
     assert float_ppl < sq < rtn
-    assert sq <= float_ppl * 1.025
+    assert sq <= float_ppl * 1.02
