@@ -15,6 +15,8 @@ _ENGINE_EXPORTS = {
     "QuantizationModifier": "modelpress.runner.engine.modifiers",
     "GPTQModifier": "modelpress.runner.engine.modifiers",
     "SparseGPTModifier": "modelpress.runner.engine.modifiers",
+    "SmoothQuantModifier": "modelpress.runner.engine.modifiers",
+    "AWQModifier": "modelpress.runner.engine.modifiers",
     "load_recipe": "modelpress.runner.engine.recipe",
     "ModelPressError": "modelpress.runner.engine.errors",
 }

@@ -70,11 +70,13 @@ def perplexities(model_dir: Path, output: Path, text: Path) -> dict[str, float]:
     float_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     result = {"float": perplexity(float_model, tokenizer, held_out)}
     del float_model
-    # int4/int8 weight-only checkpoints are read dequantized (the compressed reader mis-shapes
-    # asymmetric zero points); W8A8/FP8 through the compressed reader, which quantizes activations
-    qconfig = json.loads((output / "config.json").read_text()).get("quantization_config", {})
-    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if qconfig.get("format") == "pack-quantized" else {}
-    compressed = AutoModelForCausalLM.from_pretrained(output, **kwargs)
+    # a checkpoint that quantizes activations goes through the compressed loader, which quantizes
+    # them as vLLM does; dequantizing would measure its weights only
+    groups = json.loads((output / "config.json").read_text())["quantization_config"]["config_groups"]
+    if any(g.get("input_activations") for g in groups.values()):
+        compressed = AutoModelForCausalLM.from_pretrained(output)
+    else:
+        compressed = AutoModelForCausalLM.from_pretrained(output, quantization_config=CompressedTensorsConfig(dequantize=True))
     result["compressed"] = perplexity(compressed, tokenizer, held_out)
     result["increase_pct"] = 100 * (result["compressed"] / result["float"] - 1)
     return {k: round(v, 3) for k, v in result.items()}

@@ -13,14 +13,14 @@ from modelpress.runner.engine.errors import ModelPressError
 ALGORITHM_MODIFIERS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
     "RTN": [("quant", "QuantizationModifier", {})],
     "GPTQ": [("quant", "GPTQModifier", {})],
-    "AWQ": [("quant", "AWQModifier", {})],
+    "AWQ": [("quant", "AWQModifier", {}), ("quant", "QuantizationModifier", {})],  # AWQ scales, RTN quantizes
     "SmoothQuant+GPTQ": [("quant", "SmoothQuantModifier", {"smoothing_strength": 0.8}), ("quant", "GPTQModifier", {})],
     "SparseGPT+GPTQ": [
         ("sparsity", "SparseGPTModifier", {"sparsity": 0.5, "mask_structure": "2:4"}),
         ("quant", "GPTQModifier", {}),
     ],
 }
-QUANTIZERS = {"QuantizationModifier", "GPTQModifier", "AWQModifier"}
+QUANTIZERS = {"QuantizationModifier", "GPTQModifier"}
 IGNORE_TAKERS = QUANTIZERS | {"SparseGPTModifier"}
 
 

@@ -11,10 +11,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -30,6 +35,14 @@ ARCHS = {
     "llama": LlamaConfig,
     "qwen2": Qwen2Config,
     "mistral": MistralConfig,
+}
+# further layouts (Gemma's 1 + w norms, Phi-3's fused projections, MoE), used where a test asks
+MORE_ARCHS = {
+    "qwen3": Qwen3Config,
+    "gemma": GemmaConfig,
+    "gemma2": Gemma2Config,
+    "phi3": Phi3Config,
+    "mixtral": MixtralConfig,
 }
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -65,7 +78,7 @@ def make_model(arch: str, out: Path, tokenizer_dir: Path, dtype: torch.dtype = t
         pad_token_id=2,
     )
     kwargs.update(overrides)
-    model = AutoModelForCausalLM.from_config(ARCHS[arch](**kwargs), dtype=dtype)
+    model = AutoModelForCausalLM.from_config({**ARCHS, **MORE_ARCHS}[arch](**kwargs), dtype=dtype)
     model.save_pretrained(out)
     PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out

@@ -11,7 +11,14 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 from conftest import CORPUS
 from modelpress import QuantizationModifier, oneshot
-from modelpress.runner.engine.modifiers import GPTQModifier, Modifier, SparseGPTModifier
+from modelpress.runner.engine.modifiers import (
+    AWQModifier,
+    GPTQModifier,
+    Modifier,
+    SmoothingModifier,
+    SmoothQuantModifier,
+    SparseGPTModifier,
+)
 
 warnings.filterwarnings("ignore", message="You passed `quantization_config`")
 
@@ -38,6 +45,11 @@ RECIPES = {name: [QuantizationModifier(ignore=["lm_head"], **kw)] for name, kw i
         GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": {**G64, "symmetric": False}}}, actorder=None, ignore=["lm_head"])
     ],
     "GPTQ-FP8": [GPTQModifier(scheme="FP8", ignore=["lm_head"])],
+    "SmoothQuant+GPTQ-W8A8": [SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(scheme="W8A8", ignore=["lm_head"])],
+    "SmoothQuant+W8A8": [SmoothQuantModifier(), QuantizationModifier(scheme="W8A8", ignore=["lm_head"])],
+    "SmoothQuant+FP8": [SmoothQuantModifier(), QuantizationModifier(scheme="FP8", ignore=["lm_head"])],
+    "SmoothQuant+FP8_DYNAMIC": [SmoothQuantModifier(), QuantizationModifier(scheme="FP8_DYNAMIC", ignore=["lm_head"])],
+    "AWQ+W4A16_ASYM": [AWQModifier(n_grid=8), QuantizationModifier(scheme="W4A16_ASYM", ignore=["lm_head"])],
     "SparseGPT-2:4+GPTQ-W4A16": [
         SparseGPTModifier(mask_structure="2:4", ignore=["lm_head"]),
         GPTQModifier(scheme="W4A16", ignore=["lm_head"]),
@@ -89,9 +101,14 @@ def test_loader_reproduces_engine_weights(tiny_model: Path, tmp_path: Path, name
                 assert f.get_tensor(f"{layer}.input_scale").item() > 0
         if name.startswith("SparseGPT-2:4"):  # two of every four inputs stay zero through quantization
             assert ((got.reshape(got.shape[0], -1, 4) == 0).sum(-1) >= 2).all(), layer
-    for n, p in original.named_parameters():  # everything not quantized is copied unchanged
+    smoothed = any(isinstance(m, SmoothingModifier) for m in RECIPES[name])
+    changed = []
+    for n, p in original.named_parameters():  # everything not quantized is copied (smoothing rescales norms)
         if not any(n.startswith(q + ".") for q in quantized):
-            assert torch.equal(loaded.get_parameter(n), p), n
+            assert torch.equal(loaded.get_parameter(n), engine.get_parameter(n)), n
+            if not torch.equal(p, engine.get_parameter(n)):
+                changed.append(n)
+    assert bool(changed) == smoothed and all("norm" in n for n in changed), changed
 
     ids = torch.tensor([[1, 5, 9, 13]])
     greedy = loaded.generate(ids, max_new_tokens=6, do_sample=False)
@@ -99,7 +116,7 @@ def test_loader_reproduces_engine_weights(tiny_model: Path, tmp_path: Path, name
     assert torch.equal(greedy, engine.generate(ids, max_new_tokens=6, do_sample=False))
 
 
-@pytest.mark.parametrize("name", ["W4A16", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC"])
+@pytest.mark.parametrize("name", ["W4A16", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC", "SmoothQuant+GPTQ-W8A8", "SmoothQuant+FP8"])
 def test_default_loader_runs_compressed_checkpoint(llama_dir: Path, tmp_path: Path, name: str) -> None:
     """The path vLLM-like readers take: compressed modules, decompressed on first use."""
     out = tmp_path / "out"

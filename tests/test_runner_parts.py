@@ -75,6 +75,8 @@ def test_preset_documents_are_llm_compressor_recipes() -> None:
     smooth = preset_document("W8A8", "SmoothQuant+GPTQ", ["lm_head"])["quant_stage"]["quant_modifiers"]
     assert list(smooth) == ["SmoothQuantModifier", "GPTQModifier"] and smooth["SmoothQuantModifier"] == {"smoothing_strength": 0.8}
     assert set(ALGORITHM_MODIFIERS) == {"RTN", "GPTQ", "AWQ", "SmoothQuant+GPTQ", "SparseGPT+GPTQ"}
+    awq = preset_document("W4A16", "AWQ", ["lm_head"])["quant_stage"]["quant_modifiers"]
+    assert awq == {"AWQModifier": {}, "QuantizationModifier": {"scheme": "W4A16", "ignore": ["lm_head"]}}
     grouped = parse_recipe(preset_document("W4A16_ASYM", "RTN", ["lm_head"], group_size=64))
     weights = grouped[0].groups["group_0"].weights
     assert (weights.group_size, weights.symmetric, grouped[0].ignore) == (64, False, ["lm_head"])

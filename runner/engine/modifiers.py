@@ -5,17 +5,26 @@ sizes fail fast), says whether it needs calibration data, and then, once per dec
 that layer's modules and their activation statistics into compressed weights.
 """
 
+import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from modelpress.runner.engine.awq import search_scales
 from modelpress.runner.engine.calibration import ActivationStats
 from modelpress.runner.engine.errors import ModelPressError
 from modelpress.runner.engine.gptq import gptq
+from modelpress.runner.engine.mappings import (
+    Mapping,
+    MappingSpec,
+    parse_awq_mappings,
+    parse_smoothquant_mappings,
+    resolve_mappings,
+)
 from modelpress.runner.engine.quantize import (
     QParams,
     QuantizedLinear,
@@ -32,6 +41,15 @@ from modelpress.runner.engine.schemes import (
     resolve_config_groups,
     resolve_scheme,
 )
+from modelpress.runner.engine.smoothing import (
+    fold_into_columns,
+    fold_into_norm,
+    fold_into_quantized_rows,
+    fold_into_rows,
+    rescale_inputs,
+    smoothquant_scales,
+)
+from modelpress.runner.engine.sequential import GroupInput
 from modelpress.runner.engine.sparsegpt import sparsegpt
 from modelpress.runner.engine.targets import (
     TargetedModule,
@@ -40,6 +58,9 @@ from modelpress.runner.engine.targets import (
     resolve_targets,
     unused_patterns,
 )
+from modelpress.runner.engine.weights import find_decoder_layers
+
+log = logging.getLogger(__name__)
 
 Observer = Literal["minmax", "mse", "memoryless_minmax", "memoryless_mse", "static_minmax"]
 
@@ -52,6 +73,10 @@ class LayerState:
     losses: dict[str, float] = field(default_factory=dict)  # GPTQ/SparseGPT output-error estimate
     sparsity: dict[str, float] = field(default_factory=dict)
     dampening: dict[str, float] = field(default_factory=dict)  # only where it had to be raised
+    # sequential path: the current group's inputs, which smoothing rescales in place, and what
+    # earlier groups of the layer quantized (a smooth Linear may already be quantized)
+    inputs: GroupInput | None = None
+    quantized: dict[str, QuantizedLinear] = field(default_factory=dict)
 
 
 class Modifier(BaseModel):
@@ -72,6 +97,9 @@ class Modifier(BaseModel):
 
     def needs_data(self) -> bool:
         raise NotImplementedError
+
+    def bind(self, recipe: list["Modifier"]) -> None:
+        """Check this modifier's place in the planned recipe (every modifier planned first)."""
 
     def apply(
         self, modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], state: LayerState
@@ -340,6 +368,183 @@ class SparseGPTModifier(Modifier):
         return {}
 
 
+class SmoothingModifier(Modifier):
+    """Shared by SmoothQuant and AWQ: per-channel scales moved from activations into weights.
+
+    Plans the balance Linears of every mapping; per group of Linears that read one input, finds
+    each mapping's scales from that input's statistics, folds them in (the float model computes
+    the same), and rescales the collected inputs and statistics so that the quantizer after it
+    sees the smoothed model without another calibration pass. Must come before the modifiers
+    that quantize its layers.
+    """
+
+    quantizes: ClassVar[bool] = False
+    ignore: list[str] = []
+
+    _mappings: list[Mapping] = PrivateAttr(default_factory=list)
+    _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _plan: dict[str, TargetedModule] = PrivateAttr(default_factory=dict)
+
+    def specs(self) -> list[MappingSpec] | None:
+        raise NotImplementedError
+
+    def scales(self, mapping: Mapping, balance: dict[str, torch.nn.Linear], stats: ActivationStats) -> torch.Tensor:
+        raise NotImplementedError
+
+    def plan(self, model: torch.nn.Module) -> dict[str, TargetedModule]:
+        name = type(self).__name__
+        layers_prefix, layers = find_decoder_layers(model)
+        mappings = resolve_mappings(model, layers_prefix, layers, self.specs(), name)
+        modules = dict(model.named_modules())
+        self._mappings = [
+            m for m in mappings if not any(is_matched(n, modules[n], self.ignore) for n in (m.smooth, *m.balance))
+        ]
+        if not self._mappings:
+            raise ModelPressError(f"{name}: no mapping left to smooth in {type(model).__name__}; give mappings explicitly or shorten ignore")
+        _untie_from_embeddings(model, {n for m in self._mappings for n in (m.smooth, *m.balance)})
+        self._modules = {n: modules[n] for m in self._mappings for n in (m.smooth, *m.balance)}
+        empty = QuantizationScheme(targets=["Linear"])
+        self._plan = {n: TargetedModule(n, "smoothing", empty) for m in self._mappings for n in m.balance}
+        return self._plan
+
+    def needs_data(self) -> bool:
+        return True
+
+    def bind(self, recipe: list[Modifier]) -> None:
+        mine = set(self._modules)
+        for earlier in recipe[: recipe.index(self)]:
+            if earlier.quantizes and mine & set(getattr(earlier, "_plan", {})):
+                raise ModelPressError(
+                    f"recipe: {type(self).__name__} must come before {type(earlier).__name__}, which quantizes layers it scales"
+                )
+
+    def apply(
+        self, modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], state: LayerState
+    ) -> dict[str, QuantizedLinear]:
+        for mapping in self._mappings:
+            if not all(n in modules for n in mapping.balance):
+                continue
+            first = stats.get(mapping.balance[0])
+            if first is None or first.channel_absmax is None:
+                raise ModelPressError(f"{type(self).__name__}: no activation statistics for {mapping.balance[0]}; it needs calibration data")
+            smooth = self._modules[mapping.smooth]
+            done = state.quantized.get(mapping.smooth)
+            s = self.scales(mapping, {n: modules[n] for n in mapping.balance}, first).to(smooth.weight.device)
+            if isinstance(smooth, torch.nn.Linear):
+                if done is not None:
+                    if not fold_into_quantized_rows(smooth, done, s, mapping.rows):
+                        log.warning("%s: %s is quantized per tensor and cannot absorb scales; mapping skipped", type(self).__name__, mapping.smooth)
+                        continue
+                else:
+                    fold_into_rows(smooth, s, mapping.rows)
+            else:
+                fold_into_norm(smooth, s)
+            for n in mapping.balance:
+                fold_into_columns(modules[n], s)
+            for shared in {id(stats[n]): stats[n] for n in mapping.balance if n in stats}.values():
+                rescale_inputs(shared, s, state.inputs)
+        return {}
+
+
+def _untie_from_embeddings(model: torch.nn.Module, names: set[str]) -> None:
+    """Give a module whose weight is the input embeddings its own copy before anything is folded into it."""
+    embeddings = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    for name in names:
+        module = model.get_submodule(name)
+        if embeddings is not None and module.weight is embeddings:
+            module.weight = torch.nn.Parameter(embeddings.data.clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+
+
+class SmoothQuantModifier(SmoothingModifier):
+    """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) flattens activation outliers for W8A8."""
+
+    smoothing_strength: float = Field(0.5, ge=0, le=1)
+    mappings: list[Any] | None = None
+
+    @field_validator("mappings")
+    @classmethod
+    def _mappings_form(cls, value: Any) -> Any:
+        if value is not None:
+            parse_smoothquant_mappings(value, "SmoothQuantModifier")
+        return value
+
+    def specs(self) -> list[MappingSpec] | None:
+        return None if self.mappings is None else parse_smoothquant_mappings(self.mappings, type(self).__name__)
+
+    def plan(self, model: torch.nn.Module) -> dict[str, TargetedModule]:
+        """Derived mappings keep the norms only: on SmolLM2, W8A8 RTN after smoothing norms alone
+        measured +1.06% perplexity, and +1.46% with v -> o and up -> down folded as well."""
+        plan = super().plan(model)
+        if self.mappings is None:
+            self._mappings = [m for m in self._mappings if not isinstance(self._modules[m.smooth], torch.nn.Linear)]
+            kept = {n for m in self._mappings for n in (m.smooth, *m.balance)}
+            self._modules = {n: module for n, module in self._modules.items() if n in kept}
+            self._plan = {n: t for n, t in plan.items() if n in kept}
+        return self._plan
+
+    def scales(self, mapping: Mapping, balance: dict[str, torch.nn.Linear], stats: ActivationStats) -> torch.Tensor:
+        return smoothquant_scales(stats.channel_absmax, [m.weight.data for m in balance.values()], self.smoothing_strength)
+
+
+class AWQModifier(SmoothingModifier):
+    """AWQ: per mapping, the grid-searched scales that minimize the balance Linears' output error
+    once quantized with the scheme of the quantizing modifier that follows it in the recipe."""
+
+    needs_hessians: ClassVar[bool] = True  # the search reads the inputs through X^T X (see awq.py)
+    mappings: list[Any] | None = None
+    duo_scaling: bool | Literal["both"] = True
+    n_grid: int = Field(20, ge=1)
+    offload_device: str | None = None  # accepted for recipes: the search holds one group's X^T X, nothing to offload
+
+    _follower: QuantizationModifier | None = PrivateAttr(default=None)
+
+    @field_validator("mappings")
+    @classmethod
+    def _mappings_form(cls, value: Any) -> Any:
+        if value is not None:
+            parse_awq_mappings(value, "AWQModifier")
+        return value
+
+    def specs(self) -> list[MappingSpec] | None:
+        return None if self.mappings is None else parse_awq_mappings(self.mappings, type(self).__name__)
+
+    def bind(self, recipe: list[Modifier]) -> None:
+        super().bind(recipe)
+        later = [m for m in recipe[recipe.index(self) + 1 :] if isinstance(m, QuantizationModifier)]
+        if not later:
+            raise ModelPressError(
+                "recipe: AWQModifier scales weights for the quantizer after it; add a QuantizationModifier or GPTQModifier after it"
+            )
+        self._follower = later[0]
+
+    def scales(self, mapping: Mapping, balance: dict[str, torch.nn.Linear], stats: ActivationStats) -> torch.Tensor:
+        if self._follower is None:
+            raise ModelPressError("AWQModifier: no quantizer follows it in the recipe")
+        if stats.xtx is None:
+            raise ModelPressError(f"AWQModifier: no X^T X for {mapping.balance[0]}; AWQ needs calibration data")
+        plan = self._follower._plan
+        schemes = [plan[n].scheme if n in plan else None for n in balance]
+        fakes = [_fake_quantizer(s) if s is not None and s.weights is not None else None for s in schemes]
+        grouped_ = [s.weights for s in schemes if s is not None and s.weights is not None]
+        group_size = grouped_[0].group_size if grouped_ and grouped_[0].strategy == QuantizationStrategy.GROUP else None
+        weights = [m.weight.data for m in balance.values()]
+        duos = [True, False] if self.duo_scaling == "both" else [bool(self.duo_scaling)]
+        results = [search_scales(stats.xtx, stats.tokens, weights, fakes, group_size, self.n_grid, d) for d in duos]
+        return min(results, key=lambda r: r.loss).scales
+
+
+def _fake_quantizer(scheme: QuantizationScheme) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Round-to-nearest with min-max scales: the quantization AWQ searches against."""
+    args = scheme.weights
+
+    def fake(w: torch.Tensor) -> torch.Tensor:
+        qparams = minmax_qparams(w, args, torch.float32)
+        return dequantize(quantize(w, qparams, args), qparams, args)
+
+    return fake
+
+
 def _describe(cls: type[Modifier], err: ValidationError) -> str:
     """One line per problem, naming the argument; unknown ones list the valid arguments."""
     problems = []
@@ -356,5 +561,6 @@ def _describe(cls: type[Modifier], err: ValidationError) -> str:
 
 
 MODIFIERS: dict[str, type[Modifier]] = {
-    cls.__name__: cls for cls in (QuantizationModifier, GPTQModifier, SparseGPTModifier)
+    cls.__name__: cls
+    for cls in (QuantizationModifier, GPTQModifier, SparseGPTModifier, SmoothQuantModifier, AWQModifier)
 }

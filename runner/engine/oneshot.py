@@ -109,6 +109,8 @@ def oneshot(
     inside = f"{layers_prefix}."
     plans = [m.plan(model) for m in modifiers]
     _check_plans(modifiers, plans)
+    for modifier in modifiers:
+        modifier.bind(modifiers)
     needs_data = any(m.needs_data() for m in modifiers)
     if needs_data:
         if dataset is None:

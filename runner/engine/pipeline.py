@@ -19,8 +19,8 @@ from modelpress.runner.engine.checkpoint import ShardedSafetensorsWriter, write_
 from modelpress.runner.engine.modifiers import LayerState, Modifier
 from modelpress.runner.engine.quantize import QuantizedLinear
 from modelpress.runner.engine.sequential import (
+    GroupInput,
     LayerInput,
-    Rows,
     compress_sequential,
     find_parts,
     group_stats,
@@ -141,14 +141,17 @@ def compress_layer_sequential(
     if parts is None or not reproduces_layer(layer, parts, inputs[0]):
         return None
     quantized: dict[str, QuantizedLinear] = {}
+    state.quantized = quantized
     hessians = any(m.needs_hessians for m in modifiers)
 
-    def compress_group(names: list[str], rows: Rows) -> None:
+    def compress_group(names: list[str], rows: GroupInput) -> None:
         modules = {f"{prefix}{n}": layer.get_submodule(n) for n in names}
         modules = {n: m for n, m in modules.items() if any(n in plan for plan in plans)}
         if modules:
-            shared = group_stats(rows, hessians)
+            shared = group_stats(rows.chunks, hessians)
+            state.inputs = rows  # smoothing rescales them (and `shared`) to the smoothed model
             quantized.update(_apply_all(modifiers, plans, modules, {n: shared for n in modules}, state))
+            state.inputs = None
 
     compress_sequential(parts, inputs, compress_group, last)
     return quantized

@@ -75,8 +75,20 @@ def _parse_group(where: str, group: Any) -> list[Modifier]:
             raise ModelPressError(f"recipe.{where}: unknown modifier {name!r}; valid modifiers: {', '.join(MODIFIERS)}")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise ModelPressError(f"recipe.{where}.{name}: arguments must be a mapping")
-        modifiers.append(MODIFIERS[name](**(kwargs or {})))
+        kwargs = dict(kwargs or {})
+        if name == "AWQModifier" and ("scheme" in kwargs or "config_groups" in kwargs):
+            modifiers += _split_awq(kwargs)
+            continue
+        modifiers.append(MODIFIERS[name](**kwargs))
     return modifiers
+
+
+def _split_awq(kwargs: dict[str, Any]) -> list[Modifier]:
+    """An AWQModifier that carries its own scheme (llm-compressor before 0.11) becomes the pair
+    it means today: AWQModifier scaling, then a QuantizationModifier with that scheme."""
+    moved = ("scheme", "config_groups", "targets", "ignore", "kv_cache_scheme", "bypass_divisibility_checks")
+    quant = {k: kwargs.pop(k) for k in moved if k in kwargs}
+    return [MODIFIERS["AWQModifier"](**kwargs), MODIFIERS["QuantizationModifier"](**quant)]
 
 
 def recipe_yaml(modifiers: list[Modifier]) -> str:

@@ -23,8 +23,17 @@ import torch
 from modelpress.runner.engine.calibration import ActivationStats
 
 LayerInput = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's (args, kwargs) for one sample
-Rows = Callable[[], Iterator[torch.Tensor]]  # a group's input, [tokens, features] chunk by chunk; re-iterable
-GroupCompressor = Callable[[list[str], Rows], None]  # compress the named Linears given their input
+
+
+@dataclass
+class GroupInput:
+    """A Linear group's input over all calibration tokens, as [tokens, features] chunks."""
+
+    chunks: Callable[[], Iterator[torch.Tensor]]  # re-iterable
+    kept: bool  # views of a kept buffer (changes in place persist), or recomputed from the layer each time
+
+
+GroupCompressor = Callable[[list[str], GroupInput], None]  # compress the named Linears given their input
 
 HESSIAN_CHUNK_TOKENS = 16384  # tokens per X^T X product: large enough for BLAS, small next to X
 TOKEN_CHUNK = 4096  # tokens per call of a token-wise part: bounds the MLP's temporaries
@@ -133,7 +142,7 @@ def reproduces_layer(layer: torch.nn.Module, parts: PreNormParts, sample: LayerI
     return complete and same_inputs and torch.allclose(y, expected, rtol=1e-4, atol=1e-5)
 
 
-def group_stats(rows: Rows, with_hessian: bool) -> ActivationStats:
+def group_stats(rows: Callable[[], Iterator[torch.Tensor]], with_hessian: bool) -> ActivationStats:
     """Statistics of one group's input: X^T X as a few large products over all tokens."""
     stats = ActivationStats()
     for chunk in rows():
@@ -207,7 +216,7 @@ def compress_sequential(
     for args, _ in inputs:
         bounds.append(bounds[-1] + args[0].shape[-2])
 
-    compress_group(parts.groups[0], lambda: _per_token(parts.attn_norm, hidden, HESSIAN_CHUNK_TOKENS))
+    compress_group(parts.groups[0], GroupInput(lambda: _per_token(parts.attn_norm, hidden, HESSIAN_CHUNK_TOKENS), kept=False))
     inner = _collect(
         (
             _attention_inner(parts, parts.attn_norm(hidden[bounds[i] : bounds[i + 1]].unsqueeze(0)), kwargs)[0]
@@ -215,14 +224,14 @@ def compress_sequential(
         ),
         hidden.shape[0],
     )
-    compress_group(parts.groups[1], lambda: _chunks(inner, HESSIAN_CHUNK_TOKENS))
+    compress_group(parts.groups[1], GroupInput(lambda: _chunks(inner, HESSIAN_CHUNK_TOKENS), kept=True))
     for rows, x in zip(_chunks(hidden), _chunks(inner)):
         rows += _post(parts.post_attn_norm, parts.o_proj(x))
     del inner
 
-    compress_group(parts.groups[2], lambda: _per_token(parts.mlp_norm, hidden, HESSIAN_CHUNK_TOKENS))
+    compress_group(parts.groups[2], GroupInput(lambda: _per_token(parts.mlp_norm, hidden, HESSIAN_CHUNK_TOKENS), kept=False))
     inner = _collect(_per_token(lambda x: _mlp_inner(parts, parts.mlp_norm(x)), hidden), hidden.shape[0])
-    compress_group(parts.groups[3], lambda: _chunks(inner, HESSIAN_CHUNK_TOKENS))
+    compress_group(parts.groups[3], GroupInput(lambda: _chunks(inner, HESSIAN_CHUNK_TOKENS), kept=True))
     if not last:
         for rows, x in zip(_chunks(hidden), _chunks(inner)):
             rows += _post(parts.post_mlp_norm, parts.down_proj(x))
