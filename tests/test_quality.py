@@ -110,13 +110,16 @@ def test_gptq_beats_rtn_and_its_checkpoint_reads_back_the_same(
     assert read_back == pytest.approx(engine, rel=0.005)
 
 
-def test_gptq_w8a8_stays_within_two_percent(
+def test_smoothquant_gptq_w8a8_stays_within_two_percent(
     smollm2: Path, tokenizer, eval_text: str, float_ppl: float, calibration: dict, tmp_path: Path
 ) -> None:
+    """Int8 activations per token cost SmolLM2 about 2.5% on their own (GPTQ only mends the
+    weights: +2.7% at 128 samples); smoothing the activation outliers first brings W8A8 near float."""
     out = tmp_path / "w8a8"
-    in_memory(smollm2, GPTQModifier(scheme="W8A8", ignore=["lm_head"]), calibration, out)
+    recipe = [SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(scheme="W8A8", ignore=["lm_head"])]
+    in_memory(smollm2, recipe, calibration, out)
     ppl = perplexity(AutoModelForCausalLM.from_pretrained(out), tokenizer, eval_text)  # activations int8 per token
-    print(f"GPTQ W8A8: {ppl:.2f} vs float {float_ppl:.2f}")
+    print(f"SmoothQuant + GPTQ W8A8: {ppl:.2f} vs float {float_ppl:.2f}")
     assert ppl <= float_ppl * 1.02
 
 
