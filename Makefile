@@ -2,8 +2,11 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The checkout's `operator/` folder would shadow the standard library's `operator` for any
+# `python -m` run from here (the current directory goes first on sys.path); 3.11+ leaves it off.
+export PYTHONSAFEPATH := 1
 
-.PHONY: demo test bench
+.PHONY: demo test bench crd
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,3 +26,6 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/oneshot_bench.py --recipe bench/recipes/gptq_w4a16_g64.yaml --forward --perplexity --output out/bench
+
+crd: $(STAMP)
+	$(PY) -m modelpress.operator.crd > crds/compressionjob.yaml

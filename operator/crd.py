@@ -1,6 +1,6 @@
 """The CompressionJob CRD, generated from the spec model so the two never drift apart.
 
-`python -m modelpress.operator.crd > crds/compressionjob.yaml` writes the committed file; a test
+`make crd` (`python -m modelpress.operator.crd > crds/compressionjob.yaml`) writes the committed file; a test
 checks that the file equals `build_crd()`. The OpenAPI schema is derived from pydantic's JSON
 schema and made structural (refs inlined, optional fields plain, free-form maps marked to keep
 unknown fields); CEL rules restate the model's cross-field checks so the API server rejects a

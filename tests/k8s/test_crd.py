@@ -29,7 +29,7 @@ def walk(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]
 
 def test_committed_crd_is_the_generated_one() -> None:
     committed = (REPO / "crds" / "compressionjob.yaml").read_text()
-    assert committed == render(), "crds/compressionjob.yaml is stale: python -m modelpress.operator.crd > crds/compressionjob.yaml"
+    assert committed == render(), "crds/compressionjob.yaml is stale: run `make crd`"
 
 
 def model_paths(model: type, prefix: str) -> set[str]:
