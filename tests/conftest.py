@@ -19,6 +19,7 @@ from transformers import (
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
 )
 
@@ -43,9 +44,10 @@ MORE_ARCHS = {
     "gemma2": Gemma2Config,
     "phi3": Phi3Config,
     "mixtral": MixtralConfig,
+    "qwen2_moe": Qwen2MoeConfig,
 }
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = Path(__file__).parent / "data" / "wikitext-2"  # calibration.txt and evaluation.txt
 
 
 @pytest.fixture(scope="session")

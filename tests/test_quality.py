@@ -1,8 +1,7 @@
 """Quality on the real SmolLM2-135M-Instruct: perplexity of each scheme against the float model.
 
-8k tokens of WikiText-2 validation text (second half of the file), in 512-token windows;
-calibration, where a recipe needs it, comes from the first half. When the file is absent, the
-float model writes its own texts.
+8k tokens of WikiText-2 validation text (from the middle of the file), in 512-token windows;
+calibration, where a recipe needs it, comes from its beginning (excerpts in tests/data).
 """
 
 import shutil
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsC
 from conftest import WIKITEXT
 from modelpress import AWQModifier, GPTQModifier, QuantizationModifier, SmoothQuantModifier, SparseGPTModifier, oneshot
 from modelpress.runner.cli import preset_recipe
-from modelpress.runner.evaluation import perplexity, text_slice
+from modelpress.runner.evaluation import perplexity
 from modelpress.runner.smollm2 import smollm2_dir
 
 pytestmark = pytest.mark.quality
@@ -42,30 +41,15 @@ def tokenizer(smollm2: Path):
     return AutoTokenizer.from_pretrained(smollm2)
 
 
-def generated_text(smollm2: Path, tokenizer, seed: int, tokens: int) -> str:
-    model = AutoModelForCausalLM.from_pretrained(smollm2)
-    torch.manual_seed(seed)
-    ids = model.generate(torch.tensor([[tokenizer.bos_token_id or 1]]), max_new_tokens=tokens, do_sample=True, top_p=0.95)
-    return tokenizer.decode(ids[0], skip_special_tokens=True)
+@pytest.fixture(scope="module")
+def eval_text() -> str:
+    return (WIKITEXT / "evaluation.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
-def eval_text(smollm2: Path, tokenizer) -> str:
-    if WIKITEXT.is_file():
-        return text_slice(WIKITEXT, 0.5)
-    return generated_text(smollm2, tokenizer, 0, 2048)
-
-
-@pytest.fixture(scope="module")
-def calibration(smollm2: Path, tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def calibration() -> dict:
     """32 windows of 512 tokens (the benchmark uses 128) from text the evaluation never sees."""
-    if WIKITEXT.is_file():
-        text = text_slice(WIKITEXT, 0.0, len(WIKITEXT.read_text(encoding="utf-8")) // 2)
-    else:
-        text = generated_text(smollm2, tokenizer, 1, 4 * 512)
-    path = tmp_path_factory.mktemp("calibration") / "calibration.txt"
-    path.write_text(text, encoding="utf-8")
-    return {"dataset": path, "num_calibration_samples": 32, "max_seq_length": 512, "device": "cpu"}
+    return {"dataset": WIKITEXT / "calibration.txt", "num_calibration_samples": 32, "max_seq_length": 512, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")

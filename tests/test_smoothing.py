@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import CORPUS, make_model
 from modelpress.runner.engine.calibration import ActivationStats, calibration_samples
 from modelpress.runner.engine.errors import ModelPressError
+from modelpress.runner.engine.experts import expert_layout, unfuse_experts
 from modelpress.runner.engine.mappings import derive_mappings
 from modelpress.runner.engine.modifiers import (
     AWQModifier,
@@ -30,7 +31,11 @@ EXPECTED = {
     "gemma": ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"],
     "gemma2": ["input_layernorm", "self_attn.v_proj", "pre_feedforward_layernorm", "mlp.up_proj"],
     "phi3": ["input_layernorm", "self_attn.qkv_proj", "post_attention_layernorm", "mlp.gate_up_proj"],
-    "mixtral": ["input_layernorm"],  # fused 3-D experts: no MLP mapping; GQA: no v -> o
+    # MoE: the norm feeds every expert (and the shared one), each expert's up feeds its down
+    "mixtral": ["input_layernorm", "post_attention_layernorm"] + [f"mlp.experts.{e}.w3" for e in range(4)],
+    "qwen2_moe": ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm"]
+    + [f"mlp.experts.{e}.up_proj" for e in range(4)]
+    + ["mlp.shared_expert.up_proj"],
 }
 OVERRIDES = {
     "llama": {},
@@ -39,7 +44,9 @@ OVERRIDES = {
     "gemma2": {"num_key_value_heads": 4, "head_dim": 32},
     "phi3": {"num_key_value_heads": 4},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_key_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 96},
 }
+MOE = {"mixtral", "qwen2_moe"}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
@@ -48,8 +55,14 @@ def arch_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return arch, make_model(arch, tmp_path_factory.mktemp(arch), tokenizer_dir, **OVERRIDES[arch])
 
 
+def engine_view(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as oneshot works on it: MoE experts as one Linear each."""
+    unfuse_experts(model, expert_layout(model.config.model_type))
+    return model
+
+
 def load(model_dir: Path) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = engine_view(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
     torch.manual_seed(1)
     for name, p in model.named_parameters():  # norms away from their init, so folding them is tested
         if p.dim() == 1 and "norm" in name:
@@ -78,10 +91,15 @@ def scale_only(model: torch.nn.Module, model_dir: Path, modifier: Modifier, foll
 
 def test_mappings_follow_each_architecture(arch_dir: tuple[str, Path]) -> None:
     arch, model_dir = arch_dir
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = engine_view(AutoModelForCausalLM.from_pretrained(model_dir))
     _, layers = find_decoder_layers(model)
-    found = [m.smooth for m in derive_mappings(layers[0], "")]
-    assert found == EXPECTED[arch]
+    mappings = derive_mappings(layers[0], "")
+    assert [m.smooth for m in mappings] == EXPECTED[arch]
+    if arch in MOE:  # every expert balanced; the router follows the scales without being quantized
+        experts = layers[0].mlp.experts
+        norm_mapping = next(m for m in mappings if m.smooth == "post_attention_layernorm")
+        assert {f"mlp.experts.{e}.{n}" for e in range(len(experts)) for n in experts[0].names[:2]} <= set(norm_mapping.balance)
+        assert norm_mapping.scaled_too == ("mlp.gate",)
 
 
 @pytest.mark.parametrize("kind", ["smoothquant", "awq"])
@@ -98,7 +116,7 @@ def test_scaling_alone_leaves_the_float_model_unchanged(arch_dir: tuple[str, Pat
         reports = scale_only(model, model_dir, AWQModifier(n_grid=10, duo_scaling="both"), follower)
     changed = [n for n, p in model.named_parameters() if n in norms and not torch.equal(p, norms[n])]
     assert changed, "no scale was folded into any norm"
-    assert all(r.sequential for r in reports) == (arch != "mixtral")  # MoE layers take the generic path
+    assert all(r.sequential for r in reports) == (arch not in MOE)  # MoE layers take the generic path
     after = logits(model, tokenizer)
     assert torch.allclose(after, before, rtol=1e-3, atol=1e-3 * before.abs().max().item()), (after - before).abs().max()
 

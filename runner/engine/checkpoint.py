@@ -9,7 +9,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import compressed_tensors
 import torch
@@ -57,15 +57,20 @@ class _Shard:
 
 
 class ShardedSafetensorsWriter:
-    """Write tensors one by one into shards of at most `max_shard_bytes`, then an index."""
+    """Write tensors one by one into shards of at most `max_shard_bytes`, then an index.
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    `rename` turns a module's tensor name into the checkpoint's (see experts.py).
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 5 * 2**30, rename: Callable[[str], str] = str) -> None:
         self.out_dir = out_dir
         self.max_shard_bytes = max_shard_bytes
+        self.rename = rename
         self.shards: list[_Shard] = []
         self.names: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        name = self.rename(name)
         if name in self.names:
             raise ValueError(f"tensor {name} written twice")
         t = tensor.detach().to("cpu").contiguous()

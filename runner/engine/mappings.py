@@ -12,9 +12,12 @@ Derived per decoder layer from the usual module names:
     post_attention_layernorm (Gemma 2/3: pre_feedforward_layernorm) -> gate/up (or gate_up_proj)
     up_proj -> down_proj (Phi-3: the second half of gate_up_proj's rows)
 
-Mixture-of-experts MLPs in transformers 5 (Mixtral, Qwen-MoE) keep their experts as fused 3-D
-parameters, not Linears; the engine does not quantize those, so their MLP gets no mapping and only
-the attention is smoothed.
+Mixture-of-experts MLPs (experts as Linears, see experts.py):
+
+    post_attention_layernorm -> every expert's gate/up, and a shared expert's
+    each expert's up -> its down; a shared expert's up -> its down
+
+The router reads the same normed input: its columns are scaled too, so routing is unchanged.
 """
 
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 
 from modelpress.runner.engine.errors import ModelPressError
+from modelpress.runner.engine.experts import ExpertLinears
 from modelpress.runner.engine.targets import is_matched
 
 
@@ -31,6 +35,7 @@ class Mapping:
     smooth: str  # full module name of the norm or Linear whose output is scaled
     balance: tuple[str, ...]  # full names of the Linears that read that output
     rows: tuple[int, int] | None = None  # the smooth Linear's output rows that form the channels (fused layers)
+    scaled_too: tuple[str, ...] = ()  # read the same channels, neither quantized nor measured (MoE routers)
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,8 @@ def derive_mappings(layer: torch.nn.Module, prefix: str) -> list[Mapping]:
                     Mapping(f"{prefix}self_attn.qkv_proj", (f"{prefix}self_attn.o_proj",), (o.in_features + kv, qkv.out_features))
                 )
     mlp_norm = "pre_feedforward_layernorm" if get("pre_feedforward_layernorm") is not None else "post_attention_layernorm"
+    if isinstance(get("mlp.experts"), ExpertLinears) and get(mlp_norm) is not None:
+        return mappings + moe_mappings(get("mlp"), f"{prefix}mlp.", f"{prefix}{mlp_norm}")
     down = get("mlp.down_proj")
     if get(mlp_norm) is None or not isinstance(down, torch.nn.Linear):
         return mappings  # no MLP of Linears (e.g. fused MoE experts): nothing quantized to smooth for
@@ -128,6 +135,34 @@ def derive_mappings(layer: torch.nn.Module, prefix: str) -> list[Mapping]:
                 Mapping(f"{prefix}mlp.gate_up_proj", (f"{prefix}mlp.down_proj",), (down.in_features, gate_up.out_features))
             )
     return mappings
+
+
+def moe_mappings(moe: torch.nn.Module, prefix: str, norm: str) -> list[Mapping]:
+    """A MoE block's mappings: the norm feeds every expert (and a shared expert), each up feeds its down."""
+    experts: ExpertLinears = moe.experts
+    balance, pairs = [], []
+    for e, expert in enumerate(experts):
+        gate, up, down = expert.names
+        balance += [f"{prefix}experts.{e}.{gate}", f"{prefix}experts.{e}.{up}"]
+        pairs.append((f"{prefix}experts.{e}.{up}", f"{prefix}experts.{e}.{down}"))
+    shared = [(n, m) for n, m in moe.named_children() if n != "experts" and isinstance(m, torch.nn.Module)]
+    for name, module in shared:
+        up, down = getattr(module, "up_proj", None), getattr(module, "down_proj", None)
+        if isinstance(up, torch.nn.Linear) and isinstance(down, torch.nn.Linear) and isinstance(getattr(module, "gate_proj", None), torch.nn.Linear):
+            balance += [f"{prefix}{name}.gate_proj", f"{prefix}{name}.up_proj"]
+            pairs.append((f"{prefix}{name}.up_proj", f"{prefix}{name}.down_proj"))
+        elif isinstance(module, torch.nn.Linear):
+            balance.append(f"{prefix}{name}")  # e.g. Qwen-MoE's shared_expert_gate
+    return [Mapping(norm, tuple(balance), scaled_too=routers(moe, prefix))] + [Mapping(up, (down,)) for up, down in pairs]
+
+
+def routers(moe: torch.nn.Module, prefix: str) -> tuple[str, ...]:
+    """The modules of a MoE block that read its input through a plain weight matrix but are not Linears."""
+    return tuple(
+        f"{prefix}{n}"
+        for n, m in moe.named_children()
+        if not isinstance(m, (torch.nn.Linear, ExpertLinears)) and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+    )
 
 
 def resolve_mappings(
@@ -161,7 +196,8 @@ def resolve_mappings(
             balance = tuple(n for n, m in named if isinstance(m, torch.nn.Linear) and is_matched(n, m, list(spec.balance)))
             if not balance:
                 raise ModelPressError(f"{owner}.mappings[{k}]: balance layers {list(spec.balance)} match no Linear beside {smooth[0]}")
-            mapping = Mapping(smooth[0], balance)
+            moe = {n.rsplit(".experts.", 1)[0] for n in balance if ".experts." in n}
+            mapping = Mapping(smooth[0], balance, scaled_too=tuple(r for b in sorted(moe) for r in routers(model.get_submodule(b), f"{b}.")))
             check_shapes(model, mapping, f"{owner}.mappings[{k}]")
             mappings.append(mapping)
             found = True
@@ -185,8 +221,8 @@ def channels(model: torch.nn.Module, mapping: Mapping) -> int:
 
 def check_shapes(model: torch.nn.Module, mapping: Mapping, where: str) -> None:
     width = channels(model, mapping)
-    for name in mapping.balance:
-        fan_in = model.get_submodule(name).in_features
+    for name in (*mapping.balance, *mapping.scaled_too):
+        fan_in = model.get_submodule(name).weight.shape[1]
         if fan_in != width:
             raise ModelPressError(
                 f"{where}: {mapping.smooth} has {width} output channels but {name} reads {fan_in}; "

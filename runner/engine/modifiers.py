@@ -402,7 +402,7 @@ class SmoothingModifier(Modifier):
         if not self._mappings:
             raise ModelPressError(f"{name}: no mapping left to smooth in {type(model).__name__}; give mappings explicitly or shorten ignore")
         _untie_from_embeddings(model, {n for m in self._mappings for n in (m.smooth, *m.balance)})
-        self._modules = {n: modules[n] for m in self._mappings for n in (m.smooth, *m.balance)}
+        self._modules = {n: modules[n] for m in self._mappings for n in (m.smooth, *m.balance, *m.scaled_too)}
         empty = QuantizationScheme(targets=["Linear"])
         self._plan = {n: TargetedModule(n, "smoothing", empty) for m in self._mappings for n in m.balance}
         return self._plan
@@ -441,6 +441,8 @@ class SmoothingModifier(Modifier):
                 fold_into_norm(smooth, s)
             for n in mapping.balance:
                 fold_into_columns(modules[n], s)
+            for n in mapping.scaled_too:
+                fold_into_columns(self._modules[n], s)
             for shared in {id(stats[n]): stats[n] for n in mapping.balance if n in stats}.values():
                 rescale_inputs(shared, s, state.inputs)
         return {}
@@ -478,7 +480,7 @@ class SmoothQuantModifier(SmoothingModifier):
         plan = super().plan(model)
         if self.mappings is None:
             self._mappings = [m for m in self._mappings if not isinstance(self._modules[m.smooth], torch.nn.Linear)]
-            kept = {n for m in self._mappings for n in (m.smooth, *m.balance)}
+            kept = {n for m in self._mappings for n in (m.smooth, *m.balance, *m.scaled_too)}
             self._modules = {n: module for n, module in self._modules.items() if n in kept}
             self._plan = {n: t for n, t in plan.items() if n in kept}
         return self._plan

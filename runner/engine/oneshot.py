@@ -21,6 +21,14 @@ from modelpress.runner.engine.checkpoint import (
     write_module,
 )
 from modelpress.runner.engine.errors import ModelPressError
+from modelpress.runner.engine.experts import (
+    ExpertLayout,
+    expert_layout,
+    from_checkpoint_name,
+    route_all_tokens,
+    to_checkpoint_name,
+    unfuse_experts,
+)
 from modelpress.runner.engine.modifiers import LayerState, Modifier
 from modelpress.runner.engine.pipeline import LayerReport, ProgressFn, capture_first_layer_inputs, run_pipeline
 from modelpress.runner.engine.recipe import RecipeInput, load_recipe, recipe_yaml
@@ -89,13 +97,18 @@ def oneshot(
         model_dir = Path(model.name_or_path) if Path(getattr(model, "name_or_path", "") or "-").is_dir() else None
         source = None
         input_bytes = sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in model.parameters()}.values())
+        layout = expert_layout(model.config.model_type)
+        unfuse_experts(model, layout)
     else:
         if output_dir is None:
             raise ModelPressError("output_dir: required when the model is given by path or hub id")
         model_dir = resolve_model_dir(model, revision)
-        source = SafetensorsSource(model_dir)
+        model_config = load_config(model_dir, trust_remote_code)
+        layout = expert_layout(model_config.model_type)
+        source = SafetensorsSource(model_dir, lambda name: from_checkpoint_name(name, layout))
         return_freed_memory()
-        model = build_skeleton(load_config(model_dir, trust_remote_code), trust_remote_code)
+        model = build_skeleton(model_config, trust_remote_code)
+        unfuse_experts(model, layout)
         missing = missing_weights(model, source)
         if missing:
             raise ModelPressError(
@@ -137,8 +150,10 @@ def oneshot(
             raise ModelPressError("dataset: no usable calibration samples (all empty?)")
         inputs = capture_first_layer_inputs(model, layers[0], samples, device)
 
-    writer = ShardedSafetensorsWriter(out, max_shard_bytes) if out is not None else None
+    writer = ShardedSafetensorsWriter(out, max_shard_bytes, lambda name: to_checkpoint_name(name, layout)) if out is not None else None
+    route_all_tokens(model, True)
     schemes, reports = run_pipeline(layers_prefix, layers, modifiers, plans, inputs, source, writer, device, progress)
+    route_all_tokens(model, False)
 
     outside_done = {}
     for modifier, plan in zip(modifiers, plans):
@@ -154,7 +169,7 @@ def oneshot(
     if out is not None and writer is not None:
         write_module(writer, "", model, outside_done, skip_prefix=inside)
         writer.close()
-        _write_metadata(out, model, config, modifiers, schemes, model_dir, tokenizer)
+        _write_metadata(out, model, config, modifiers, schemes, model_dir, tokenizer, layout)
         _write_report(out, reports)
     if source is None:
         move_outside(model, inside, home)
@@ -207,13 +222,14 @@ def _write_metadata(
     schemes: dict[str, QuantizationScheme],
     model_dir: Path | None,
     tokenizer: Any,
+    layout: ExpertLayout | None,
 ) -> None:
     """config.json with its quantization_config, the recipe, tokenizer and generation config."""
     groups: dict[str, QuantizationScheme] = {}
     for modifier in modifiers:
         for name, scheme in getattr(modifier, "groups", {}).items():
             groups[name if name not in groups else f"{name}_{len(groups)}"] = scheme
-    ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in schemes]
+    ignore = [to_checkpoint_name(n, layout) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in schemes]
     if schemes:
         config.quantization_config = quantization_config(groups, schemes, ignore)
     config.save_pretrained(out)

@@ -93,10 +93,10 @@ def fold_into_quantized_rows(
     return True
 
 
-def fold_into_columns(linear: torch.nn.Linear, s: torch.Tensor) -> None:
-    """Multiply the Linear's input columns by s."""
-    w = linear.weight.data
-    linear.weight.data = (w.float() * s[None, :]).to(w.dtype)
+def fold_into_columns(module: torch.nn.Module, s: torch.Tensor) -> None:
+    """Multiply the input columns of the module's weight matrix (a Linear's, a MoE router's) by s."""
+    w = module.weight.data
+    module.weight.data = (w.float() * s[None, :]).to(w.dtype)
 
 
 def rescale_inputs(stats: ActivationStats, s: torch.Tensor, xs: GroupInput | None) -> None:

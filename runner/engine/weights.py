@@ -7,6 +7,7 @@ being worked on occupy memory: the embeddings and head, plus one decoder layer a
 import ctypes
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import init_empty_weights
@@ -42,9 +43,10 @@ class SafetensorsSource:
 
     Tensors are read with plain positioned reads, not memory maps: a mapped shard stays resident
     as it is touched, which would bring the whole model into memory by the last layer.
+    Names are the modules' (`rename` maps the checkpoint's names to them, see experts.py).
     """
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, rename: Callable[[str], str] = str) -> None:
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
             files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -58,7 +60,7 @@ class SafetensorsSource:
             for name, meta in header.items():
                 if name != "__metadata__":
                     begin, end = meta["data_offsets"]
-                    self.entries[name] = (file, meta["dtype"], meta["shape"], 8 + size + begin, end - begin)
+                    self.entries[rename(name)] = (file, meta["dtype"], meta["shape"], 8 + size + begin, end - begin)
         if not self.entries:
             raise ModelPressError(f"model: no safetensors weights in {model_dir}")
         self.files = files
