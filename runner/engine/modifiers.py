@@ -530,7 +530,7 @@ class AWQModifier(SmoothingModifier):
         group_size = grouped_[0].group_size if grouped_ and grouped_[0].strategy == QuantizationStrategy.GROUP else None
         weights = [m.weight.data for m in balance.values()]
         duos = [True, False] if self.duo_scaling == "both" else [bool(self.duo_scaling)]
-        results = [search_scales(stats.xtx, stats.tokens, weights, fakes, group_size, self.n_grid, d) for d in duos]
+        results = [search_scales(stats.gram, stats.tokens, weights, fakes, group_size, self.n_grid, d) for d in duos]
         return min(results, key=lambda r: r.loss).scales
 
 
