@@ -209,6 +209,21 @@ def test_awq_search_lowers_the_measured_output_error() -> None:
     assert measured(torch.ones(64)) == pytest.approx(result.unscaled_loss, rel=1e-3)
 
 
+def test_the_gram_matrix_of_wide_inputs_has_both_triangles() -> None:
+    """Wide inputs accumulate only the blocks of X^T X on and above the diagonal; AWQ's output
+    error tr(dW X^T X dW^T) needs the whole matrix, which `gram` gives."""
+    from modelpress.runner.engine.calibration import GRAM_BLOCK
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 2 * GRAM_BLOCK + 64)
+    stats = ActivationStats()
+    stats.update(x, with_hessian=True)
+    full = x.T @ x
+    assert not torch.allclose(stats.xtx, full)  # the stored form: lower blocks left at zero
+    assert torch.allclose(stats.gram, full, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(stats.hessian, full * 2 / 40, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("preset", "algorithm", "modifiers"),
     [("W4A16_ASYM", "AWQ", ["AWQModifier", "QuantizationModifier"]), ("W8A8", "SmoothQuant+GPTQ", ["SmoothQuantModifier", "GPTQModifier"])],

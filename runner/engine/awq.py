@@ -11,6 +11,12 @@ so the search reads the inputs only through X^T X: every calibration token count
 point costs rows x in^2 instead of tokens x rows x in. The activation magnitude a is the channel
 RMS, sqrt(diag(X^T X) / n), from the same matrix (AWQ's mean |x| ranks channels alike; the grid
 absorbs the difference in spread). No scaling (s = 1) is kept when no grid point beats it.
+
+Clipping (optional, after the scales are folded) shrinks each row's quantization group to
+[r min, r max] (symmetric schemes: +-r max|w|) before quantization: a few outliers lose precision
+and the rest of the group gets finer steps. Each group quantizes on its own, so r is chosen per
+row and group on that group's share of the error, dw_g^T (X^T X)[g, g] dw_g, the diagonal block
+of X^T X (the cross terms between groups are left out, as AutoAWQ's per-group search does).
 """
 
 from dataclasses import dataclass
@@ -80,3 +86,63 @@ def search_scales(
         if loss < best.loss:
             best = AWQResult(s, r, loss, best.unscaled_loss)
     return best
+
+
+# Linears whose outputs meet in softmax(q k^T): their errors are multiplied together and pass
+# through the softmax, which the layer's own output error does not see; AutoAWQ leaves them unclipped.
+ATTENTION_SCORE_PROJECTIONS = ("q_proj", "k_proj", "qkv_proj")
+
+
+def feeds_attention_scores(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ATTENTION_SCORE_PROJECTIONS
+
+
+@dataclass
+class ClipResult:
+    weight: torch.Tensor  # float32, each group clamped to its chosen range
+    ratios: torch.Tensor  # [rows, groups], the chosen r (1: not clipped)
+    loss: torch.Tensor  # [rows, groups], group output error with the chosen r
+    unclipped_loss: torch.Tensor  # [rows, groups], with r = 1
+
+
+def search_clip(
+    w: torch.Tensor,
+    xtx: torch.Tensor,
+    fake_quant: FakeQuant,
+    group_size: int | None,
+    symmetric: bool,
+    n_grid: int,
+    max_shrink: float,
+) -> ClipResult:
+    """Per row and quantization group, the shrink r of the group's range with least output error.
+
+    r runs over 1, 1 - 1/n_grid, ... while the shrink stays below `max_shrink` (AutoAWQ's grid).
+    r = 1 is a candidate, so no group's error grows. `group_size` None is one group per row
+    (per-channel scales).
+    """
+    w = w.float()
+    rows, cols = w.shape
+    size = group_size or cols
+    groups = cols // size
+    g = w.reshape(rows, groups, size)
+    at = torch.arange(groups, device=w.device)
+    blocks = xtx.float().to(w.device).reshape(groups, size, groups, size)[at, :, at, :]  # [groups, size, size]
+    hi = g.abs().amax(-1, keepdim=True) if symmetric else g.amax(-1, keepdim=True)
+    lo = -hi if symmetric else g.amin(-1, keepdim=True)
+
+    def clipped(r: torch.Tensor | float) -> torch.Tensor:
+        return torch.clamp(g, lo * r, hi * r)
+
+    def error(r: float) -> torch.Tensor:
+        dw = g - fake_quant(clipped(r).reshape(rows, cols)).reshape(rows, groups, size)
+        return torch.einsum("rgi,gij,rgj->rg", dw, blocks, dw)
+
+    unclipped = error(1.0)
+    best, ratios = unclipped, torch.ones_like(unclipped)
+    for i in range(1, int(max_shrink * n_grid)):
+        r = 1 - i / n_grid
+        loss = error(r)
+        better = loss < best
+        best = torch.where(better, loss, best)
+        ratios = torch.where(better, torch.full_like(ratios, r), ratios)
+    return ClipResult(clipped(ratios[..., None]).reshape(rows, cols), ratios, best, unclipped)

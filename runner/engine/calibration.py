@@ -117,12 +117,17 @@ class ActivationStats:
             add_upper_gram(self.xtx, x)
 
     @property
+    def gram(self) -> torch.Tensor:
+        """X^T X with both triangles: `update` fills only the blocks on and above the diagonal."""
+        if self.xtx is None:
+            raise RuntimeError("X^T X was not collected for this module")
+        upper = torch.triu(self.xtx)
+        return upper + torch.triu(upper, 1).T
+
+    @property
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / n, the curvature of the layer-wise squared error (GPTQ, SparseGPT)."""
-        if self.xtx is None:
-            raise RuntimeError("Hessian was not collected for this module")
-        upper = torch.triu(self.xtx)
-        return (upper + torch.triu(upper, 1).T) * (2.0 / self.tokens)
+        return self.gram * (2.0 / self.tokens)
 
 
 GRAM_BLOCK = 512

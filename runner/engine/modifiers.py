@@ -14,7 +14,7 @@ import torch
 from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from modelpress.runner.engine.awq import search_scales
+from modelpress.runner.engine.awq import feeds_attention_scores, search_clip, search_scales
 from modelpress.runner.engine.calibration import ActivationStats
 from modelpress.runner.engine.errors import ModelPressError
 from modelpress.runner.engine.gptq import gptq
@@ -491,13 +491,20 @@ class SmoothQuantModifier(SmoothingModifier):
 
 class AWQModifier(SmoothingModifier):
     """AWQ: per mapping, the grid-searched scales that minimize the balance Linears' output error
-    once quantized with the scheme of the quantizing modifier that follows it in the recipe."""
+    once quantized with the scheme of the quantizing modifier that follows it in the recipe.
+
+    With `apply_clip` (AutoAWQ's name), the scaled balance Linears are then clipped per row and
+    group to the range with least output error (see awq.py), except q/k, which feed attention scores.
+    """
 
     needs_hessians: ClassVar[bool] = True  # the search reads the inputs through X^T X (see awq.py)
     mappings: list[Any] | None = None
     duo_scaling: bool | Literal["both"] = True
     n_grid: int = Field(20, ge=1)
     offload_device: str | None = None  # accepted for recipes: the search holds one group's X^T X, nothing to offload
+    apply_clip: bool = False
+    clip_n_grid: int = Field(20, ge=1)
+    clip_max_shrink: float = Field(0.5, gt=0, lt=1)
 
     _follower: QuantizationModifier | None = PrivateAttr(default=None)
 
@@ -532,8 +539,37 @@ class AWQModifier(SmoothingModifier):
         group_size = grouped_[0].group_size if grouped_ and grouped_[0].strategy == QuantizationStrategy.GROUP else None
         weights = [m.weight.data for m in balance.values()]
         duos = [True, False] if self.duo_scaling == "both" else [bool(self.duo_scaling)]
-        results = [search_scales(stats.xtx, stats.tokens, weights, fakes, group_size, self.n_grid, d) for d in duos]
+        results = [search_scales(stats.gram, stats.tokens, weights, fakes, group_size, self.n_grid, d) for d in duos]
         return min(results, key=lambda r: r.loss).scales
+
+    def apply(
+        self, modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], state: LayerState
+    ) -> dict[str, QuantizedLinear]:
+        done = super().apply(modules, stats, state)
+        if self.apply_clip:
+            for mapping in self._mappings:
+                if all(n in modules for n in mapping.balance):
+                    self._clip({n: modules[n] for n in mapping.balance}, stats[mapping.balance[0]])
+        return done
+
+    def _clip(self, balance: dict[str, torch.nn.Linear], stats: ActivationStats) -> None:
+        """Clip the balance Linears the follower quantizes per row (channel or group scales); a
+        per-tensor scale couples every row, so those are left as they are. `stats` already
+        describes the scaled inputs (rescale_inputs)."""
+        plan = self._follower._plan
+        per_row = (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL)
+        args = {n: plan[n].scheme.weights for n in balance if n in plan and not feeds_attention_scores(n)}
+        args = {n: a for n, a in args.items() if a is not None and a.strategy in per_row}
+        if not args:
+            return
+        gram = stats.gram
+        for name, a in args.items():
+            w = balance[name].weight.data
+            group_size = a.group_size if a.strategy == QuantizationStrategy.GROUP else None
+            fake = _fake_quantizer(plan[name].scheme)
+            result = search_clip(w, gram, fake, group_size, a.symmetric, self.clip_n_grid, self.clip_max_shrink)
+            balance[name].weight.data = result.weight.to(w.dtype)
+            log.debug("AWQ clip %s: group output error %.4g -> %.4g", name, float(result.unclipped_loss.sum()), float(result.loss.sum()))
 
 
 def _fake_quantizer(scheme: QuantizationScheme) -> Callable[[torch.Tensor], torch.Tensor]:
