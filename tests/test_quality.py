@@ -26,7 +26,6 @@ BOUNDS = {
     # Symmetric int4 measured +38..43% here (the source weights are a dequantized Q4_1 GGUF, whose
     # asymmetric 4-bit grid a symmetric grid cannot follow); llm-compressor reports +36% on bf16 weights.
     "W4A16-g64": (lambda: preset_recipe("W4A16", 64, None), 0.50),
-    "W8A8": (lambda: QuantizationModifier(scheme="W8A8", ignore=["lm_head"]), 0.03),
     "FP8_DYNAMIC": (lambda: QuantizationModifier(scheme="FP8_DYNAMIC", ignore=["lm_head"]), 0.05),
 }
 
@@ -81,17 +80,24 @@ def in_memory(smollm2: Path, recipe, calibration: dict, out: Path | None = None)
     return model
 
 
+@pytest.fixture(scope="module")
+def rtn_w4_ppl(smollm2: Path, tokenizer, eval_text: str) -> float:
+    """RTN W4A16 g64 (symmetric), the baseline GPTQ and AWQ must beat."""
+    return perplexity(in_memory(smollm2, QuantizationModifier(config_groups=W4_G64, ignore=["lm_head"]), {}), tokenizer, eval_text)
+
+
 def test_gptq_beats_rtn_and_its_checkpoint_reads_back_the_same(
-    smollm2: Path, tokenizer, eval_text: str, float_ppl: float, calibration: dict, tmp_path: Path
+    smollm2: Path, tokenizer, eval_text: str, float_ppl: float, rtn_w4_ppl: float, calibration: dict, tmp_path: Path
 ) -> None:
-    rtn = perplexity(in_memory(smollm2, QuantizationModifier(config_groups=W4_G64, ignore=["lm_head"]), {}), tokenizer, eval_text)
     out = tmp_path / "gptq"
-    engine = perplexity(in_memory(smollm2, GPTQModifier(config_groups=W4_G64, ignore=["lm_head"]), calibration, out), tokenizer, eval_text)
+    model = in_memory(smollm2, GPTQModifier(config_groups=W4_G64, ignore=["lm_head"]), calibration, out)
+    engine = perplexity(model, tokenizer, eval_text)
+    print(f"W4A16 g64: float {float_ppl:.2f}, RTN {rtn_w4_ppl:.2f}, GPTQ {engine:.2f}")
+    assert float_ppl < engine < rtn_w4_ppl
     loaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
-    read_back = perplexity(loaded, tokenizer, eval_text)
-    print(f"W4A16 g64: float {float_ppl:.2f}, RTN {rtn:.2f}, GPTQ {engine:.2f} (checkpoint {read_back:.2f})")
-    assert float_ppl < engine < rtn
-    assert read_back == pytest.approx(engine, rel=0.005)
+    ids = tokenizer(eval_text[:2000], return_tensors="pt")["input_ids"][:, :256]
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-3)
 
 
 def test_smoothquant_gptq_w8a8_stays_within_two_percent(
@@ -122,12 +128,11 @@ def test_sparsegpt_2of4_beats_magnitude_2of4(smollm2: Path, tokenizer, eval_text
 
 
 
-def test_awq_beats_rtn(smollm2: Path, tokenizer, eval_text: str, float_ppl: float, calibration: dict) -> None:
-    rtn = perplexity(in_memory(smollm2, QuantizationModifier(config_groups=W4_G64, ignore=["lm_head"]), {}), tokenizer, eval_text)
+def test_awq_beats_rtn(smollm2: Path, tokenizer, eval_text: str, float_ppl: float, rtn_w4_ppl: float, calibration: dict) -> None:
     recipe = [AWQModifier(), QuantizationModifier(config_groups=W4_G64, ignore=["lm_head"])]
     awq = perplexity(in_memory(smollm2, recipe, calibration), tokenizer, eval_text)
-    print(f"W4A16 g64: float {float_ppl:.2f}, RTN {rtn:.2f}, AWQ {awq:.2f}")
-    assert float_ppl < awq < rtn
+    print(f"W4A16 g64: float {float_ppl:.2f}, RTN {rtn_w4_ppl:.2f}, AWQ {awq:.2f}")
+    assert float_ppl < awq < rtn_w4_ppl
 
 
 def test_smoothquant_makes_rtn_w8a8_better(
@@ -145,5 +150,5 @@ def test_smoothquant_makes_rtn_w8a8_better(
     rtn = perplexity(AutoModelForCausalLM.from_pretrained(plain), tokenizer, eval_text)
     sq = perplexity(AutoModelForCausalLM.from_pretrained(smoothed), tokenizer, eval_text)
     print(f"W8A8: float {float_ppl:.2f}, RTN {rtn:.2f}, SmoothQuant + RTN {sq:.2f}")
-    assert float_ppl < sq < rtn
+    assert float_ppl < sq < rtn <= float_ppl * 1.03
     assert sq <= float_ppl * 1.02

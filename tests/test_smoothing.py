@@ -27,6 +27,8 @@ from modelpress.runner.engine.weights import find_decoder_layers
 # per architecture: the mappings of one decoder layer (v -> o only where v's width is o's input)
 EXPECTED = {
     "llama": ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"],  # 2 KV heads of 4: no v -> o
+    "qwen2": ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"],
+    "mistral": ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"],
     "qwen3": ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"],
     "gemma": ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"],
     "gemma2": ["input_layernorm", "self_attn.v_proj", "pre_feedforward_layernorm", "mlp.up_proj"],
@@ -39,6 +41,8 @@ EXPECTED = {
 }
 OVERRIDES = {
     "llama": {},
+    "qwen2": {"num_key_value_heads": 4},
+    "mistral": {},
     "qwen3": {"num_key_value_heads": 4, "head_dim": 32},
     "gemma": {"num_key_value_heads": 4, "head_dim": 32},
     "gemma2": {"num_key_value_heads": 4, "head_dim": 32},

@@ -41,7 +41,6 @@ from modelpress.runner.engine.weights import (
     missing_weights,
     move_outside,
     resolve_model_dir,
-    return_freed_memory,
 )
 
 log = logging.getLogger(__name__)
@@ -106,7 +105,6 @@ def oneshot(
         model_config = load_config(model_dir, trust_remote_code)
         layout = expert_layout(model_config.model_type)
         source = SafetensorsSource(model_dir, lambda name: from_checkpoint_name(name, layout))
-        return_freed_memory()
         model = build_skeleton(model_config, trust_remote_code)
         unfuse_experts(model, layout)
         missing = missing_weights(model, source)

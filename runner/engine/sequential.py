@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from modelpress.runner.engine.calibration import ActivationStats
+from modelpress.runner.engine.weights import trim_heap
 
 LayerInput = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's (args, kwargs) for one sample
 
@@ -228,6 +229,7 @@ def compress_sequential(
     for rows, x in zip(_chunks(hidden), _chunks(inner)):
         rows += _post(parts.post_attn_norm, parts.o_proj(x))
     del inner
+    trim_heap()  # what attention left on the heap, before the MLP's wider activations
 
     compress_group(parts.groups[2], GroupInput(lambda: _per_token(parts.mlp_norm, hidden, HESSIAN_CHUNK_TOKENS), kept=False))
     inner = _collect(_per_token(lambda x: _mlp_inner(parts, parts.mlp_norm(x)), hidden), hidden.shape[0])
