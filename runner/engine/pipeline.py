@@ -26,7 +26,7 @@ from modelpress.runner.engine.sequential import (
     group_stats,
     reproduces_layer,
 )
-from modelpress.runner.engine.weights import SafetensorsSource, materialize, release
+from modelpress.runner.engine.weights import SafetensorsSource, materialize, release, trim_heap
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -152,6 +152,8 @@ def compress_layer_sequential(
             state.inputs = rows  # smoothing rescales them (and `shared`) to the smoothed model
             quantized.update(_apply_all(modifiers, plans, modules, {n: shared for n in modules}, state))
             state.inputs = None
+            del shared
+            trim_heap()  # the statistics and the algorithms' temporaries
 
     compress_sequential(parts, inputs, compress_group, last)
     return quantized
