@@ -108,3 +108,22 @@ def test_moe_checkpoint_loads_back_as_the_engine_left_it(moe_dir: tuple[str, Pat
         gate_up = torch.stack([torch.cat([getattr(x, layout.gate).weight, getattr(x, layout.up).weight]) for x in layer.mlp.experts])
         down = torch.stack([getattr(x, layout.down).weight for x in layer.mlp.experts])
         assert torch.equal(gate_up, experts.gate_up_proj) and torch.equal(down, experts.down_proj)
+
+
+def test_explicit_moe_mappings_scale_the_router_only_for_the_block_input(tmp_path: Path, tokenizer_dir: Path) -> None:
+    model_dir = make_model("mixtral", tmp_path, tokenizer_dir, **MOE["mixtral"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    unfuse_experts(model, expert_layout("mixtral"))
+    with torch.no_grad():
+        before = model(ids()).logits
+    recipe = SmoothQuantModifier(mappings=[
+        [["re:.*experts.*w1$", "re:.*experts.*w3$"], "re:.*post_attention_layernorm$"],  # llm-compressor's MoE form
+        [["re:.*experts.0.w2$"], "re:.*experts.0.w3$"],  # inside the block: the router reads nothing of it
+    ])
+    recipe.plan(model)
+    scaled_too = {m.smooth: m.scaled_too for m in recipe._mappings}
+    assert scaled_too["model.layers.0.post_attention_layernorm"] == ("model.layers.0.mlp.gate",)
+    assert scaled_too["model.layers.0.mlp.experts.0.w3"] == ()
+    oneshot(model=model, dataset=CORPUS, recipe=recipe, num_calibration_samples=8, max_seq_length=32)
+    with torch.no_grad():
+        assert torch.allclose(model(ids()).logits, before, atol=1e-4)

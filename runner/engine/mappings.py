@@ -145,8 +145,7 @@ def moe_mappings(moe: torch.nn.Module, prefix: str, norm: str) -> list[Mapping]:
         gate, up, down = expert.names
         balance += [f"{prefix}experts.{e}.{gate}", f"{prefix}experts.{e}.{up}"]
         pairs.append((f"{prefix}experts.{e}.{up}", f"{prefix}experts.{e}.{down}"))
-    shared = [(n, m) for n, m in moe.named_children() if n != "experts" and isinstance(m, torch.nn.Module)]
-    for name, module in shared:
+    for name, module in moe.named_children():
         up, down = getattr(module, "up_proj", None), getattr(module, "down_proj", None)
         if isinstance(up, torch.nn.Linear) and isinstance(down, torch.nn.Linear) and isinstance(getattr(module, "gate_proj", None), torch.nn.Linear):
             balance += [f"{prefix}{name}.gate_proj", f"{prefix}{name}.up_proj"]
@@ -196,8 +195,10 @@ def resolve_mappings(
             balance = tuple(n for n, m in named if isinstance(m, torch.nn.Linear) and is_matched(n, m, list(spec.balance)))
             if not balance:
                 raise ModelPressError(f"{owner}.mappings[{k}]: balance layers {list(spec.balance)} match no Linear beside {smooth[0]}")
-            moe = {n.rsplit(".experts.", 1)[0] for n in balance if ".experts." in n}
-            mapping = Mapping(smooth[0], balance, scaled_too=tuple(r for b in sorted(moe) for r in routers(model.get_submodule(b), f"{b}.")))
+            # a smooth layer outside a MoE block feeds the block's input, which its router reads too
+            blocks = {n.rsplit(".experts.", 1)[0] for n in balance if ".experts." in n}
+            feeding = sorted(b for b in blocks if not smooth[0].startswith(f"{b}."))
+            mapping = Mapping(smooth[0], balance, scaled_too=tuple(r for b in feeding for r in routers(model.get_submodule(b), f"{b}.")))
             check_shapes(model, mapping, f"{owner}.mappings[{k}]")
             mappings.append(mapping)
             found = True

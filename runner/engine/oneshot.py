@@ -150,8 +150,10 @@ def oneshot(
 
     writer = ShardedSafetensorsWriter(out, max_shard_bytes, lambda name: to_checkpoint_name(name, layout)) if out is not None else None
     route_all_tokens(model, True)
-    schemes, reports = run_pipeline(layers_prefix, layers, modifiers, plans, inputs, source, writer, device, progress)
-    route_all_tokens(model, False)
+    try:
+        schemes, reports = run_pipeline(layers_prefix, layers, modifiers, plans, inputs, source, writer, device, progress)
+    finally:
+        route_all_tokens(model, False)  # an in-memory model goes back to routed inference
 
     outside_done = {}
     for modifier, plan in zip(modifiers, plans):
