@@ -86,3 +86,30 @@ def test_hessian_of_wide_inputs_is_the_full_gram_matrix() -> None:
     stats.update(x[:250], True)
     stats.update(x[250:], True)
     assert torch.allclose(stats.hessian, 2 * x.T @ x / 600, atol=1e-4)
+
+
+def test_ranges_are_gathered_only_for_the_modifiers_that_read_them() -> None:
+    """GPTQ on weights alone reads only X^T X; static activation scales and smoothing read ranges."""
+    from modelpress.runner.engine.modifiers import GPTQModifier, SmoothQuantModifier, SparseGPTModifier
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 4)
+    with StatsCollector({"l": linear}, hessians=True, ranges=False) as collector:
+        linear(torch.randn(1, 5, 8))
+    stats = collector.stats["l"]
+    assert stats.tokens == 5 and stats.xtx is not None
+    assert stats.xmin is None and stats.channel_absmax is None
+
+    assert not SparseGPTModifier(sparsity=0.5).needs_ranges()
+    assert SmoothQuantModifier().needs_ranges()
+    w4a16, w8a8, fp8 = (GPTQModifier(scheme=s, targets=["Linear"]) for s in ("W4A16", "W8A8", "FP8"))
+    for modifier in (w4a16, w8a8, fp8):
+        modifier.plan(_one_linear_model())
+    assert not w4a16.needs_ranges() and not w8a8.needs_ranges()  # dynamic activations: no range kept
+    assert fp8.needs_ranges()  # a static input scale per tensor
+
+
+def _one_linear_model() -> torch.nn.Module:
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(128, 64))
+    return model

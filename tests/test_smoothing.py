@@ -135,7 +135,7 @@ def test_rescaled_statistics_are_those_of_the_scaled_inputs() -> None:
     expected = ActivationStats()
     for x in xs:
         expected.update(x / s, with_hessian=True)
-    rescale_inputs(stats, s, GroupInput(lambda: iter(xs), kept=True))
+    rescale_inputs(stats, s, GroupInput(lambda: iter(xs)))
     for got, want in [(stats.xtx, expected.xtx), (stats.channel_absmax, expected.channel_absmax), (stats.xmin, expected.xmin), (stats.xmax, expected.xmax)]:
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 

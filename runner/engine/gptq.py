@@ -47,8 +47,7 @@ def gptq(
     size = args.group_size if group else cols
 
     order = activation_order(hessian) if actorder else torch.arange(cols, device=w.device)
-    h = hessian.float()[order][:, order]
-    inverse = inverse_hessian(h, dampening_frac)
+    inverse = inverse_hessian(hessian.float()[order][:, order], dampening_frac)
     w[:, inverse.dead[torch.argsort(order)]] = 0
     if keep is not None:
         w *= keep
@@ -57,39 +56,44 @@ def gptq(
     if static:
         qp = observer(w, args, dtype)
         scale, zero = _per_column(qp, args, rows, cols)
-        scale, zero = scale[:, order], zero[:, order]
+        scale_t, zero_t = scale[:, order].T.contiguous(), zero[:, order].T.contiguous()
     else:
-        scale = torch.empty(rows, cols, dtype=torch.float32, device=w.device)
-        zero = torch.zeros(rows, cols, dtype=torch.float32, device=w.device)
+        scale_t = torch.empty(cols, rows, dtype=torch.float32, device=w.device)
+        zero_t = torch.zeros(cols, rows, dtype=torch.float32, device=w.device)
         group_scales, group_zeros = [], []
-    w = w[:, order]
-    keep = keep[:, order] if keep is not None else None
-    codes = torch.empty_like(w)
-    qmin, qmax = qrange(args)
-    is_float = args.type == QuantizationType.FLOAT
+    # W^T in sweep order: a column of W is a contiguous row (see sweep)
+    wt = w[:, order].T.contiguous()
+    keep_t = keep[:, order].T.contiguous() if keep is not None else None
+    to_codes = _coder(args)
 
-    def step(w1: torch.Tensor, _u1: torch.Tensor, i: int, col: int) -> torch.Tensor:
+    def step(block: torch.Tensor, i: int, col: int) -> torch.Tensor:
         if not static and col % size == 0:
-            gqp = observer(w1[:, i : i + size], args, dtype)
+            gqp = observer(block[i : i + size].T, args, dtype)
             group_scales.append(gqp.scale)
             group_zeros.append(gqp.zero_point)
-            scale[:, col : col + size] = gqp.scale.float()
+            scale_t[col : col + size] = gqp.scale.float().reshape(1, rows)
             if gqp.zero_point is not None:
-                zero[:, col : col + size] = gqp.zero_point.float()
-        x = w1[:, i] if keep is None else w1[:, i] * keep[:, col]
-        s, z = scale[:, col], zero[:, col]
-        x = (x / s + z).clamp(qmin, qmax)
-        code = x.to(torch.float8_e4m3fn).float() if is_float else x.round()
-        codes[:, col] = code
-        return (code - z) * s
+                zero_t[col : col + size] = gqp.zero_point.float().reshape(1, rows)
+        x = block[i] if keep_t is None else block[i] * keep_t[col]
+        s, z = scale_t[col], zero_t[col]
+        return to_codes(x, s, z).sub_(z).mul_(s)
 
-    row_loss = sweep(w, inverse.upper, aligned_block_size(block_size, size if group else 1), step)
-    codes = codes[:, torch.argsort(order)]
-    codes = codes.to(torch.float8_e4m3fn if is_float else torch.int8)
+    row_loss = sweep(wt, inverse.upper, aligned_block_size(block_size, size if group else 1), step)
+    # the swept weights are the dequantized codes up to rounding far below a code step
+    codes = to_codes(wt, scale_t, zero_t)[torch.argsort(order)].T.contiguous()
+    codes = codes.to(torch.float8_e4m3fn if args.type == QuantizationType.FLOAT else torch.int8)
     if not static:
         zp = torch.cat(group_zeros, dim=1) if group_zeros[0] is not None else None
         qp = QParams(torch.cat(group_scales, dim=1), zp)
     return GPTQResult(codes, qp, row_loss, inverse.dampening_frac)
+
+
+def _coder(args: QuantizationArgs) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """x, scale, zero -> the codes of x as floats: clamp(x / scale + zero) on the format's grid."""
+    qmin, qmax = qrange(args)
+    if args.type == QuantizationType.FLOAT:
+        return lambda x, s, z: torch.addcdiv(z, x, s).clamp_(qmin, qmax).to(torch.float8_e4m3fn).float()
+    return lambda x, s, z: torch.addcdiv(z, x, s).clamp_(qmin, qmax).round_()
 
 
 def _per_column(qp: QParams, args: QuantizationArgs, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:

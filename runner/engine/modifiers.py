@@ -98,6 +98,11 @@ class Modifier(BaseModel):
     def needs_data(self) -> bool:
         raise NotImplementedError
 
+    def needs_ranges(self) -> bool:
+        """Whether it reads the inputs' ranges (static activation scales, smoothing); gathering
+        them costs two passes over every input."""
+        return False
+
     def bind(self, recipe: list["Modifier"]) -> None:
         """Check this modifier's place in the planned recipe (every modifier planned first)."""
 
@@ -155,8 +160,11 @@ class QuantizationModifier(Modifier):
             check_divisibility(model, self._plan)
         return self._plan
 
-    def needs_data(self) -> bool:
+    def needs_ranges(self) -> bool:
         return any(needs_calibration(s) for s in self._groups.values())
+
+    def needs_data(self) -> bool:
+        return self.needs_ranges()  # static activation scales; weights alone need none
 
     def apply(
         self, modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], state: LayerState
@@ -408,6 +416,9 @@ class SmoothingModifier(Modifier):
         return self._plan
 
     def needs_data(self) -> bool:
+        return True
+
+    def needs_ranges(self) -> bool:
         return True
 
     def bind(self, recipe: list[Modifier]) -> None:

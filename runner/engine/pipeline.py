@@ -99,7 +99,8 @@ def compress_layer(
     targeted = {n: m for n, m in linears.items() if any(n in plan for plan in plans)}
     stats = {}
     if inputs is not None and any(m.needs_data() for m in modifiers):
-        with StatsCollector(targeted, hessians=any(m.needs_hessians for m in modifiers)) as collector:
+        hessians, ranges = any(m.needs_hessians for m in modifiers), any(m.needs_ranges() for m in modifiers)
+        with StatsCollector(targeted, hessians, ranges) as collector:
             run_layer(layer, inputs)
         stats = collector.stats
         if any(getattr(m, "offload_hessians", False) for m in modifiers):
@@ -142,14 +143,14 @@ def compress_layer_sequential(
         return None
     quantized: dict[str, QuantizedLinear] = {}
     state.quantized = quantized
-    hessians = any(m.needs_hessians for m in modifiers)
+    hessians, ranges = any(m.needs_hessians for m in modifiers), any(m.needs_ranges() for m in modifiers)
 
     def compress_group(names: list[str], rows: GroupInput) -> None:
         modules = {f"{prefix}{n}": layer.get_submodule(n) for n in names}
         modules = {n: m for n, m in modules.items() if any(n in plan for plan in plans)}
         if modules:
-            shared = group_stats(rows.chunks, hessians)
-            state.inputs = rows  # smoothing rescales them (and `shared`) to the smoothed model
+            shared = group_stats(rows.chunks, hessians, ranges)
+            state.inputs = rows  # smoothing rescales them (and `shared`) in place to the smoothed model
             quantized.update(_apply_all(modifiers, plans, modules, {n: shared for n in modules}, state))
             state.inputs = None
             del shared

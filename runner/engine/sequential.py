@@ -28,16 +28,21 @@ LayerInput = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's (args, 
 
 @dataclass
 class GroupInput:
-    """A Linear group's input over all calibration tokens, as [tokens, features] chunks."""
+    """A Linear group's input over all calibration tokens, as [tokens, features] chunks of kept
+    tensors: changes made in place (smoothing divides them) are what the next part reads."""
 
     chunks: Callable[[], Iterator[torch.Tensor]]  # re-iterable
-    kept: bool  # views of a kept buffer (changes in place persist), or recomputed from the layer each time
 
 
 GroupCompressor = Callable[[list[str], GroupInput], None]  # compress the named Linears given their input
 
-HESSIAN_CHUNK_TOKENS = 16384  # tokens per X^T X product: large enough for BLAS, small next to X
-TOKEN_CHUNK = 4096  # tokens per call of a token-wise part: bounds the MLP's temporaries
+# tokens per call of a token-wise part and per X^T X product: bounds the MLP's temporaries,
+# and the products are as fast per token as with 16384
+TOKEN_CHUNK = 4096
+# tokens per chunk of a norm output that is dropped piece by piece: from 512 features up, such a
+# chunk is above glibc's largest mmap threshold (32 MiB), so it is a mapping of its own whose
+# memory goes back to the system when dropped, not into a heap hole that still counts as resident
+DROPPED_CHUNK = 16384
 
 
 @dataclass
@@ -143,11 +148,11 @@ def reproduces_layer(layer: torch.nn.Module, parts: PreNormParts, sample: LayerI
     return complete and same_inputs and torch.allclose(y, expected, rtol=1e-4, atol=1e-5)
 
 
-def group_stats(rows: Callable[[], Iterator[torch.Tensor]], with_hessian: bool) -> ActivationStats:
+def group_stats(rows: Callable[[], Iterator[torch.Tensor]], with_hessian: bool, with_ranges: bool) -> ActivationStats:
     """Statistics of one group's input: X^T X as a few large products over all tokens."""
     stats = ActivationStats()
     for chunk in rows():
-        stats.update(chunk, with_hessian)
+        stats.update(chunk, with_hessian, with_ranges)
     return stats
 
 
@@ -179,11 +184,9 @@ def _chunks(rows: torch.Tensor, size: int = TOKEN_CHUNK) -> Iterator[torch.Tenso
     yield from rows.split(size)
 
 
-def _per_token(
-    fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, size: int = TOKEN_CHUNK
-) -> Iterator[torch.Tensor]:
-    """A token-wise part (norm, MLP) over all tokens, chunk by chunk, so its temporaries stay small."""
-    for chunk in _chunks(rows, size):
+def _per_token(fn: Callable[[torch.Tensor], torch.Tensor], chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """A token-wise part (norm, MLP) chunk by chunk, so that its temporaries stay small."""
+    for chunk in chunks:
         yield fn(chunk.unsqueeze(0))[0]
 
 
@@ -197,6 +200,13 @@ def _collect(chunks: Iterator[torch.Tensor], tokens: int) -> torch.Tensor:
     return out
 
 
+def _consume(chunks: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The chunks in TOKEN_CHUNK pieces, each chunk dropped from the list once all read."""
+    while chunks:
+        yield from _chunks(chunks[0])
+        del chunks[0]
+
+
 @torch.no_grad()
 def compress_sequential(
     parts: PreNormParts,
@@ -206,34 +216,39 @@ def compress_sequential(
 ) -> None:
     """Compress the layer group by group; `inputs` become the layer's outputs, in place.
 
-    Token-wise parts (norms, projections, MLP) run over all samples' tokens in large chunks; only
-    attention runs sample by sample. Norm outputs are recomputed where needed rather than kept:
-    a norm costs little next to the memory of another copy of the activations. Kept are the
-    hidden states and one inner activation (attention output, then the MLP's). The last layer's
-    outputs are not computed.
+    Token-wise parts (norms, projections, MLP) run over all samples' tokens in chunks; only
+    attention runs sample by sample. Each part runs once: a norm's output is kept until the
+    group that reads it is compressed and the next part has read it too. The MLP's norm output
+    is dropped chunk by chunk as the MLP's inner activation (the widest tensor) is built, so it
+    never adds to the peak. The last layer's outputs are not computed.
     """
     hidden = _token_rows(inputs)
     bounds = [0]
     for args, _ in inputs:
         bounds.append(bounds[-1] + args[0].shape[-2])
 
-    compress_group(parts.groups[0], GroupInput(lambda: _per_token(parts.attn_norm, hidden, HESSIAN_CHUNK_TOKENS), kept=False))
+    normed = _collect(_per_token(parts.attn_norm, _chunks(hidden)), hidden.shape[0])
+    compress_group(parts.groups[0], GroupInput(lambda: _chunks(normed)))
     inner = _collect(
         (
-            _attention_inner(parts, parts.attn_norm(hidden[bounds[i] : bounds[i + 1]].unsqueeze(0)), kwargs)[0]
+            _attention_inner(parts, normed[bounds[i] : bounds[i + 1]].unsqueeze(0), kwargs)[0]
             for i, (_, kwargs) in enumerate(inputs)
         ),
         hidden.shape[0],
     )
-    compress_group(parts.groups[1], GroupInput(lambda: _chunks(inner, HESSIAN_CHUNK_TOKENS), kept=True))
+    del normed
+    compress_group(parts.groups[1], GroupInput(lambda: _chunks(inner)))
     for rows, x in zip(_chunks(hidden), _chunks(inner)):
         rows += _post(parts.post_attn_norm, parts.o_proj(x))
     del inner
     trim_heap()  # what attention left on the heap, before the MLP's wider activations
 
-    compress_group(parts.groups[2], GroupInput(lambda: _per_token(parts.mlp_norm, hidden, HESSIAN_CHUNK_TOKENS), kept=False))
-    inner = _collect(_per_token(lambda x: _mlp_inner(parts, parts.mlp_norm(x)), hidden), hidden.shape[0])
-    compress_group(parts.groups[3], GroupInput(lambda: _chunks(inner, HESSIAN_CHUNK_TOKENS), kept=True))
+    normed_chunks = list(_per_token(parts.mlp_norm, _chunks(hidden, DROPPED_CHUNK)))
+    compress_group(parts.groups[2], GroupInput(lambda: iter(normed_chunks)))
+    # one buffer rather than a list of chunks: the chunks would interleave with the MLP's
+    # temporaries on the heap, which then grows by twice the activation (measured)
+    inner = _collect(_per_token(lambda x: _mlp_inner(parts, x), _consume(normed_chunks)), hidden.shape[0])
+    compress_group(parts.groups[3], GroupInput(lambda: _chunks(inner)))
     if not last:
         for rows, x in zip(_chunks(hidden), _chunks(inner)):
             rows += _post(parts.post_mlp_norm, parts.down_proj(x))

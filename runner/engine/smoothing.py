@@ -102,10 +102,9 @@ def fold_into_columns(module: torch.nn.Module, s: torch.Tensor) -> None:
 def rescale_inputs(stats: ActivationStats, s: torch.Tensor, xs: GroupInput | None) -> None:
     """Make collected inputs and their statistics those of the smoothed model: X -> X / s.
 
-    X^T X becomes S^-1 X^T X S^-1 and channel maxima divide by s. Kept inputs are divided in
-    place; recomputed ones already come from the smoothed layer. The range comes from the inputs
-    when they are at hand; otherwise it is bounded by the largest channel maximum, which is exact
-    for symmetric activation scales.
+    X^T X becomes S^-1 X^T X S^-1 and channel maxima divide by s; the inputs at hand are divided
+    in place. The range comes from those inputs; without them it is bounded by the largest
+    channel maximum, which is exact for symmetric activation scales.
     """
     if stats.channel_absmax is not None:
         stats.channel_absmax = stats.channel_absmax / s.to(stats.channel_absmax.device)
@@ -115,8 +114,7 @@ def rescale_inputs(stats: ActivationStats, s: torch.Tensor, xs: GroupInput | Non
     if xs is not None:
         lo, hi = None, None
         for x in xs.chunks():
-            if xs.kept:
-                x.div_(s.to(x.device, x.dtype))
+            x.div_(s.to(x.device, x.dtype))
             lo = x.min() if lo is None else torch.minimum(lo, x.min())
             hi = x.max() if hi is None else torch.maximum(hi, x.max())
         stats.xmin, stats.xmax = lo.float(), hi.float()

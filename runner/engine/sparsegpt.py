@@ -36,25 +36,26 @@ def sparsegpt(
     w = weight.float().clone()
     inverse = inverse_hessian(hessian, dampening_frac)
     w[:, inverse.dead] = 0
-    keep = torch.ones_like(w, dtype=torch.bool)
-    zeros_before = weight == 0 if keep_zeros else None
-    cost_scale = torch.diag(inverse.upper).square()
+    # transposed, as the sweep works: column j of W is row j of W^T
+    keep_t = torch.ones(w.shape[1], w.shape[0], dtype=torch.bool, device=w.device)
+    zeros_t = (weight == 0).T if keep_zeros else None
+    cost_scale = torch.diag(inverse.upper).square()[:, None]
 
-    def step(w1: torch.Tensor, u1: torch.Tensor, i: int, col: int) -> torch.Tensor:
+    def step(block: torch.Tensor, i: int, col: int) -> torch.Tensor:
         if n == 0 and i == 0:
-            cost = w1.square() / cost_scale[col : col + w1.shape[1]]
+            cost = block.square() / cost_scale[col : col + block.shape[0]]
             prune = int(round(cost.numel() * sparsity))
             if prune:
-                block = torch.ones_like(cost, dtype=torch.bool)
-                block.view(-1)[cost.flatten().topk(prune, largest=False).indices] = False
-                keep[:, col : col + w1.shape[1]] = block
+                chosen = torch.ones_like(cost, dtype=torch.bool)
+                chosen.view(-1)[cost.flatten().topk(prune, largest=False).indices] = False
+                keep_t[col : col + block.shape[0]] = chosen
         elif n and col % m == 0:
-            cost = w1[:, i : i + m].square() / cost_scale[col : col + m]
-            chosen = cost.topk(n, dim=1, largest=False).indices
-            keep[:, col : col + m].scatter_(1, chosen, False)
-        if zeros_before is not None:
-            keep[:, col] &= ~zeros_before[:, col]
-        return w1[:, i] * keep[:, col]
+            cost = block[i : i + m].square() / cost_scale[col : col + m]
+            keep_t[col : col + m].scatter_(0, cost.topk(n, dim=0, largest=False).indices, False)
+        if zeros_t is not None:
+            keep_t[col] &= ~zeros_t[col]
+        return block[i] * keep_t[col]
 
-    row_loss = sweep(w, inverse.upper, aligned_block_size(block_size, m or 1), step)
-    return SparseGPTResult(w.to(weight.dtype), keep, row_loss, inverse.dampening_frac)
+    wt = w.T.contiguous()
+    row_loss = sweep(wt, inverse.upper, aligned_block_size(block_size, m or 1), step)
+    return SparseGPTResult(wt.T.to(weight.dtype).contiguous(), keep_t.T.contiguous(), row_loss, inverse.dampening_frac)
