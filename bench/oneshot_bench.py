@@ -71,9 +71,12 @@ def perplexities(model_dir: Path, output: Path, text: Path) -> dict[str, float]:
     result = {"float": perplexity(float_model, tokenizer, held_out)}
     del float_model
     # a checkpoint that quantizes activations goes through the compressed loader, which quantizes
-    # them as vLLM does; dequantizing would measure its weights only
-    groups = json.loads((output / "config.json").read_text())["quantization_config"]["config_groups"]
-    if any(g.get("input_activations") for g in groups.values()):
+    # them as vLLM does; dequantizing would measure its weights only. A pruned-only checkpoint is
+    # a plain dense one.
+    config = json.loads((output / "config.json").read_text()).get("quantization_config")
+    if config is None:
+        compressed = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+    elif any(g.get("input_activations") for g in config["config_groups"].values()):
         compressed = AutoModelForCausalLM.from_pretrained(output)
     else:
         compressed = AutoModelForCausalLM.from_pretrained(output, quantization_config=CompressedTensorsConfig(dequantize=True))
