@@ -110,3 +110,19 @@ def test_quantization_after_pruning_is_one_owner_each(llama_dir: Path) -> None:
     recipe = [QuantizationModifier(scheme="W8A16", ignore=["lm_head"]), GPTQModifier(scheme="W4A16", ignore=["lm_head"])]
     with pytest.raises(ValueError, match="quantized by both QuantizationModifier and GPTQModifier"):
         oneshot(model=model, recipe=recipe, dataset=CORPUS, max_seq_length=32)
+
+
+def test_samples_of_one_length_share_their_position_tensors(llama_dir: Path) -> None:
+    """Captured layer-0 arguments keep one copy of equal position tensors; the layer's output is unchanged."""
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    _, layers = find_decoder_layers(model)
+    ids = [torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[11, 12, 13, 14, 15, 16]]), torch.tensor([[5, 6, 7]])]
+    inputs = capture_first_layer_inputs(model, layers[0], ids, torch.device("cpu"))
+    (_, first), (_, second), (_, short) = inputs
+    assert first["position_embeddings"][0] is second["position_embeddings"][0]
+    assert first["position_ids"] is second["position_ids"]
+    assert short["position_embeddings"][0] is not first["position_embeddings"][0]
+    assert short["position_embeddings"][0].shape[-2] == 3
+    with torch.no_grad():
+        alone = model.model(input_ids=ids[1], output_hidden_states=True).hidden_states[1]
+    assert torch.allclose(run_layer(layers[0], inputs)[1][0][0], alone, atol=1e-6)

@@ -50,12 +50,17 @@ class _Captured(Exception):
 def capture_first_layer_inputs(
     model: torch.nn.Module, first_layer: torch.nn.Module, samples: list[torch.Tensor], device: torch.device
 ) -> list[LayerInput]:
-    """Run embeddings (and whatever precedes layer 0) per sample; keep layer 0's call arguments."""
+    """Run embeddings (and whatever precedes layer 0) per sample; keep layer 0's call arguments.
+
+    Samples of one length get equal position tensors (rotary cos/sin, position ids); one copy of
+    each is kept (128 x 512 tokens on SmolLM2: 32 MiB less).
+    """
     captured: list[LayerInput] = []
+    pool: dict[tuple, list[torch.Tensor]] = {}
 
     def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        captured.append((args, kwargs))
+        captured.append((args, _share_equal(kwargs, pool)))
         raise _Captured
 
     handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
@@ -68,6 +73,21 @@ def capture_first_layer_inputs(
     finally:
         handle.remove()
     return captured
+
+
+def _share_equal(value: Any, pool: dict[tuple, list[torch.Tensor]]) -> Any:
+    """`value` with each tensor replaced by an equal one from `pool`, where there is one (else added)."""
+    if isinstance(value, torch.Tensor):
+        same_kind = pool.setdefault((value.shape, value.dtype, value.device), [])
+        kept = next((t for t in same_kind if torch.equal(t, value)), None)
+        if kept is None:
+            same_kind.append(value)
+        return value if kept is None else kept
+    if type(value) in (tuple, list):
+        return type(value)(_share_equal(v, pool) for v in value)
+    if isinstance(value, dict):
+        return {k: _share_equal(v, pool) for k, v in value.items()}
+    return value
 
 
 @torch.no_grad()
