@@ -207,6 +207,13 @@ def _consume(chunks: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         del chunks[0]
 
 
+def _add_residual(hidden: torch.Tensor, inner: torch.Tensor, out: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """hidden += out(inner), chunk by chunk. A function of its own so that no loop variable
+    outlives it: a last chunk left in the caller's frame would keep all of `inner` alive."""
+    for rows, x in zip(_chunks(hidden), _chunks(inner)):
+        rows += out(x)
+
+
 @torch.no_grad()
 def compress_sequential(
     parts: PreNormParts,
@@ -238,8 +245,7 @@ def compress_sequential(
     )
     del normed
     compress_group(parts.groups[1], GroupInput(lambda: _chunks(inner)))
-    for rows, x in zip(_chunks(hidden), _chunks(inner)):
-        rows += _post(parts.post_attn_norm, parts.o_proj(x))
+    _add_residual(hidden, inner, lambda x: _post(parts.post_attn_norm, parts.o_proj(x)))
     del inner
     trim_heap()  # what attention left on the heap, before the MLP's wider activations
 
@@ -250,5 +256,4 @@ def compress_sequential(
     inner = _collect(_per_token(lambda x: _mlp_inner(parts, x), _consume(normed_chunks)), hidden.shape[0])
     compress_group(parts.groups[3], GroupInput(lambda: _chunks(inner)))
     if not last:
-        for rows, x in zip(_chunks(hidden), _chunks(inner)):
-            rows += _post(parts.post_mlp_norm, parts.down_proj(x))
+        _add_residual(hidden, inner, lambda x: _post(parts.post_mlp_norm, parts.down_proj(x)))
