@@ -101,6 +101,11 @@ def run_layer(layer: torch.nn.Module, inputs: list[LayerInput]) -> list[LayerInp
     return outputs
 
 
+def _statistics_wanted(modifiers: list[Modifier]) -> tuple[bool, bool]:
+    """Whether any modifier reads X^T X, and whether any reads input ranges."""
+    return any(m.needs_hessians for m in modifiers), any(m.needs_ranges() for m in modifiers)
+
+
 @torch.no_grad()
 def compress_layer(
     layer: torch.nn.Module,
@@ -119,7 +124,7 @@ def compress_layer(
     targeted = {n: m for n, m in linears.items() if any(n in plan for plan in plans)}
     stats = {}
     if inputs is not None and any(m.needs_data() for m in modifiers):
-        hessians, ranges = any(m.needs_hessians for m in modifiers), any(m.needs_ranges() for m in modifiers)
+        hessians, ranges = _statistics_wanted(modifiers)
         with StatsCollector(targeted, hessians, ranges) as collector:
             run_layer(layer, inputs)
         stats = collector.stats
@@ -163,7 +168,7 @@ def compress_layer_sequential(
         return None
     quantized: dict[str, QuantizedLinear] = {}
     state.quantized = quantized
-    hessians, ranges = any(m.needs_hessians for m in modifiers), any(m.needs_ranges() for m in modifiers)
+    hessians, ranges = _statistics_wanted(modifiers)
 
     def compress_group(names: list[str], rows: GroupInput) -> None:
         modules = {f"{prefix}{n}": layer.get_submodule(n) for n in names}
