@@ -6,9 +6,9 @@ FROM registry.access.redhat.com/ubi9/python-311:latest AS base
 USER 1001
 WORKDIR /opt/app-root/src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
-COPY --chown=1001:0 pyproject.toml README.md __init__.py ./modelpress/
-COPY --chown=1001:0 runner/ ./modelpress/runner/
-COPY --chown=1001:0 operator/ ./modelpress/operator/
+COPY --chown=1001:0 pyproject.toml README.md ./modelpress/
+COPY --chown=1001:0 runner/src/ ./modelpress/runner/src/
+COPY --chown=1001:0 operator/src/ ./modelpress/operator/src/
 
 # The operator: kopf, the Kubernetes client and the spec model; the project itself without its
 # dependencies, so no torch.

@@ -2,9 +2,6 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The checkout's `operator/` folder would shadow the standard library's `operator` for any
-# `python -m` run from here (the current directory goes first on sys.path); 3.11+ leaves it off.
-export PYTHONSAFEPATH := 1
 
 .PHONY: demo test bench crd
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from modelpress.runner.cli import recipe_argument
-from modelpress.runner.engine.oneshot import oneshot
+from modelpress.engine.oneshot import oneshot
 from modelpress.runner.smollm2 import smollm2_dir
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -48,8 +48,8 @@ def float_forward_seconds(model_dir: Path, samples: list[torch.Tensor]) -> float
     """One forward of the calibration set through the float decoder layers, sample by sample."""
     from transformers import AutoModelForCausalLM
 
-    from modelpress.runner.engine.pipeline import capture_first_layer_inputs, run_layer
-    from modelpress.runner.engine.weights import find_decoder_layers
+    from modelpress.engine.pipeline import capture_first_layer_inputs, run_layer
+    from modelpress.engine.weights import find_decoder_layers
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     _, layers = find_decoder_layers(model)
@@ -139,7 +139,7 @@ def main() -> None:
     if args.forward:
         from transformers import AutoTokenizer
 
-        from modelpress.runner.engine.calibration import calibration_samples
+        from modelpress.engine.calibration import calibration_samples
 
         tokenizer = AutoTokenizer.from_pretrained(model)
         samples = calibration_samples(dataset, tokenizer, args.num_samples, args.max_seq_length)

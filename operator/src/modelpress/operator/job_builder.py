@@ -1,0 +1,298 @@
+"""The runner Job for a CompressionJob, built by pure functions from the resource and the settings.
+
+The pod follows the runner's contract (see `modelpress.contract`): the job document as JSON in
+`MODELPRESS_SPEC`, each S3 connection's keys as `secretKeyRef` env prefixed by the connection's
+role, the hub token as `HF_TOKEN`, scratch space and caches on one volume, the result in the
+termination message. Secret values never appear in the manifest, only references to them.
+"""
+
+import hashlib
+import json
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from modelpress.operator.config import OperatorConfig
+from modelpress.contract import API_VERSION, KIND, CompressionJob
+
+CONTAINER = "runner"
+LABEL_JOB = "modelpress.dev/compressionjob-name"
+KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+MAX_NAME = 63  # a Job's name becomes a pod label value
+SCRATCH = "/scratch"
+RECIPE_DIR = "/etc/modelpress/recipe"
+PVC_ROOT = "/mnt/pvc"
+TERMINATION_LOG = "/dev/termination-log"
+EXIT_INVALID_INPUT = 2
+EXIT_GATE_FAILED = 3
+
+# OpenShift AI S3 connection keys: (key, required). The bucket comes from the s3:// URI.
+CONNECTION_KEYS = (
+    ("AWS_ACCESS_KEY_ID", True),
+    ("AWS_SECRET_ACCESS_KEY", True),
+    ("AWS_S3_ENDPOINT", True),
+    ("AWS_S3_BUCKET", False),
+    ("AWS_DEFAULT_REGION", False),
+    ("AWS_S3_USE_PATH_STYLE", False),
+    ("AWS_S3_VERIFY_SSL", False),
+)
+REQUIRED_CONNECTION_KEYS = tuple(key for key, required in CONNECTION_KEYS if required)
+
+# Where each cache lives on the scratch volume: the image filesystem is not writable under restricted-v2.
+CACHE_ENV = {
+    "HOME": f"{SCRATCH}/home",
+    "HF_HOME": f"{SCRATCH}/huggingface",
+    "XDG_CACHE_HOME": f"{SCRATCH}/cache",
+    "TRITON_CACHE_DIR": f"{SCRATCH}/cache/triton",
+    "TORCHINDUCTOR_CACHE_DIR": f"{SCRATCH}/cache/torchinductor",
+    "NUMBA_CACHE_DIR": f"{SCRATCH}/cache/numba",
+    "MPLCONFIGDIR": f"{SCRATCH}/cache/matplotlib",
+}
+
+# The injected bundle (system roots plus cluster CAs) and where OpenShift AI's convention mounts each key.
+CA_MOUNTS = {
+    "ca-bundle.crt": "/etc/pki/tls/certs/odh-trusted-ca-bundle.crt",
+    "odh-ca-bundle.crt": "/etc/ssl/certs/odh-ca-bundle.crt",
+}
+
+
+def job_name(cr_name: str) -> str:
+    """`<name>-runner`, shortened with a hash when it would pass 63 characters."""
+    name = f"{cr_name}-runner"
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(cr_name.encode()).hexdigest()[:8]
+    keep = MAX_NAME - len(digest) - len("--runner")
+    return f"{cr_name[:keep].rstrip('-.')}-{digest}-runner"
+
+
+def connection_roles(job: CompressionJob) -> dict[str, str]:
+    """Env prefix -> connection Secret name, for every S3 connection the job uses."""
+    spec = job.spec
+    roles = {"MODEL_": spec.model.connection, "DATA_": spec.calibration.connection, "OUTPUT_": spec.output.connection}
+    return {prefix: secret for prefix, secret in roles.items() if secret is not None}
+
+
+def secret_refs(job: CompressionJob) -> dict[str, list[str]]:
+    """Secret name -> keys the pod reads from it (what the operator checks before creating the Job)."""
+    refs: dict[str, list[str]] = {}
+    for secret in connection_roles(job).values():
+        refs.setdefault(secret, []).extend(k for k in REQUIRED_CONNECTION_KEYS if k not in refs.get(secret, []))
+    if job.spec.model.token_secret is not None:
+        ref = job.spec.model.token_secret
+        refs.setdefault(ref.name, []).append(ref.key)
+    return refs
+
+
+def configmap_refs(job: CompressionJob) -> dict[str, list[str]]:
+    """ConfigMap name -> keys the pod reads from it."""
+    ref = job.spec.recipe.config_map
+    return {} if ref is None else {ref.name: [ref.key]}
+
+
+def recipe_summary(job: CompressionJob) -> str:
+    """The recipe in a few words, e.g. `W4A16 GPTQ g64`."""
+    recipe = job.spec.recipe
+    if recipe.preset is not None:
+        group = f" g{recipe.group_size}" if recipe.group_size else ""
+        return f"{recipe.preset} {recipe.algorithm}{group}"
+    if recipe.config_map is not None:
+        return f"configMap {recipe.config_map.name}/{recipe.config_map.key}"
+    return "modifiers"
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def labels(body: Mapping[str, Any]) -> dict[str, str]:
+    """Labels of every object made for a CompressionJob (never Argo CD's tracking label)."""
+    return {
+        "app.kubernetes.io/name": "modelpress-runner",
+        "app.kubernetes.io/managed-by": "modelpress-operator",
+        "app.kubernetes.io/part-of": "modelpress",
+        LABEL_JOB: body["metadata"]["name"],
+    }
+
+
+def runner_document(body: Mapping[str, Any]) -> str:
+    """The job as the runner reads it: the spec exactly as stored, and the identifying metadata."""
+    meta = body["metadata"]
+    document = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {key: meta[key] for key in ("name", "namespace", "uid") if meta.get(key)},
+        "spec": body["spec"],
+    }
+    return json.dumps(document, separators=(",", ":"), sort_keys=True)
+
+
+def _secret_env(name: str, secret: str, key: str, optional: bool) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+
+def _pvc_claims(job: CompressionJob) -> dict[str, bool]:
+    """PVC claim -> whether the pod only reads it (pvc:// model is read, pvc:// output is written)."""
+    claims: dict[str, bool] = {}
+    for uri, read_only in ((job.spec.model.uri, True), (job.spec.output.uri, False)):
+        if uri.startswith("pvc://"):
+            claim = uri[len("pvc://"):].split("/", 1)[0]
+            claims[claim] = claims.get(claim, True) and read_only
+    return claims
+
+
+def build_env(body: Mapping[str, Any], job: CompressionJob, config: OperatorConfig,
+              ca_bundle_keys: Collection[str] = ()) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "MODELPRESS_SPEC", "value": runner_document(body)},
+        {"name": "MODELPRESS_SCRATCH", "value": SCRATCH},
+        {"name": "MODELPRESS_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "MODELPRESS_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    env += [{"name": key, "value": value} for key, value in CACHE_ENV.items()]
+    for prefix, secret in connection_roles(job).items():
+        env += [_secret_env(prefix + key, secret, key, not required) for key, required in CONNECTION_KEYS]
+    if job.spec.model.token_secret is not None:
+        ref = job.spec.model.token_secret
+        env.append(_secret_env("HF_TOKEN", ref.name, ref.key, optional=False))
+    if job.spec.recipe.config_map is not None:
+        env.append({"name": "MODELPRESS_RECIPE_FILE", "value": f"{RECIPE_DIR}/recipe.yaml"})
+    if "ca-bundle.crt" in ca_bundle_keys:
+        bundle = CA_MOUNTS["ca-bundle.crt"]
+        env += [{"name": name, "value": bundle} for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE")]
+    env += [{"name": key, "value": value} for key, value in sorted(config.proxy_env.items())]
+    return env
+
+
+def build_volumes(job: CompressionJob, config: OperatorConfig,
+                  ca_bundle_keys: Collection[str] = ()) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the runner container's mounts."""
+    resources = job.spec.runtime.resources
+    volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm}}]
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": SCRATCH}]
+    if config.scratch_volume == "emptyDir":
+        volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": resources.scratch}})
+    else:
+        claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": resources.scratch}}}
+        if config.scratch_storage_class:
+            claim["storageClassName"] = config.scratch_storage_class
+        volumes.append({"name": "scratch", "ephemeral": {"volumeClaimTemplate": {
+            "metadata": {"labels": {"app.kubernetes.io/part-of": "modelpress"}}, "spec": claim}}})
+    if job.spec.recipe.config_map is not None:
+        ref = job.spec.recipe.config_map
+        volumes.append({"name": "recipe", "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": "recipe.yaml"}]}})
+        mounts.append({"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True})
+    for index, (claim_name, read_only) in enumerate(sorted(_pvc_claims(job).items())):
+        volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim_name, "readOnly": read_only}})
+        mounts.append({"name": f"pvc-{index}", "mountPath": f"{PVC_ROOT}/{claim_name}", "readOnly": read_only})
+    keys = [key for key in CA_MOUNTS if key in ca_bundle_keys]
+    if keys:
+        volumes.append({"name": "trusted-ca", "configMap": {
+            "name": config.ca_bundle_configmap, "optional": True, "items": [{"key": key, "path": key} for key in keys]}})
+        mounts += [{"name": "trusted-ca", "mountPath": CA_MOUNTS[key], "subPath": key, "readOnly": True} for key in keys]
+    return volumes, mounts
+
+
+def build_resources(job: CompressionJob, config: OperatorConfig) -> dict[str, Any]:
+    """Requests and limits; GPUs as the extended resource (requests equal limits), memory capped."""
+    res = job.spec.runtime.resources
+    requests: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, Any] = {"memory": res.memory}
+    if config.scratch_volume == "emptyDir":
+        requests["ephemeral-storage"] = limits["ephemeral-storage"] = res.scratch
+    if res.gpus:
+        requests[res.gpu_resource] = limits[res.gpu_resource] = str(res.gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def build_tolerations(job: CompressionJob) -> list[dict[str, Any]]:
+    """The spec's tolerations, plus the usual GPU taint's when GPUs are asked and none names it."""
+    runtime = job.spec.runtime
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in runtime.tolerations]
+    gpu = runtime.resources.gpu_resource
+    if runtime.resources.gpus and not any(t.key == gpu for t in runtime.tolerations):
+        tolerations.append({"key": gpu, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Invalid input and a failed quality gate fail the Job at once; evictions do not count as retries."""
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                              "values": [EXIT_INVALID_INPUT, EXIT_GATE_FAILED]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+def build_job(body: Mapping[str, Any], job: CompressionJob, config: OperatorConfig,
+              ca_bundle_keys: Collection[str] = ()) -> dict[str, Any]:
+    """The batch/v1 Job running the runner for one CompressionJob `body` (already validated as `job`)."""
+    runtime = job.spec.runtime
+    meta = body["metadata"]
+    cr_labels = meta.get("labels") or {}
+    pod_labels = labels(body)
+    volumes, mounts = build_volumes(job, config, ca_bundle_keys)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": runtime.image or config.runner_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": list(config.runner_command),
+        "env": build_env(body, job, config, ca_bundle_keys),
+        "resources": build_resources(job, config),
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+        },
+    }
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    tolerations = build_tolerations(job)
+    if tolerations:
+        pod["tolerations"] = tolerations
+    for key, value in (("nodeSelector", runtime.node_selector), ("affinity", runtime.affinity),
+                       ("priorityClassName", runtime.priority_class_name),
+                       ("serviceAccountName", runtime.service_account_name)):
+        if value:
+            pod[key] = value
+    spec: dict[str, Any] = {
+        "backoffLimit": runtime.backoff_limit,
+        "completions": 1,
+        "parallelism": 1,
+        "suspend": runtime.suspend,
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+    }
+    if runtime.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
+    if runtime.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = runtime.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {**pod_labels, **{k: cr_labels[k] for k in KUEUE_LABELS if k in cr_labels}},
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": spec,
+    }
+
+
+def is_kueue_managed(body: Mapping[str, Any]) -> bool:
+    """Kueue owns `suspend` on Jobs carrying its queue label; the operator must never flip it."""
+    return KUEUE_LABELS[0] in (body["metadata"].get("labels") or {})

@@ -1,0 +1,106 @@
+"""Checks the CRD schema cannot make: URIs that parse, connections that fit them, references that resolve.
+
+Pure functions: the handler looks the referenced objects up (keys only) and passes them in.
+Every problem is one line naming the field and the fix.
+"""
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from modelpress.operator.job_builder import configmap_refs, secret_refs
+from modelpress.contract import API_VERSION, KIND, SELF_GENERATED, CompressionJob, InvalidSpec, parse_job
+
+BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+class SpecRejected(ValueError):
+    """The CompressionJob can never run as written; the message names the field."""
+
+
+def parse(body: Mapping[str, Any]) -> CompressionJob:
+    """The CompressionJob as the runner will read it; SpecRejected listing every problem otherwise."""
+    document = {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(body["metadata"]), "spec": body.get("spec")}
+    try:
+        job = parse_job(document)
+    except InvalidSpec as err:
+        raise SpecRejected("; ".join(err.problems)) from None
+    problems = uri_problems(job)
+    if problems:
+        raise SpecRejected("; ".join(problems))
+    return job
+
+
+def _uri_problem(field: str, uri: str, connection: str | None, connection_field: str) -> list[str]:
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        found = []
+        if not BUCKET.match(bucket):
+            found.append(f"{field}: {bucket!r} is not an S3 bucket name; use s3://bucket/prefix")
+        if connection is None:
+            found.append(f"{connection_field}: {uri} needs an S3 connection Secret; name one")
+        return found
+    if uri.startswith("hf://"):
+        repo = uri[len("hf://"):]
+        return [] if HUB_ID.match(repo) else [f"{field}: {repo!r} is not a hub id; use hf://org/name"]
+    if uri.startswith("pvc://"):
+        claim, _, path = uri[len("pvc://"):].partition("/")
+        return [] if CLAIM.match(claim) else [f"{field}: {claim!r} is not a PVC name; use pvc://claim/path"]
+    return []
+
+
+def uri_problems(job: CompressionJob) -> list[str]:
+    """URIs that do not parse, S3 URIs without a connection, and outputs that would die with the pod."""
+    spec = job.spec
+    found = _uri_problem("spec.model.uri", spec.model.uri, spec.model.connection, "spec.model.connection")
+    found += _uri_problem("spec.output.uri", spec.output.uri, spec.output.connection, "spec.output.connection")
+    if "://" not in spec.output.uri:
+        found.append(f"spec.output.uri: a local path is lost with the pod; use s3://bucket/prefix or pvc://claim/path")
+    elif spec.output.uri.startswith("s3://") and not spec.output.uri[len("s3://"):].partition("/")[2].strip("/"):
+        found.append("spec.output.uri: give a prefix inside the bucket, as in s3://bucket/model-name")
+    data = [("spec.calibration.dataset", spec.calibration.dataset)]
+    if spec.evaluation.perplexity is not None:
+        data.append(("spec.evaluation.perplexity.dataset", spec.evaluation.perplexity.dataset))
+    for field, uri in data:
+        if uri and uri != SELF_GENERATED:
+            found += _uri_problem(field, uri, spec.calibration.connection, "spec.calibration.connection")
+    return found
+
+
+def _field_of(job: CompressionJob, secret: str) -> str:
+    spec = job.spec
+    for field, name in (("spec.model.connection", spec.model.connection),
+                        ("spec.calibration.connection", spec.calibration.connection),
+                        ("spec.output.connection", spec.output.connection)):
+        if name == secret:
+            return field
+    return "spec.model.tokenSecret"
+
+
+def missing_objects(job: CompressionJob, secrets: Mapping[str, set[str] | None],
+                    configmaps: Mapping[str, set[str] | None]) -> list[str]:
+    """Referenced Secrets/ConfigMaps that do not exist yet (worth waiting for)."""
+    found = [f"{_field_of(job, name)}: Secret {name!r} not found in the namespace; create it"
+             for name in secret_refs(job) if secrets.get(name) is None]
+    found += [f"spec.recipe.configMap: ConfigMap {name!r} not found in the namespace; create it"
+              for name in configmap_refs(job) if configmaps.get(name) is None]
+    return found
+
+
+def missing_keys(job: CompressionJob, secrets: Mapping[str, set[str] | None],
+                 configmaps: Mapping[str, set[str] | None]) -> list[str]:
+    """Keys absent from objects that do exist (the reference itself is wrong)."""
+    found = []
+    for name, keys in secret_refs(job).items():
+        present = secrets.get(name)
+        for key in keys if present is not None else []:
+            if key not in present:
+                found.append(f"{_field_of(job, name)}: Secret {name!r} has no key {key!r}; add it to the Secret")
+    for name, keys in configmap_refs(job).items():
+        present = configmaps.get(name)
+        for key in keys if present is not None else []:
+            if key not in present:
+                found.append(f"spec.recipe.configMap.key: ConfigMap {name!r} has no key {key!r}; fix the key or the ConfigMap")
+    return found

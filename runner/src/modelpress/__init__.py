@@ -1,0 +1,30 @@
+"""ModelPress: compress Hugging Face LLMs into checkpoints that vLLM serves as they are.
+
+The engine's public API is re-exported here lazily, so that importing a light part of the
+package (the operator, the spec) never imports torch.
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_ENGINE_EXPORTS = {
+    "oneshot": "modelpress.engine.oneshot",
+    "OneshotResult": "modelpress.engine.oneshot",
+    "QuantizationModifier": "modelpress.engine.modifiers",
+    "GPTQModifier": "modelpress.engine.modifiers",
+    "SparseGPTModifier": "modelpress.engine.modifiers",
+    "SmoothQuantModifier": "modelpress.engine.modifiers",
+    "AWQModifier": "modelpress.engine.modifiers",
+    "load_recipe": "modelpress.engine.recipe",
+    "ModelPressError": "modelpress.engine.errors",
+}
+
+__all__ = ["__version__", *_ENGINE_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ENGINE_EXPORTS:
+        return getattr(import_module(_ENGINE_EXPORTS[name]), name)
+    raise AttributeError(f"module 'modelpress' has no attribute {name!r}")

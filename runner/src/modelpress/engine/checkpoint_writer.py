@@ -1,0 +1,206 @@
+"""The checkpoint writer: a Hugging Face model directory in compressed-tensors format, streamed.
+
+Tensors are appended to a shard's data file as soon as a layer is done; the safetensors header is
+written when the shard closes, so memory holds one layer, never the model.
+"""
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import compressed_tensors
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+from modelpress.engine.quantize import QuantizedLinear
+from modelpress.engine.schemes import compression_format
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+AUX_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+]
+
+
+@dataclass
+class _Shard:
+    data_path: Path
+    handle: BinaryIO
+    header: dict[str, Any] = field(default_factory=dict)
+    size: int = 0
+
+
+class ShardedSafetensorsWriter:
+    """Write tensors one by one into shards of at most `max_shard_bytes`, then an index.
+
+    `rename` turns a module's tensor name into the checkpoint's (see experts.py).
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 5 * 2**30, rename: Callable[[str], str] = str) -> None:
+        self.out_dir = out_dir
+        self.max_shard_bytes = max_shard_bytes
+        self.rename = rename
+        self.shards: list[_Shard] = []
+        self.names: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        name = self.rename(name)
+        if name in self.names:
+            raise ValueError(f"tensor {name} written twice")
+        t = tensor.detach().to("cpu").contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy()
+        shard = self.shards[-1] if self.shards else None
+        if shard is None or (shard.size and shard.size + data.nbytes > self.max_shard_bytes):
+            shard = self._new_shard()
+        shard.header[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [shard.size, shard.size + data.nbytes],
+        }
+        shard.handle.write(memoryview(data))
+        shard.size += data.nbytes
+        self.names.add(name)
+
+    def close(self) -> list[Path]:
+        """Assemble each shard (header, then its data) and write the index; return the files."""
+        count = len(self.shards)
+        files, weight_map = [], {}
+        for i, shard in enumerate(self.shards, 1):
+            shard.handle.close()
+            path = self.out_dir / f"model-{i:05d}-of-{count:05d}.safetensors"
+            header = json.dumps({"__metadata__": {"format": "pt"}, **shard.header}, separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)
+            with path.open("wb") as out, shard.data_path.open("rb") as data:
+                out.write(len(header).to_bytes(8, "little"))
+                out.write(header)
+                shutil.copyfileobj(data, out, 16 * 2**20)
+            shard.data_path.unlink()
+            weight_map.update({name: path.name for name in shard.header})
+            files.append(path)
+        index = {"metadata": {"total_size": sum(s.size for s in self.shards)}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return files
+
+    def _new_shard(self) -> _Shard:
+        path = self.out_dir / f".shard-{len(self.shards) + 1:05d}.data"
+        shard = _Shard(path, path.open("wb"))
+        self.shards.append(shard)
+        return shard
+
+
+def compressed_tensors_of(name: str, ql: QuantizedLinear) -> dict[str, torch.Tensor]:
+    """The tensors compressed-tensors' readers expect for one quantized Linear's weight."""
+    args = ql.scheme.weights
+    fmt = compression_format(ql.scheme)
+    zp = ql.qparams.zero_point
+    out: dict[str, torch.Tensor] = {}
+    if fmt == CompressionFormat.pack_quantized:
+        out[f"{name}.weight_packed"] = pack_to_int32(ql.q.cpu(), args.num_bits)
+        out[f"{name}.weight_shape"] = torch.tensor(list(ql.q.shape), dtype=torch.int64)
+        if zp is not None:
+            out[f"{name}.weight_zero_point"] = pack_to_int32(zp.cpu(), args.num_bits, packed_dim=0)
+    else:
+        out[f"{name}.weight"] = ql.q
+        if zp is not None:
+            out[f"{name}.weight_zero_point"] = zp
+    out[f"{name}.weight_scale"] = ql.qparams.scale
+    if ql.input_qparams is not None:
+        out[f"{name}.input_scale"] = ql.input_qparams.scale
+        if ql.input_qparams.zero_point is not None:
+            out[f"{name}.input_zero_point"] = ql.input_qparams.zero_point
+    return out
+
+
+def write_module(
+    writer: ShardedSafetensorsWriter,
+    prefix: str,
+    module: torch.nn.Module,
+    quantized: dict[str, QuantizedLinear],
+    skip_prefix: str | None = None,
+) -> None:
+    """Write a module's state: quantized Linears in compressed form, everything else as it is.
+
+    Tied tensors (an input embedding shared with the head) are stored once, as transformers does.
+    """
+    written: set[tuple[int, tuple[int, ...]]] = set()
+    for name, tensor in module.state_dict().items():
+        full = f"{prefix}{name}"
+        owner = full.rsplit(".", 1)[0]
+        if (skip_prefix and full.startswith(skip_prefix)) or (owner in quantized and full.endswith(".weight")):
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in written:
+            continue
+        written.add(key)
+        writer.add(full, tensor)
+    for name, ql in quantized.items():
+        if name.startswith(prefix):
+            for key, tensor in compressed_tensors_of(name, ql).items():
+                writer.add(key, tensor)
+
+
+def quantization_config(
+    groups: dict[str, QuantizationScheme], quantized: dict[str, QuantizationScheme], ignore: list[str]
+) -> dict[str, Any]:
+    """The `quantization_config` block of config.json, built with compressed-tensors' own models."""
+    used = {id(scheme) for scheme in quantized.values()}
+    config_groups = {}
+    for name, scheme in groups.items():
+        if id(scheme) in used:
+            config_groups[name] = scheme.model_copy(update={"format": compression_format(scheme).value})
+    formats = {g.format for g in config_groups.values()}
+    model_format = formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value
+    config = QuantizationConfig(
+        config_groups=config_groups,
+        format=model_format,
+        quantization_status="compressed",
+        ignore=sorted(ignore),
+    ).model_dump(mode="json")
+    config.update(version=compressed_tensors.__version__, sparsity_config={}, transform_config={})
+    return config
+
+
+def copy_aux_files(model_dir: Path | None, out_dir: Path) -> None:
+    """Tokenizer, chat template and generation config travel unchanged with the weights."""
+    if model_dir is None:
+        return
+    for name in AUX_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+
+
+def output_bytes(out_dir: Path) -> int:
+    return sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
+
+
+def human_bytes(n: int) -> str:
+    if n <= 0:
+        return "0 B"
+    unit = min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024**unit:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][unit]}"

@@ -1,0 +1,221 @@
+"""`modelpress` command line: run a CompressionJob, compress a model directly, or write the SmolLM2 fixture.
+
+`modelpress run JOB.yaml` runs a job here exactly as a runner pod would; with no file it reads the
+job from env `MODELPRESS_SPEC` (JSON) or the file named by `MODELPRESS_SPEC_FILE`, as in the pod
+(`python -m modelpress.runner`). Exit codes: 0 done, 2 invalid spec or input, 3 quality gate
+failed, 1 anything else; the last stderr line says why.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modelpress.engine.errors import ModelPressError
+
+PRESET_IGNORE = ["lm_head"]
+TERMINATION_LOG = "/dev/termination-log"
+EXIT_INVALID, EXIT_GATE, EXIT_FAILED = 2, 3, 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelpress", description="Compress LLMs into vLLM-ready checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compress = commands.add_parser("compress", help="compress a model with a recipe or a preset scheme")
+    compress.add_argument("--model", required=True, help="model directory or hub id (org/name)")
+    compress.add_argument("--recipe", required=True, help="recipe YAML file, or a preset scheme such as W4A16")
+    compress.add_argument("--output", required=True, type=Path, help="directory to write the checkpoint to")
+    compress.add_argument("--dataset", help="calibration data: a .txt or .jsonl file")
+    compress.add_argument("--group-size", type=int, help="group size for a grouped preset (e.g. 64)")
+    compress.add_argument("--observer", choices=["minmax", "mse"], help="weight observer for a preset")
+    compress.add_argument("--num-samples", type=int, default=512, help="calibration samples (default 512)")
+    compress.add_argument("--max-seq-length", type=int, default=2048, help="tokens per sample (default 2048)")
+    compress.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+
+    job = commands.add_parser("run", help="run a CompressionJob (a manifest, or MODELPRESS_SPEC / MODELPRESS_SPEC_FILE)")
+    job.add_argument("job", nargs="?", help="CompressionJob YAML; may also hold the Secrets and ConfigMaps it names")
+    job.add_argument("--secrets", action="append", default=[], type=Path, help="YAML of Secrets/ConfigMaps the job names")
+    job.add_argument("--scratch", type=Path, help="work directory (env MODELPRESS_SCRATCH; default ~/.cache/modelpress/jobs)")
+    job.add_argument("--termination-log", help=f"where the result goes (env MODELPRESS_TERMINATION_LOG; default {TERMINATION_LOG})")
+    job.add_argument("--format", choices=["auto", "json", "text"], default="auto", help="stdout: JSON lines, or a summary for people (auto: text on a terminal)")
+    job.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+
+    commands.add_parser("smollm2", help="write SmolLM2-135M-Instruct as a float model directory; print its path")
+    return parser
+
+
+def preset_recipe(preset: str, group_size: int | None, observer: str | None) -> list[Any]:
+    """A preset name as an RTN recipe: quantize every Linear but the head, like llm-compressor's examples."""
+    from modelpress.engine.recipe import parse_recipe
+    from modelpress.runner.presets import preset_document
+
+    return parse_recipe(preset_document(preset, "RTN", PRESET_IGNORE, group_size, observer))
+
+
+def recipe_argument(recipe: str, group_size: int | None, observer: str | None) -> Any:
+    """`--recipe`: a YAML file (used as it is), or a preset refined by --group-size/--observer."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if group_size or observer:
+            raise ModelPressError("--group-size/--observer: only apply to a preset; set them in the recipe file")
+        return path
+    return preset_recipe(recipe, group_size, observer)
+
+
+def compress(args: argparse.Namespace) -> None:
+    from modelpress.engine.checkpoint_writer import human_bytes
+    from modelpress.engine.oneshot import oneshot
+
+    recipe = recipe_argument(args.recipe, args.group_size, args.observer)
+    result = oneshot(
+        model=args.model,
+        dataset=args.dataset,
+        recipe=recipe,
+        num_calibration_samples=args.num_samples,
+        max_seq_length=args.max_seq_length,
+        output_dir=args.output,
+        device=args.device,
+        progress=_progress_bar() if sys.stderr.isatty() else None,
+    )
+    rows = [
+        ("model", str(args.model)),
+        ("recipe", str(args.recipe)),
+        ("output", str(result.output_dir)),
+        ("quantized Linears", str(result.quantized_modules)),
+        ("size before", human_bytes(result.input_bytes)),
+        ("size after", human_bytes(result.output_bytes)),
+        ("ratio", f"{result.ratio:.2f}x"),
+        ("time", f"{result.seconds:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(event: dict[str, Any]) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=event["layers"], desc=event["stage"], unit="layer")
+        bar["bar"].update(event["layer"] - bar["bar"].n)
+        if event["layer"] == event["layers"]:
+            bar["bar"].close()
+
+    return update
+
+
+def read_documents(path: str | None, env: dict[str, str]) -> list[Any]:
+    """The job file's documents, or the job the pod was given in its environment."""
+    try:
+        if path:
+            return [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d is not None]
+        if env.get("MODELPRESS_SPEC"):
+            return [json.loads(env["MODELPRESS_SPEC"])]
+        if env.get("MODELPRESS_SPEC_FILE"):
+            return [d for d in yaml.safe_load_all(Path(env["MODELPRESS_SPEC_FILE"]).read_text(encoding="utf-8")) if d is not None]
+    except (OSError, yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ModelPressError(f"job: cannot read it ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    raise ModelPressError("job: none given; pass JOB.yaml, or set MODELPRESS_SPEC (JSON) or MODELPRESS_SPEC_FILE")
+
+
+def pick_job(documents: list[Any]) -> Any:
+    """The CompressionJob among the documents (a lone document is taken as it is, to be validated)."""
+    jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == "CompressionJob"]
+    if len(jobs) > 1:
+        raise ModelPressError(f"job: the file holds {len(jobs)} CompressionJobs; give one per run")
+    if not jobs and len(documents) != 1:
+        raise ModelPressError("job: no CompressionJob document found (kind: CompressionJob)")
+    return jobs[0] if jobs else documents[0]
+
+
+def run_job_command(args: argparse.Namespace) -> int:
+    from modelpress.runner.connections import local_objects, scrub
+    from modelpress.runner.progress import Reporter, ScrubFilter, summary, termination_message
+    from modelpress.contract import InvalidSpec, parse_job
+
+    env = dict(os.environ)
+    text = args.format == "text" or (args.format == "auto" and sys.stdout.isatty())
+    reporter = Reporter(json_lines=not text, bars=sys.stderr.isatty())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ScrubFilter(reporter))
+    if not sys.stderr.isatty():  # library progress bars would flood a pod log
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bars()
+        disable_progress_bar()
+    explicit_log = args.termination_log or env.get("MODELPRESS_TERMINATION_LOG")
+
+    def finish(result: dict[str, Any], code: int, reason: str = "", message: str = "") -> int:
+        reporter.close()
+        if code:
+            result = {**result, "event": "failure", "status": "Failed", "reason": reason, "exitCode": code,
+                      "message": scrub(message, reporter.secrets)}
+        reporter.emit(result)
+        if text and "sizes" in result:
+            print(scrub(summary(result), reporter.secrets))
+        try:
+            Path(explicit_log or TERMINATION_LOG).write_text(scrub(termination_message(result), reporter.secrets))
+        except OSError as err:
+            if explicit_log:  # the default path exists only in a pod
+                print(f"modelpress: warning: cannot write the termination log {explicit_log} ({err.strerror})", file=sys.stderr)
+        if code:
+            print(f"modelpress: error: {scrub(message, reporter.secrets)}", file=sys.stderr)
+        return code
+
+    from modelpress.runner.run import Context, GateFailed, run_job
+
+    try:
+        documents = read_documents(args.job, env)
+        extra = [d for path in args.secrets for d in read_documents(str(path), env)]
+        job = parse_job(pick_job(documents))
+        scratch = args.scratch or Path(env.get("MODELPRESS_SCRATCH") or Path.home() / ".cache" / "modelpress" / "jobs")
+        context = Context(env=env, objects=local_objects(documents + extra), scratch=scratch, reporter=reporter, device=args.device)
+        return finish(run_job(job, context), 0)
+    except InvalidSpec as err:
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return finish({"problems": err.problems}, EXIT_INVALID, "InvalidSpec", f"invalid CompressionJob: {err}")
+    except ModelPressError as err:
+        return finish({}, EXIT_INVALID, "InvalidInput", str(err))
+    except GateFailed as err:
+        return finish(err.result, EXIT_GATE, "QualityGateFailed", str(err))
+    except Exception as err:  # anything else may be transient: exit 1 lets the Job retry
+        print(scrub(traceback.format_exc(), reporter.secrets), file=sys.stderr, end="")
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}"
+        return finish({}, EXIT_FAILED, "Error", why)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "run":
+        return run_job_command(args)
+    try:
+        if args.command == "compress":
+            compress(args)
+        else:
+            from modelpress.runner.smollm2 import smollm2_dir
+
+            print(smollm2_dir())
+    except ModelPressError as err:
+        print(f"modelpress: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

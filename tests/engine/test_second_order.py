@@ -1,0 +1,119 @@
+"""GPTQ and SparseGPT on small random layers: against the papers' formulas, RTN and magnitude pruning."""
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+
+from modelpress.engine.errors import ModelPressError
+from modelpress.engine.gptq import gptq
+from modelpress.engine.quantize import dequantize, minmax_qparams, qrange, quantize
+from modelpress.engine.second_order import inverse_hessian
+from modelpress.engine.sparsegpt import sparsegpt
+
+ROWS, COLS, TOKENS = 48, 192, 1536
+
+
+@pytest.fixture(scope="module")
+def layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight, correlated inputs with uneven channel scales and one dead channel, and H = 2 X^T X / n."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(COLS, COLS, generator=g) / COLS**0.5 + torch.eye(COLS)
+    x = torch.randn(TOKENS, COLS, generator=g) @ mix * torch.linspace(0.2, 3.0, COLS)
+    x[:, 7] = 0
+    w = torch.randn(ROWS, COLS, generator=g)
+    return w, x, 2 * x.T @ x / TOKENS
+
+
+def output_error(w_new: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((w_new.double() - w.double()) @ x.double().T).square().mean())
+
+
+def paper_gptq(w: torch.Tensor, h: torch.Tensor, args: QuantizationArgs, order: torch.Tensor, dynamic_groups: bool) -> torch.Tensor:
+    """GPTQ as its paper states it, column by column in float64 with an explicit inverse Hessian:
+    q = quant(w_j); W -= ((w_j - q) / Hinv_jj) Hinv_j,: ; Hinv -= Hinv_:,j Hinv_j,: / Hinv_jj."""
+    w, h = w.double().clone(), h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += 0.01 * torch.diag(h).mean() * torch.eye(COLS, dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    qmin, qmax = qrange(args)
+    size = args.group_size or COLS
+    scales = {} if dynamic_groups else {"all": minmax_qparams(w.float(), args, torch.float32).scale.double()}
+    for j in order.tolist():
+        if dynamic_groups:
+            group = j // size
+            if group not in scales:
+                scales[group] = minmax_qparams(w[:, group * size : (group + 1) * size].float(), args, torch.float32).scale.double()
+            s = scales[group][:, 0]
+        else:
+            s = scales["all"][:, j // size if args.group_size else 0]
+        q = (w[:, j] / s).round().clamp(qmin, qmax) * s
+        err = (w[:, j] - q) / hinv[j, j]
+        w -= err[:, None] * hinv[j][None, :]
+        w[:, j] = q
+        hinv -= hinv[:, j : j + 1] @ hinv[j : j + 1, :] / hinv[j, j]
+    return w
+
+
+@pytest.mark.parametrize("strategy", [{"strategy": "channel"}, {"strategy": "group", "group_size": 32}])
+@pytest.mark.parametrize("actorder", [True, False])
+def test_gptq_is_the_papers_update_and_beats_rtn(layer, strategy: dict, actorder: bool) -> None:
+    w, x, h = layer
+    args = QuantizationArgs(num_bits=4, symmetric=True, **strategy)
+    result = gptq(w, h, args, block_size=64, actorder=actorder)
+    ours = dequantize(result.q, result.qparams, args)
+    order = torch.argsort(torch.diag(h), descending=True, stable=True) if actorder else torch.arange(COLS)
+    dynamic = not actorder and "group_size" in strategy
+    reference = paper_gptq(w, h, args, order, dynamic)
+    if dynamic:  # a group's scale is read off updated weights: float32 vs float64 can flip a rounding
+        assert output_error(ours, w, x) == pytest.approx(output_error(reference, w, x), rel=0.01)
+    else:
+        assert torch.allclose(ours.double(), reference, atol=1e-5)
+    assert torch.all(ours[:, 7] == 0)  # the dead input's weights are dropped
+    rtn_qp = minmax_qparams(w, args, w.dtype)
+    rtn = dequantize(quantize(w, rtn_qp, args), rtn_qp, args)
+    assert output_error(ours, w, x) < 0.95 * output_error(rtn, w, x)
+    # the sweep's loss is exactly the damped layer-wise error it left: 1/2 tr(dW (H + damp I) dW^T)
+    live = w.clone()
+    live[:, 7] = 0
+    damped = h.double() + 0.01 * torch.diag(h).double()[torch.diag(h) > 0].sum() / COLS * torch.eye(COLS, dtype=torch.float64)
+    dw = ours.double() - live.double()
+    expected = 0.5 * torch.trace(dw @ damped @ dw.T).item()
+    assert result.row_loss.sum().item() == pytest.approx(expected, rel=1e-3)
+
+
+def test_gptq_keeps_a_sparsity_mask(layer) -> None:
+    w, x, h = layer
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    args = QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=32)
+    result = gptq(w * keep, h, args, keep=keep)
+    ours = dequantize(result.q, result.qparams, args)
+    assert torch.all(ours[~keep] == 0)
+    assert (ours[keep] != 0).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("structure", [(0, 0), (2, 4)])
+def test_sparsegpt_hits_the_pattern_and_beats_magnitude(layer, structure: tuple[int, int]) -> None:
+    w, x, h = layer
+    n, m = structure
+    result = sparsegpt(w, h, 0.5, n, m, block_size=64)
+    assert torch.equal(result.weight != 0, result.keep)
+    if n:
+        assert torch.all((result.weight.reshape(ROWS, -1, m) == 0).sum(-1) == n)
+        magnitude = w.abs().reshape(ROWS, -1, m).topk(n, dim=-1, largest=False).indices
+        keep = torch.ones(ROWS, COLS // m, m, dtype=torch.bool).scatter_(-1, magnitude, False).reshape(ROWS, COLS)
+    else:
+        assert (result.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+        keep = w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values
+    assert output_error(result.weight, w, x) < 0.9 * output_error(w * keep, w, x)
+
+
+def test_dampening_is_raised_when_cholesky_fails_and_reported() -> None:
+    indefinite = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # eigenvalues 4 and -2
+    inverse = inverse_hessian(indefinite, 0.01)
+    assert inverse.dampening_frac == pytest.approx(10.0)
+    result = gptq(torch.randn(4, 2), indefinite, QuantizationArgs(num_bits=8, strategy="channel"))
+    assert result.dampening_frac == pytest.approx(10.0)
+    with pytest.raises(ModelPressError, match="dampening_frac"):
+        inverse_hessian(torch.tensor([[1.0, 30.0], [30.0, 1.0]]), 0.01)

@@ -1,0 +1,163 @@
+"""deploy/, the examples and the Dockerfile: every YAML parses, every reference resolves, examples validate."""
+
+import importlib
+import importlib.util
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from support.crd_schema import problems, with_defaults
+from modelpress.operator.config import OperatorConfig
+from modelpress.operator.job_builder import build_job
+from modelpress.operator.validation import parse
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *(REPO / "crds").glob("*.yaml")])
+EXAMPLES = sorted((DEPLOY / "examples").glob("*.yaml"))
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def rendered(root: Path) -> list[dict[str, Any]]:
+    """The objects a kustomization yields: its resources (recursively) with strategic patches merged by name."""
+    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+    objects: list[dict[str, Any]] = []
+    for entry in kustomization.get("resources", []):
+        target = (root / entry).resolve()
+        assert target.exists(), f"{root}/kustomization.yaml: {entry} does not exist"
+        objects += rendered(target) if target.is_dir() else documents(target)
+    for patch in kustomization.get("patches", []):
+        body = yaml.safe_load((root / patch["path"]).read_text())
+        matches = [o for o in objects if o["kind"] == body["kind"] and o["metadata"]["name"] == body["metadata"]["name"]]
+        assert len(matches) == 1, f"{patch['path']} patches nothing"
+    return objects
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_yaml_parses_into_objects(path: Path) -> None:
+    for doc in documents(path):
+        assert doc.get("apiVersion") and doc.get("kind"), f"{path}: a document without apiVersion/kind"
+
+
+@pytest.mark.parametrize("root", [DEPLOY, DEPLOY / "base", DEPLOY / "overlays" / "openshift"], ids=str)
+def test_kustomizations_resolve(root: Path) -> None:
+    kinds = {o["kind"] for o in rendered(root)}
+    assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Namespace"} <= kinds
+
+
+def rules() -> list[dict[str, Any]]:
+    role = next(d for d in documents(DEPLOY / "base" / "rbac.yaml") if d["metadata"]["name"] == "modelpress-operator")
+    return role["rules"]
+
+
+@pytest.mark.parametrize("group, resource, verb", [
+    ("modelpress.dev", "compressionjobs", "watch"), ("modelpress.dev", "compressionjobs", "patch"),
+    ("modelpress.dev", "compressionjobs/status", "patch"), ("modelpress.dev", "compressionjobs/finalizers", "update"),
+    ("batch", "jobs", "create"), ("batch", "jobs", "get"), ("batch", "jobs", "patch"), ("batch", "jobs", "delete"),
+    ("", "pods", "list"), ("", "pods/log", "get"), ("", "secrets", "get"), ("", "configmaps", "get"), ("", "events", "create"),
+])
+def test_rbac_allows_every_call_the_operator_makes(group: str, resource: str, verb: str) -> None:
+    assert any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules())
+
+
+def test_rbac_is_least_privilege() -> None:
+    for rule in rules():
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+        if "secrets" in rule["resources"]:
+            assert rule["verbs"] == ["get"], "Secrets are read one by one for their keys; never listed or watched"
+
+
+def test_operator_deployment_is_probed_bounded_and_restricted() -> None:
+    deployment = next(d for d in documents(DEPLOY / "base" / "deployment.yaml"))
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" and "readinessProbe" not in container
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and "runAsUser" not in pod["securityContext"]
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["serviceAccountName"] == "modelpress-operator"
+
+
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if documents(p)[0]["kind"] == "CompressionJob"], ids=lambda p: p.name)
+def test_example_jobs_validate_and_build(path: Path, validator: Any) -> None:
+    cr = with_defaults(documents(path)[0])
+    assert problems(validator, cr) == []
+    cr["metadata"].update(namespace="ml", uid="0f0f0f0f-0000-4000-8000-000000000000")
+    job = build_job(cr, parse(cr), OperatorConfig())
+    assert job["metadata"]["name"] == f"{cr['metadata']['name']}-runner"
+
+
+def test_example_gpu_and_cpu_jobs_ask_for_what_they_say() -> None:
+    by_name = {documents(p)[0]["metadata"]["name"]: documents(p)[0] for p in EXAMPLES if documents(p)[0]["kind"] == "CompressionJob"}
+    assert by_name["qwen2-5-7b-w8a8"]["spec"]["recipe"] == {"preset": "W8A8", "algorithm": "SmoothQuant+GPTQ"}
+    assert by_name["qwen2-5-7b-w8a8"]["spec"]["runtime"]["resources"]["gpus"] == 1
+    assert by_name["smollm2-135m-awq"]["spec"]["runtime"]["resources"].get("gpus", 0) == 0
+    assert by_name["llama-3-1-8b-w4a16"]["spec"]["output"]["connection"] == "models-s3"
+
+
+def test_example_connection_has_openshift_ai_format() -> None:
+    secret = documents(DEPLOY / "examples" / "s3-connection.yaml")[0]
+    assert secret["metadata"]["labels"] == {"opendatahub.io/dashboard": "true", "opendatahub.io/managed": "true"}
+    annotations = secret["metadata"]["annotations"]
+    for key in ("opendatahub.io/connection-type-protocol", "opendatahub.io/connection-type-ref", "opendatahub.io/connection-type"):
+        assert annotations[key] == "s3"
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_S3_ENDPOINT", "AWS_S3_BUCKET"} <= set(secret["stringData"])
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    return [(line.split(None, 1)[0], line.split(None, 1)[1]) for line in text.splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_dockerfile_copies_files_that_exist_and_runs_as_non_root() -> None:
+    instructions = dockerfile_instructions()
+    copies = [args.split()[1:-1] if args.startswith("--") else args.split()[:-1] for op, args in instructions if op == "COPY"]
+    for sources in copies:
+        for source in sources:
+            assert (REPO / source).exists(), f"Dockerfile copies {source}, which does not exist"
+    stages = [args.split()[-1] for op, args in instructions if op == "FROM"]
+    assert stages == ["base", "operator", "runner"]
+    assert all(args.startswith("registry.access.redhat.com/ubi9/python-") for op, args in instructions if op == "FROM" and "AS base" in args)
+    users = [args for op, args in instructions if op == "USER"]
+    assert users and all(user == "1001" for user in users)
+    assert not re.search(r"(?i)(secret|token|password)\s*=", (REPO / "Dockerfile").read_text())
+
+
+def test_dockerfile_entrypoints_resolve() -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    entrypoints = [yaml.safe_load(args) for op, args in dockerfile_instructions() if op == "ENTRYPOINT"]
+    assert entrypoints == [["modelpress-operator"], ["python", "-m", "modelpress.runner"]]
+    module, _, function = scripts["modelpress-operator"].partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    assert importlib.util.find_spec("modelpress.runner.__main__") is not None
+    assert list(OperatorConfig().runner_command) == entrypoints[1], "Jobs run what the runner image runs"
+
+
+def test_operator_extra_installs_no_torch() -> None:
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["operator"]
+    assert not any(re.match(r"(torch|transformers|compressed-tensors|accelerate)\b", req) for req in extra)
+
+
+def test_operator_import_stays_light() -> None:
+    code = ("import sys, operator, modelpress.operator.handlers, modelpress.operator.__main__\n"
+            "assert hasattr(operator, 'itemgetter'), 'a package named operator shadows the standard library'\n"
+            "heavy = {'torch', 'transformers', 'compressed_tensors'} & set(sys.modules)\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_refuses_to_guess_the_scope() -> None:
+    done = subprocess.run([sys.executable, "-m", "modelpress.operator"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1 and "--all-namespaces" in done.stderr

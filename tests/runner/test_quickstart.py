@@ -1,0 +1,40 @@
+"""examples/quickstart.yaml on the real SmolLM2-135M-Instruct, shortened (RTN, few tokens) to stay quick."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelpress.runner.cli import main
+from modelpress.runner.smollm2 import smollm2_dir
+from modelpress.contract import parse_job
+
+pytestmark = pytest.mark.quality
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quickstart_compresses_smollm2_and_prints_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    doc = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    job = parse_job(doc).spec
+    assert (job.recipe.preset, job.recipe.algorithm, job.recipe.group_size) == ("W4A16", "GPTQ", 64)
+    assert Path(job.model.uri).expanduser() == smollm2_dir()
+    # shortened: RTN needs no calibration data, one prompt, a short evaluation text
+    doc["spec"]["recipe"]["algorithm"] = "RTN"
+    doc["spec"]["evaluation"]["prompts"] = doc["spec"]["evaluation"]["prompts"][:1]
+    doc["spec"]["evaluation"]["maxNewTokens"] = 12
+    doc["spec"]["evaluation"]["perplexity"]["maxTokens"] = 512
+    doc["spec"]["output"]["uri"] = str(tmp_path / "out")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    monkeypatch.chdir(REPO)
+    code = main(["run", str(tmp_path / "job.yaml"), "--scratch", str(tmp_path / "s"), "--termination-log", str(tmp_path / "t"), "--format", "text"])
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads((tmp_path / "t").read_text())
+    assert result["sizes"]["ratio"] > 2.5
+    metrics = result["metrics"]
+    assert 5 < metrics["perplexityOriginal"] < 60 and 0 < metrics["perplexityIncreasePercent"] < 60
+    assert "size before" in out and "ratio" in out and "> What is the capital of France?" in out
+    assert "Paris" in out.split("> What is the capital of France?")[1]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"vllm serve {tmp_path / 'out'}" in card and "group_size: 64" in card

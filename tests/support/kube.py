@@ -1,0 +1,141 @@
+"""Fixtures for the operator: a kmock API server (with the project's emulator) and kopf in-process."""
+
+import os
+import tempfile
+
+# kubernetes reads $KUBECONFIG once at import; point it somewhere harmless before anything imports it.
+os.environ["KUBECONFIG"] = os.path.join(tempfile.mkdtemp(prefix="modelpress-kube-"), "config")
+
+import asyncio
+import base64
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import kmock
+import kopf
+import pytest
+import pytest_asyncio
+import yaml
+
+from support.crd_schema import crd_validator, problems, with_defaults
+from support.kube_emulator import KubeEmulator
+from modelpress.operator.config import OperatorConfig
+from modelpress.operator.crd import GROUP, PLURAL, VERSION
+from modelpress.operator.handlers import register
+
+NAMESPACE = "ml"
+CR = f"{GROUP}/{VERSION}/{PLURAL}"
+JOBS, PODS, SECRETS, CONFIGMAPS, EVENTS = "batch/v1/jobs", "v1/pods", "v1/secrets", "v1/configmaps", "v1/events"
+FAST = OperatorConfig(runner_image="registry.example/modelpress/runner@sha256:" + "0" * 64,
+                      sync_interval=0.1, retry_delay=0.2, metrics_port=0)
+
+
+def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
+    """kmock 0.8 ships no built-in resource definitions: declare everything the operator touches."""
+    info = kmock.ResourceInfo
+    emulator.resources[CR] = info(kind="CompressionJob", singular="compressionjob", namespaced=True,
+                                  verbs={"list", "watch", "get", "patch", "create", "delete"},
+                                  shortnames={"cjob"}, categories={"modelpress"}, subresources={"status"})
+    emulator.resources[JOBS] = info(kind="Job", singular="job", namespaced=True, subresources={"status"},
+                                    verbs={"list", "watch", "get", "patch", "create", "delete"})
+    for plural, kind in (("pods", "Pod"), ("secrets", "Secret"), ("configmaps", "ConfigMap"), ("events", "Event")):
+        emulator.resources[f"v1/{plural}"] = info(kind=kind, singular=plural[:-1], namespaced=True,
+                                                  verbs={"list", "watch", "get", "patch", "create", "delete"})
+    emulator.resources["v1/namespaces"] = info(kind="Namespace", singular="namespace", namespaced=False,
+                                               verbs={"list", "watch", "get"})
+
+
+@pytest.fixture(scope="session")
+def validator() -> Any:
+    return crd_validator()
+
+
+@pytest_asyncio.fixture()
+async def kube(validator: Any) -> AsyncIterator[KubeEmulator]:
+    """The emulated API server, with a kubeconfig pointing at it."""
+    def check(obj: dict[str, Any]) -> str | None:
+        found = problems(validator, obj)
+        return "; ".join(found) if found else None
+
+    async with KubeEmulator(cr_validator=check) as emulator, kmock.Server(emulator):
+        declare_resources(emulator)
+        Path(os.environ["KUBECONFIG"]).write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": str(emulator.url).rstrip("/")}}],
+            "users": [{"name": "kmock", "user": {"token": "test"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": NAMESPACE}}],
+        }))
+        yield emulator
+
+
+@contextlib.asynccontextmanager
+async def operator_running(config: OperatorConfig = FAST, namespace: str = NAMESPACE) -> AsyncIterator[asyncio.Task]:
+    """kopf in this event loop, serving one namespace, until the block ends."""
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = True  # kmock cannot list namespaces
+    ready = asyncio.Event()
+    task = asyncio.create_task(kopf.operator(
+        registry=register(kopf.OperatorRegistry(), config), settings=settings, memo=kopf.Memo(config=config),
+        standalone=True, namespaces=[namespace], ready_flag=ready))
+    await asyncio.wait_for(ready.wait(), timeout=10)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def eventually(probe: Callable[[], Any], timeout: float = 10.0, step: float = 0.05) -> Any:
+    """Poll `probe` until it returns something truthy; fail after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            value = probe()
+        except (KeyError, TypeError, IndexError, AttributeError):
+            value = None
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not reached in {timeout}s: {probe.__doc__ or probe}")
+        await asyncio.sleep(step)
+
+
+def obj(emulator: KubeEmulator, resource: str, name: str, namespace: str = NAMESPACE) -> dict[str, Any] | None:
+    """The current state of an object, or None when absent or deleted."""
+    key = (kmock.resource(resource), namespace, name)
+    found = emulator.objects._objects.get(key)
+    return None if found is None or found.deleted else found.raw
+
+
+async def api(emulator: KubeEmulator, method: str, path: str, body: Any = None) -> Any:
+    """One HTTP call to the emulator, as a client would make it; returns the decoded JSON."""
+    async with emulator.request(method, path, data=None if body is None else json.dumps(body),
+                                headers={"Content-Type": "application/json"}) as response:
+        payload = await response.json(content_type=None)
+        if response.status >= 400:
+            raise AssertionError(f"{method} {path} -> {response.status}: {payload}")
+        return payload
+
+
+def cr_path(name: str | None = None, namespace: str = NAMESPACE) -> str:
+    base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+    return f"{base}/{name}" if name else base
+
+
+async def create_cr(emulator: KubeEmulator, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """POST a CompressionJob with schema defaults applied, as the API server would store it."""
+    body = with_defaults({"apiVersion": f"{GROUP}/{VERSION}", "kind": "CompressionJob",
+                          "metadata": {"name": name, "namespace": NAMESPACE, **({"labels": labels} if labels else {})},
+                          "spec": spec})
+    return await api(emulator, "POST", cr_path(), body)
+
+
+async def create_secret(emulator: KubeEmulator, name: str, data: dict[str, str]) -> None:
+    encoded = {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}
+    await api(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/secrets",
+              {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NAMESPACE}, "data": encoded})
