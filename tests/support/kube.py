@@ -8,11 +8,13 @@ os.environ["KUBECONFIG"] = os.path.join(tempfile.mkdtemp(prefix="modelpress-kube
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import kmock
 import kopf
@@ -24,7 +26,7 @@ from support.crd_schema import crd_validator, problems, with_defaults
 from support.kube_emulator import KubeEmulator
 from modelpress.operator.config import OperatorConfig
 from modelpress.operator.crd import GROUP, PLURAL, VERSION
-from modelpress.operator.handlers import register
+from modelpress.operator import handlers
 
 NAMESPACE = "ml"
 CR = f"{GROUP}/{VERSION}/{PLURAL}"
@@ -71,18 +73,47 @@ async def kube(validator: Any) -> AsyncIterator[KubeEmulator]:
         yield emulator
 
 
+class Calls:
+    """How often each counted handler has run: tests wait for handler runs, not for wall-clock time,
+    so "nothing more happens" means "nothing happened over N more runs", on any machine."""
+
+    COUNTED = ("launch", "sync", "suspend")
+
+    def __init__(self) -> None:
+        self.count: collections.Counter[str] = collections.Counter()
+
+    def counting(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(**kwargs: Any) -> Any:
+            try:
+                return fn(**kwargs)
+            finally:
+                self.count[name] += 1
+
+        return counted
+
+    async def wait(self, name: str, runs: int, timeout: float = 10.0) -> None:
+        """Return once `name` has run `runs` more times than now."""
+        target = self.count[name] + runs
+        await eventually(lambda: self.count[name] >= target, timeout)
+
+
 @contextlib.asynccontextmanager
-async def operator_running(config: OperatorConfig = FAST, namespace: str = NAMESPACE) -> AsyncIterator[asyncio.Task]:
-    """kopf in this event loop, serving one namespace, until the block ends."""
+async def operator_running(config: OperatorConfig = FAST, namespace: str = NAMESPACE) -> AsyncIterator[Calls]:
+    """kopf in this event loop, serving one namespace, until the block ends; yields its handler counts."""
+    calls = Calls()
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = True  # kmock cannot list namespaces
     ready = asyncio.Event()
+    with contextlib.ExitStack() as patches:
+        for name in Calls.COUNTED:
+            patches.enter_context(mock.patch.object(handlers, name, calls.counting(name, getattr(handlers, name))))
+        registry = handlers.register(kopf.OperatorRegistry(), config)
     task = asyncio.create_task(kopf.operator(
-        registry=register(kopf.OperatorRegistry(), config), settings=settings, memo=kopf.Memo(config=config),
+        registry=registry, settings=settings, memo=kopf.Memo(config=config),
         standalone=True, namespaces=[namespace], ready_flag=ready))
     await asyncio.wait_for(ready.wait(), timeout=10)
     try:
-        yield task
+        yield calls
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

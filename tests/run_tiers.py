@@ -1,0 +1,89 @@
+"""Run the test tiers one after another and say how long each took.
+
+    python tests/run_tiers.py [--all] [--operator-python PY] [TIER ...]
+
+Each tier is its own pytest run, so a tier cannot lean on what another imported: the operator
+tier runs under `--operator-python`, an interpreter without torch, as in the operator image.
+`make test` leaves out the tests marked `exhaustive`; `--all` (`make test-all`) runs them too.
+The last line sums every tier in the form CI reads: `tests: N passed, N failed, N skipped`.
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+# tier -> (folder, marker expression): the real-model quality tests are their own tier.
+TIERS = {
+    "operator": ("operator", "not quality"),
+    "engine": ("engine", "not quality"),
+    "runner": ("runner", "not quality"),
+    "e2e": ("e2e", "not quality"),
+    "quality": ("engine", "quality"),
+}
+
+
+@dataclass
+class Outcome:
+    tier: str
+    seconds: float
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    exit_code: int = 0
+
+
+def counts(report: Path) -> tuple[int, int, int]:
+    """passed, failed (failures and errors), skipped from a JUnit XML report."""
+    root = ET.parse(report).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    total = sum(int(s.get("tests", 0)) for s in suites)
+    failed = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+    skipped = sum(int(s.get("skipped", 0)) for s in suites)
+    return total - failed - skipped, failed, skipped
+
+
+def run_tier(tier: str, python: str, everything: bool, extra: list[str]) -> Outcome:
+    folder, marker = TIERS[tier]
+    if not everything:
+        marker = f"({marker}) and not exhaustive"
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        print(f"\n=== tier {tier}: tests/{folder} -m '{marker}' ===", flush=True)
+        start = time.monotonic()
+        done = subprocess.run([python, "-m", "pytest", str(TESTS / folder), "-m", marker,
+                               f"--junitxml={report}", "-q", *extra], cwd=TESTS.parent)
+        outcome = Outcome(tier, time.monotonic() - start, exit_code=done.returncode)
+        if report.is_file():
+            outcome.passed, outcome.failed, outcome.skipped = counts(report)
+    return outcome
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tiers", nargs="*", default=list(TIERS), choices=list(TIERS), metavar="TIER")
+    parser.add_argument("--all", action="store_true", help="also the tests marked exhaustive")
+    parser.add_argument("--operator-python", default=sys.executable, help="interpreter for the operator tier (no torch)")
+    args, extra = parser.parse_known_args()
+    outcomes = [run_tier(t, args.operator_python if t == "operator" else sys.executable, args.all, extra)
+                for t in args.tiers]
+    print("\n| tier | seconds | passed | failed | skipped |\n|---|---|---|---|---|")
+    for o in outcomes:
+        print(f"| {o.tier} | {o.seconds:.0f} | {o.passed} | {o.failed} | {o.skipped} |")
+    # exit 5 is pytest's "no tests collected": a tier that runs nothing is a broken tier
+    broken = [o.tier for o in outcomes if o.exit_code != 0]
+    if broken:
+        print(f"tiers that failed: {', '.join(broken)}")
+    print(f"tests: {sum(o.passed for o in outcomes)} passed, {sum(o.failed for o in outcomes)} failed, "
+          f"{sum(o.skipped for o in outcomes)} skipped")
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
