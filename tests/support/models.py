@@ -83,7 +83,11 @@ def make_model(arch: str, out: Path, tokenizer_dir: Path, dtype: torch.dtype = t
     return out
 
 
-@pytest.fixture(scope="session", params=sorted(ARCHS))
+# `make test` runs the architecture matrix on Llama; `make test-all` on every layout in ARCHS.
+ARCH_PARAMS = [pytest.param(a, marks=() if a == "llama" else pytest.mark.exhaustive) for a in sorted(ARCHS)]
+
+
+@pytest.fixture(scope="session", params=ARCH_PARAMS)
 def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     return make_model(request.param, tmp_path_factory.mktemp(request.param), tokenizer_dir)
 
