@@ -87,6 +87,10 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
 
+
+# --- the pod: exit codes, paths, environment, connections, URIs --------------------------------------
+
+
 class ExitCode(IntEnum):
     """How the runner exits; the Job fails at once on a permanent code and may retry the others."""
 
@@ -223,6 +227,8 @@ def _check_uri(value: str, allowed: tuple[Scheme, ...]) -> str:
         raise ValueError(f"unsupported scheme; use {hint} or a path")
     return value
 
+
+# --- the CompressionJob -----------------------------------------------------------------------------
 
 ModelUri = Annotated[UriText, AfterValidator(lambda v: _check_uri(v, ("hf", "s3", "pvc", "local")))]
 OutputUri = Annotated[UriText, AfterValidator(lambda v: _check_uri(v, ("s3", "pvc", "local")))]

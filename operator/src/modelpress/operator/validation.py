@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from modelpress.operator.job_builder import configmap_refs, secret_refs
-from modelpress.contract import (API_VERSION, K8S_NAME, SELF_GENERATED, CompressionJob, InvalidSpec, KIND, connection_uses,
+from modelpress.contract import (API_VERSION, K8S_NAME, KIND, SELF_GENERATED, CompressionJob, InvalidSpec, connection_uses,
                                  parse_job, parse_uri)
 
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
