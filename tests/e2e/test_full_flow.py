@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
+from modelpress.contract import PodPath
 from support.kube import CR, JOBS, NAMESPACE, api, create_cr, create_secret, eventually, obj, operator_running
 from support.s3 import ACCESS_KEY, SECRET_KEY, s3, s3_endpoint, upload_dir  # noqa: F401  (s3_endpoint is a fixture)
-
-SCRATCH, TERMINATION_LOG = "/scratch", "/dev/termination-log"
 
 
 def container_env(kube: Any, container: dict[str, Any], scratch: Path, termination: Path) -> dict[str, str]:
@@ -22,7 +21,7 @@ def container_env(kube: Any, container: dict[str, Any], scratch: Path, terminati
     env: dict[str, str] = {}
     for item in container["env"]:
         if "value" in item:
-            env[item["name"]] = item["value"].replace(SCRATCH, str(scratch)).replace(TERMINATION_LOG, str(termination))
+            env[item["name"]] = item["value"].replace(PodPath.SCRATCH, str(scratch)).replace(PodPath.TERMINATION_LOG, str(termination))
             continue
         ref = item["valueFrom"]["secretKeyRef"]
         data = (obj(kube, "v1/secrets", ref["name"]) or {}).get("data") or {}

@@ -1,4 +1,4 @@
-"""The CompressionJob spec: defaults, camelCase, and every problem reported with its field path."""
+"""The contract: the CompressionJob spec (defaults, camelCase, every problem with its field path), events, URIs, roles."""
 
 import copy
 import json
@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
-from modelpress.contract import CompressionJob, InvalidSpec, parse_job
+from modelpress.contract import (EXIT_REASONS, PERMANENT_EXIT_CODES, PRESETS, ROLES, S3_IDENTITY_KEYS, S3_KEYS, S3_REQUIRED_KEYS,
+                                 S3_TRANSPORT_KEYS, CompressionJob, ExitCode, FailureEvent, InvalidSpec, ProgressEvent,
+                                 ResultEvent, StageEvent, TransferEvent, UnsupportedScheme, connection_uses, parse_event,
+                                 parse_job, parse_uri, pvc_mount)
 
 MINIMAL: dict[str, Any] = {
     "apiVersion": "modelpress.dev/v1alpha1",
@@ -129,3 +132,91 @@ def test_json_schema_is_plain_and_bounded() -> None:
 def test_spec_module_does_not_import_torch() -> None:
     code = "import sys, modelpress.contract\nassert 'torch' not in sys.modules, sorted(sys.modules)\n"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+EVENTS = [
+    ProgressEvent(stage="compress", percent=50.0, layer=15, layers=30, eta_seconds=95),
+    ProgressEvent(stage="publish", percent=12.5, bytes=1 << 20, total_bytes=8 << 20),
+    StageEvent(stage="evaluate", model="original"),
+    StageEvent(stage="fetch", uri="s3://models/base"),
+    TransferEvent(stage="fetch", files=7, bytes=1000, skipped_files=2, resumed_bytes=64),
+    ResultEvent.model_validate({
+        "job": {"name": "tiny", "namespace": "ml", "uid": "u-1"}, "model": {"uri": "hf://acme/tiny", "revision": "v1"},
+        "output": {"uri": "s3://models/tiny", "files": 7, "uploadedBytes": 250},
+        "recipe": {"summary": "RTN W4A16", "modifiers": ["QuantizationModifier"]},
+        "calibration": {"dataset": "self-generated", "samples": 8},
+        "sizes": {"originalBytes": 1000, "compressedBytes": 250, "ratio": 4.0},
+        "metrics": {"perplexityOriginal": 18.0, "perplexityCompressed": 18.9, "perplexityIncreasePercent": 5.0,
+                    "gate": {"maxPerplexityIncrease": 10.0, "passed": True}},
+        "answers": [{"prompt": "Paris is", "original": "the capital", "compressed": "the capital"}],
+        "resumedCompression": False, "versions": {"torch": "2.13.0"}, "durationsS": {"compress": 10.0, "total": 12.5}}),
+    FailureEvent(reason="InvalidSpec", exit_code=ExitCode.INVALID_INPUT, message="invalid CompressionJob: kind: ...",
+                 problems=["kind: must be one of 'CompressionJob'"]),
+    FailureEvent(reason="QualityGateFailed", exit_code=ExitCode.QUALITY_GATE_FAILED, message="perplexity rose",
+                 metrics={"perplexityIncreasePercent": 14.0, "gate": {"maxPerplexityIncrease": 5.0, "passed": False}}),
+]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: f"{e.event}")
+def test_every_event_round_trips_the_wire(event: Any) -> None:
+    line = event.to_json()
+    assert "\n" not in line and "_" not in "".join(_keys(json.loads(line)))  # camelCase, one line
+    assert parse_event(line) == event
+    assert parse_event(json.dumps({**json.loads(line), "addedLater": 1})) == event  # a newer runner's extra field
+
+
+def _keys(value: Any) -> list[str]:
+    """Every key of a JSON value, at any depth."""
+    if isinstance(value, dict):
+        return [*value, *(key for item in value.values() for key in _keys(item))]
+    if isinstance(value, list):
+        return [key for item in value for key in _keys(item)]
+    return []
+
+
+def test_lines_that_are_not_events_are_skipped() -> None:
+    for line in ("loading weights", "{broken", '{"event": "progress"}', '{"event": "unknown"}', "[1, 2]", ""):
+        assert parse_event(line) is None
+
+
+def test_exit_codes_and_reasons() -> None:
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3]
+    assert set(PERMANENT_EXIT_CODES) == set(EXIT_REASONS) == {ExitCode.INVALID_INPUT, ExitCode.QUALITY_GATE_FAILED}
+
+
+@pytest.mark.parametrize(("text", "parsed"), [
+    ("hf://acme/tiny", ("hf", "acme/tiny", "")),
+    ("hf://acme/tiny/", ("hf", "acme/tiny", "")),
+    ("s3://bucket/a/b/", ("s3", "bucket", "a/b")),
+    ("s3://bucket", ("s3", "bucket", "")),
+    ("pvc://claim/models/x", ("pvc", "claim", "models/x")),
+    ("/models/tiny", ("local", "", "/models/tiny")),
+    ("self-generated", ("local", "", "self-generated")),
+])
+def test_one_uri_parser(text: str, parsed: tuple[str, str, str]) -> None:
+    uri = parse_uri(text)
+    assert (uri.scheme, uri.root, uri.path) == parsed and str(uri) == text
+
+
+def test_uri_parser_errors_name_the_fix() -> None:
+    with pytest.raises(UnsupportedScheme):
+        parse_uri("gs://bucket/x")
+    with pytest.raises(ValueError, match=r"^s3:// needs a name after it, as in s3://name/path$"):
+        parse_uri("s3:///x")
+    assert pvc_mount("models") == "/mnt/pvc/models" and pvc_mount("models", "/tmp/pvc/") == "/tmp/pvc/models"
+
+
+def test_connection_uses_tie_each_role_to_its_field() -> None:
+    spec = parse_job(job(model={"uri": "s3://base/m", "connection": "src"},
+                         calibration={"dataset": "s3://data/c.jsonl", "connection": "data"},
+                         evaluation={"perplexity": {"dataset": "hf://wikitext"}})).spec
+    uses = {use.role.prefix: use for use in connection_uses(spec)}
+    assert [r.prefix for r in ROLES] == list(uses) == ["MODEL_", "DATA_", "OUTPUT_"]
+    assert uses["DATA_"].uris == (("spec.calibration.dataset", "s3://data/c.jsonl"),
+                                  ("spec.evaluation.perplexity.dataset", "hf://wikitext"))
+    assert (uses["MODEL_"].secret, uses["MODEL_"].needed, uses["OUTPUT_"].secret) == ("src", True, "models-s3")
+    assert set(S3_KEYS) == {*S3_IDENTITY_KEYS, *S3_TRANSPORT_KEYS} and set(S3_REQUIRED_KEYS) < set(S3_IDENTITY_KEYS)
+
+
+def test_int8_is_a_preset() -> None:
+    assert "INT8" in PRESETS and parse_job(job(recipe={"preset": "INT8", "algorithm": "RTN"})).spec.recipe.preset == "INT8"

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from support.crd_schema import problems, with_defaults
+from modelpress.contract import ROLES, S3_KEYS, S3_REQUIRED_KEYS
 from modelpress.operator.config import OperatorConfig
 from modelpress.operator.job_builder import build_job, job_name
 from modelpress.operator.status import Observation, observe, parse_progress, set_condition, status_patch, succeeded_condition
@@ -40,6 +41,11 @@ def test_connections_get_one_prefix_per_role_and_never_clash() -> None:
     assert refs["DATA_AWS_ACCESS_KEY_ID"] == {"name": "data-s3", "key": "AWS_ACCESS_KEY_ID"}
     assert refs["OUTPUT_AWS_SECRET_ACCESS_KEY"] == {"name": "dst-s3", "key": "AWS_SECRET_ACCESS_KEY"}
     assert refs["OUTPUT_AWS_DEFAULT_REGION"]["optional"] is True and "optional" not in refs["OUTPUT_AWS_S3_ENDPOINT"]
+    assert refs["MODEL_AWS_CA_BUNDLE"] == {"name": "src-s3", "key": "AWS_CA_BUNDLE", "optional": True}  # the runner reads it too
+    for role in ROLES:  # every key the runner reads, for every role; only the required ones must exist
+        assert {name: ref["key"] for name, ref in refs.items() if name.startswith(role.prefix)} == {role.prefix + k: k for k in S3_KEYS}
+        required = {ref["key"] for name, ref in refs.items() if name.startswith(role.prefix) and not ref.get("optional")}
+        assert required == set(S3_REQUIRED_KEYS)
     names = [e["name"] for e in build(BASE)["spec"]["template"]["spec"]["containers"][0]["env"]]
     assert len(names) == len(set(names)) and "AWS_ACCESS_KEY_ID" not in names
 
@@ -127,7 +133,7 @@ def test_invalid_specs_name_the_field_and_the_fix(spec_change: dict[str, Any], p
 
 
 def test_progress_takes_the_last_progress_line_and_keeps_its_time_when_unchanged() -> None:
-    line = {"event": "progress", "stage": "calibrate", "layer": 3, "layers": 30, "percent": 10.2, "eta_s": 900}
+    line = {"event": "progress", "stage": "calibrate", "layer": 3, "layers": 30, "percent": 10.2, "etaSeconds": 900}
     tail = "\n".join(["not json", json.dumps({**line, "layer": 2}), json.dumps(line), '{"event": "stage"}', "{broken"])
     progress = parse_progress(tail)
     assert progress.layers_done == 3 and progress.percent == 10 and progress.estimated_remaining_seconds == 900

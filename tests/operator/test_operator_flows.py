@@ -109,7 +109,7 @@ async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validat
         await eventually(lambda: events(kube, "JobCreated"))
 
         # Running, with the runner's progress read from its log.
-        progress = {"event": "progress", "stage": "quantize", "layer": 12, "layers": 30, "percent": 41.6, "eta_s": 300}
+        progress = {"event": "progress", "stage": "quantize", "layer": 12, "layers": 30, "percent": 41.6, "etaSeconds": 300}
         await set_job_status(kube, "tiny-runner", {"active": 1, "startTime": "2026-01-01T10:00:00Z"})
         await add_pod(kube, "tiny-runner", "Running", log="loading\n" + json.dumps(progress) + "\n")
         await eventually(lambda: status_of(kube).get("progress", {}).get("layersDone") == 12)
@@ -122,7 +122,7 @@ async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validat
         # Done: the termination message becomes the result.
         result = {"event": "result", "status": "Succeeded", "output": {"uri": "s3://models/tiny-llama-w4a16", "files": 7},
                   "sizes": {"originalBytes": 1000, "compressedBytes": 250, "ratio": 4.0},
-                  "metrics": {"perplexityOriginal": 18.0, "perplexityCompressed": 18.9, "gate": {"passed": True}},
+                  "metrics": {"perplexityOriginal": 18.0, "perplexityCompressed": 18.9, "gate": {"maxPerplexityIncrease": 5.0, "passed": True}},
                   "durationsS": {"compress": 10.0, "total": 12.5}}
         await add_pod(kube, "tiny-runner", "Succeeded", terminated={"exitCode": 0, "reason": "Completed", "message": json.dumps(result)})
         await set_job_status(kube, "tiny-runner", {"active": 0, "succeeded": 1, "startTime": "2026-01-01T10:00:00Z",
@@ -132,7 +132,8 @@ async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validat
         status = status_of(kube)
         assert status["result"] == {"uri": "s3://models/tiny-llama-w4a16", "originalSizeBytes": 1000, "compressedSizeBytes": 250,
                                     "ratio": 4.0, "durationSeconds": 12.5,
-                                    "metrics": [{"name": "perplexityOriginal", "value": 18.0}, {"name": "perplexityCompressed", "value": 18.9}]}
+                                    "metrics": [{"name": "perplexityOriginal", "value": 18.0}, {"name": "perplexityCompressed", "value": 18.9},
+                                                {"name": "gate.maxPerplexityIncrease", "value": 5.0}]}
         assert status["completionTime"] == "2026-01-01T10:20:00Z" and status["progress"]["percent"] == 100
         assert condition(kube) | {"lastTransitionTime": None} == {
             "type": "Succeeded", "status": "True", "reason": "Succeeded", "message": "the runner finished",

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from modelpress.contract import ExitCode, FailureEvent, ResultEvent
 from modelpress.runner.connections import LocalObjects, local_objects, s3_connection, scrub, secret_values
 from modelpress.runner.data import self_generated
 from modelpress.engine.errors import ModelPressError
@@ -57,13 +58,18 @@ def test_scrubbing_covers_output_and_logs(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_termination_message_fits_kubernetes_limit() -> None:
-    result = {"event": "result", "status": "Succeeded", "output": {"uri": "s3://b/p"}, "answers": [{"prompt": "p"}],
-              "sizes": {"ratio": 3.1}, "versions": {f"pkg{i}": "x" * 100 for i in range(60)}}
+    sizes = {"originalBytes": 100, "compressedBytes": 32, "ratio": 3.1}
+    result = ResultEvent.model_validate({
+        "output": {"uri": "s3://b/p"}, "answers": [{"prompt": "p", "original": "a", "compressed": "b"}],
+        "sizes": sizes, "versions": {f"pkg{i}": "x" * 100 for i in range(60)}})
     text = termination_message(result)
     assert len(text.encode()) <= TERMINATION_LIMIT
-    assert json.loads(text) == {"event": "result", "status": "Succeeded", "output": {"uri": "s3://b/p"}, "sizes": {"ratio": 3.1}}
-    small = termination_message({"event": "result", "answers": [], "metrics": {"x": 1}})
-    assert json.loads(small) == {"event": "result", "metrics": {"x": 1}}
+    assert json.loads(text) == {"event": "result", "status": "Succeeded", "output": {"uri": "s3://b/p"}, "sizes": sizes}
+    small = termination_message(ResultEvent.model_validate({"answers": [], "metrics": {"perplexityOriginal": 1}}))
+    assert json.loads(small) == {"event": "result", "status": "Succeeded", "metrics": {"perplexityOriginal": 1.0}}
+    failure = FailureEvent(reason="InvalidSpec", exit_code=ExitCode.INVALID_INPUT, message="m" * 5000, versions={"a": "x" * 100})
+    kept = termination_message(failure)
+    assert len(kept.encode()) <= TERMINATION_LIMIT and kept.startswith('{"event":"failure","status":"Failed","reason":"InvalidSpec","exitCode":2')
 
 
 def test_preset_documents_are_llm_compressor_recipes() -> None:

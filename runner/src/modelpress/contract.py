@@ -1,7 +1,15 @@
-"""The CompressionJob: the contract between the operator, the runner and the user.
+"""The contract between the operator, the runner and the user, in one torch-free module.
 
-One pydantic model, shared by the runner (which executes a job) and the operator (which builds
-the CRD's OpenAPI schema from it and validates custom resources against it). It imports no torch.
+Both sides import it, so a value the other side must agree on is written down once, here:
+
+- the CompressionJob model (`parse_job`), from which the operator also builds the CRD;
+- `ExitCode`, the runner's exit codes, which the Job's pod failure policy and the status read;
+- `PodPath` and `Env`: where the pod keeps things and the variables that name them;
+- the OpenShift AI S3 connection keys (`S3Key`) and the role prefixes (`ROLES`) that keep the
+  keys of two connections apart in one pod;
+- `Uri` and `parse_uri`, the one parser of model, data and output locations;
+- the events the runner writes (`ProgressEvent`, `StageEvent`, `TransferEvent`, `ResultEvent`,
+  `FailureEvent`) and `parse_event`, with which the operator reads them back.
 
     apiVersion: modelpress.dev/v1alpha1
     kind: CompressionJob
@@ -12,38 +20,33 @@ the CRD's OpenAPI schema from it and validates custom resources against it). It 
       calibration: {dataset: self-generated, numSamples: 64}
       output: {uri: s3://models/smollm2-w4a16, connection: models-s3}
 
-Field names are camelCase on the wire. `parse_job` validates a whole document and reports every
-problem at once, each naming its field path (`spec.calibration.numSamples: must be ≥ 1`).
+Field names are camelCase on the wire, in the spec and in the events alike. `parse_job`
+validates a whole document and reports every problem at once, each naming its field path
+(`spec.calibration.numSamples: must be ≥ 1`).
 
 How the runner pod is given the job (the operator builds the pod this way):
 
-- The whole CompressionJob document as JSON in env `MODELPRESS_SPEC`, or in a file named by
-  `MODELPRESS_SPEC_FILE` (a mounted ConfigMap). Secrets never go into the spec.
-- S3 connections (OpenShift AI connection Secrets: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-  `AWS_S3_ENDPOINT`, `AWS_S3_BUCKET`, `AWS_DEFAULT_REGION`) arrive as env vars, each key prefixed by
-  the role of the connection, since the keys of two connections collide:
-  `MODEL_` for `spec.model.connection`, `DATA_` for `spec.calibration.connection` (calibration and
-  evaluation datasets on S3), `OUTPUT_` for `spec.output.connection`; e.g. `OUTPUT_AWS_S3_ENDPOINT`.
-  A role with no prefixed variable falls back to the plain `AWS_*` variables (a workbench's
-  `envFrom`). Optional per role: `<ROLE>_AWS_CA_BUNDLE` (else `AWS_CA_BUNDLE`), and the connection
-  keys `AWS_S3_USE_PATH_STYLE` / `AWS_S3_VERIFY_SSL`.
-- The Hugging Face token (`spec.model.tokenSecret`) as env `HF_TOKEN`.
-- A recipe from `spec.recipe.configMap` as a file named by env `MODELPRESS_RECIPE_FILE`.
-- Scratch space (downloads, the compressed model before upload): env `MODELPRESS_SCRATCH`.
-- PVCs named by `pvc://claim/path` are mounted at `$MODELPRESS_PVC_ROOT/<claim>` (default
-  `/mnt/pvc/<claim>`), read-only for the model and read-write for the output.
-- The result goes to the termination-message path, env `MODELPRESS_TERMINATION_LOG`
-  (default `/dev/termination-log`).
+- The whole CompressionJob document as JSON in `Env.SPEC`, or in a file named by `Env.SPEC_FILE`
+  (a mounted ConfigMap). Secrets never go into the spec.
+- Each S3 connection's keys (`S3Key`) arrive as env vars prefixed by the role of the connection
+  (`ROLES`), since the keys of two connections collide. A role with no prefixed variable falls
+  back to the plain variables (a workbench's `envFrom`); the CA bundle falls back on its own.
+- The Hugging Face token (`spec.model.tokenSecret`) as `Env.HF_TOKEN`.
+- A recipe from `spec.recipe.configMap` as a file named by `Env.RECIPE_FILE`.
+- Scratch space (downloads, the compressed model before upload) named by `Env.SCRATCH`.
+- PVCs named by `pvc://claim/path` are mounted at `pvc_mount(claim)` under `Env.PVC_ROOT`,
+  read-only for the model and read-write for the output.
+- The last event goes to the termination-message path named by `Env.TERMINATION_LOG`.
 
-Exit codes: 0 success, 2 invalid spec or input (permanent: fail the Job), 3 the quality gate
-failed (permanent), 1 any other failure (may be retried). Progress is one JSON object per line on
-stdout: `{"event": "progress", "stage": ..., "percent": ..., ...}`; the last line is
-`{"event": "result", ...}`.
+Progress is one event per line on stdout; the last line, also written to the termination
+message, is a `ResultEvent` or a `FailureEvent`.
 """
 
+import dataclasses
+from enum import IntEnum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "modelpress.dev/v1alpha1"
@@ -53,12 +56,11 @@ KIND = "CompressionJob"
 K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
-URI_SCHEMES = ("hf://", "s3://", "pvc://")
 SELF_GENERATED = "self-generated"
 
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=K8S_NAME)]
 Short = Annotated[str, Field(min_length=1, max_length=256)]
-Uri = Annotated[str, Field(min_length=1, max_length=1024)]
+UriText = Annotated[str, Field(min_length=1, max_length=1024)]
 Quantity = Annotated[str, Field(min_length=1, max_length=32, pattern=QUANTITY)]
 LabelMap = Annotated[dict[Annotated[str, Field(max_length=317)], Annotated[str, Field(max_length=1024)]], Field(max_length=64)]
 
@@ -86,20 +88,151 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
 
 
-def _check_uri(value: str, allowed: tuple[str, ...]) -> str:
-    if "://" in value and not value.startswith(allowed):
-        raise ValueError(f"unsupported scheme; use {', '.join(s + '…' for s in allowed)} or a path")
-    for scheme in allowed:
-        if value.startswith(scheme):
-            rest = value[len(scheme) :]
-            if not rest.split("/", 1)[0]:
-                raise ValueError(f"{scheme} needs a name after it, as in {scheme}name/path")
+# --- the pod: exit codes, paths, environment, connections, URIs --------------------------------------
+
+
+class ExitCode(IntEnum):
+    """How the runner exits; the Job fails at once on a permanent code and may retry the others."""
+
+    OK = 0
+    RETRYABLE = 1  # anything unexpected: a network fault, a node going away
+    INVALID_INPUT = 2  # the spec, or what it points at, is wrong: a retry cannot help
+    QUALITY_GATE_FAILED = 3  # the compressed model is worse than spec.evaluation allows
+
+
+PERMANENT_EXIT_CODES = (ExitCode.INVALID_INPUT, ExitCode.QUALITY_GATE_FAILED)
+
+
+class PodPath:
+    """Where the runner pod keeps things; the runner reads each one from its `Env` variable."""
+
+    TERMINATION_LOG = "/dev/termination-log"
+    PVC_ROOT = "/mnt/pvc"
+    SCRATCH = "/scratch"
+    RECIPE_DIR = "/etc/modelpress/recipe"  # where the recipe ConfigMap is mounted
+    RECIPE_NAME = "recipe.yaml"  # the file the ConfigMap's key becomes there
+    RECIPE_FILE = f"{RECIPE_DIR}/{RECIPE_NAME}"
+
+
+class Env:
+    """Names of the environment variables the operator sets and the runner reads."""
+
+    SPEC = "MODELPRESS_SPEC"
+    SPEC_FILE = "MODELPRESS_SPEC_FILE"
+    SCRATCH = "MODELPRESS_SCRATCH"
+    PVC_ROOT = "MODELPRESS_PVC_ROOT"
+    TERMINATION_LOG = "MODELPRESS_TERMINATION_LOG"
+    RECIPE_FILE = "MODELPRESS_RECIPE_FILE"
+    HF_TOKEN = "HF_TOKEN"
+
+
+def pvc_mount(claim: str, pvc_root: str = PodPath.PVC_ROOT) -> str:
+    """Where the pod mounts a claim: the Job builder mounts it there and the runner looks there."""
+    return f"{pvc_root.rstrip('/')}/{claim}"
+
+
+class S3Key:
+    """The keys of an OpenShift AI S3 connection Secret."""
+
+    ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
+    SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+    ENDPOINT = "AWS_S3_ENDPOINT"
+    BUCKET = "AWS_S3_BUCKET"
+    REGION = "AWS_DEFAULT_REGION"
+    USE_PATH_STYLE = "AWS_S3_USE_PATH_STYLE"
+    VERIFY_SSL = "AWS_S3_VERIFY_SSL"
+    CA_BUNDLE = "AWS_CA_BUNDLE"
+
+
+# The operator checks a connection Secret holds these before it creates the Job.
+S3_REQUIRED_KEYS = (S3Key.ACCESS_KEY_ID, S3Key.SECRET_ACCESS_KEY, S3Key.ENDPOINT)
+# Keys that say which store and whose account: any one of them in plain env makes a connection.
+S3_IDENTITY_KEYS = (*S3_REQUIRED_KEYS, S3Key.BUCKET, S3Key.REGION)
+# Keys that only say how to reach the store; the bucket itself always comes from the s3:// URI.
+S3_TRANSPORT_KEYS = (S3Key.USE_PATH_STYLE, S3Key.VERIFY_SSL, S3Key.CA_BUNDLE)
+S3_KEYS = (*S3_IDENTITY_KEYS, *S3_TRANSPORT_KEYS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """One use of an S3 connection: the env prefix of its keys and the spec field naming its Secret."""
+
+    name: str
+    prefix: str
+    connection_field: str
+
+
+ROLES = (
+    Role("model", "MODEL_", "spec.model.connection"),
+    Role("data", "DATA_", "spec.calibration.connection"),
+    Role("output", "OUTPUT_", "spec.output.connection"),
+)
+ROLE = {role.name: role for role in ROLES}
+
+
+Scheme = Literal["hf", "s3", "pvc", "local"]
+REMOTE_SCHEMES: tuple[Scheme, ...] = ("hf", "s3", "pvc")
+
+
+class UnsupportedScheme(ValueError):
+    """A URI whose scheme is none of REMOTE_SCHEMES."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Uri:
+    """A model, data or output location, parsed once by `parse_uri`.
+
+    `root` is the hub repository id (hf), the bucket (s3) or the claim (pvc), empty for a local
+    path; `path` is the key or prefix inside the bucket, the path inside the claim, or the local
+    path itself.
+    """
+
+    scheme: Scheme
+    root: str
+    path: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_uri(text: str) -> Uri:
+    """`s3://bucket/a/b` -> Uri("s3", "bucket", "a/b"); text without `://` is a local path."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return Uri("local", "", text, text)
+    if scheme not in REMOTE_SCHEMES:
+        raise UnsupportedScheme(f"unsupported scheme {scheme}://")
+    head, _, tail = rest.partition("/")
+    if not head:
+        raise ValueError(f"{scheme}:// needs a name after it, as in {scheme}://name/path")
+    if scheme == "hf":
+        return Uri("hf", rest.rstrip("/"), "", text)
+    return Uri(scheme, head, tail.strip("/"), text)  # type: ignore[arg-type]
+
+
+def scheme_of(text: str) -> Scheme:
+    """The scheme of a URI the spec has already validated."""
+    return parse_uri(text).scheme
+
+
+def _check_uri(value: str, allowed: tuple[Scheme, ...]) -> str:
+    """The spec's check of a URI: it parses, with a scheme this field takes."""
+    hint = ", ".join(f"{s}://…" for s in allowed if s != "local")
+    try:
+        scheme = parse_uri(value).scheme
+    except UnsupportedScheme:
+        scheme = None
+    if scheme not in allowed:
+        raise ValueError(f"unsupported scheme; use {hint} or a path")
     return value
 
 
-ModelUri = Annotated[Uri, AfterValidator(lambda v: _check_uri(v, URI_SCHEMES))]
-OutputUri = Annotated[Uri, AfterValidator(lambda v: _check_uri(v, ("s3://", "pvc://")))]
-DataUri = Annotated[Uri, AfterValidator(lambda v: _check_uri(v, ("hf://", "s3://")))]
+# --- the CompressionJob -----------------------------------------------------------------------------
+
+ModelUri = Annotated[UriText, AfterValidator(lambda v: _check_uri(v, ("hf", "s3", "pvc", "local")))]
+OutputUri = Annotated[UriText, AfterValidator(lambda v: _check_uri(v, ("s3", "pvc", "local")))]
+DataUri = Annotated[UriText, AfterValidator(lambda v: _check_uri(v, ("hf", "s3", "local")))]
 
 
 class KeyRef(Strict):
@@ -113,27 +246,30 @@ class ModelSource(Strict):
     uri: ModelUri = Field(description="hf://org/name, s3://bucket/prefix, pvc://claim/path, or a local path")
     revision: Short | None = Field(None, description="hub branch, tag or commit (hf:// only)")
     connection: Name | None = Field(None, description="OpenShift AI S3 connection Secret (s3:// only)")
-    token_secret: KeyRef | None = Field(None, description="Secret key holding HF_TOKEN (hf:// only)")
+    token_secret: KeyRef | None = Field(None, description=f"Secret key holding {Env.HF_TOKEN} (hf:// only)")
     trust_remote_code: bool = Field(False, description="run the model repository's own Python code")
 
     @model_validator(mode="after")
     def _fits_scheme(self) -> "ModelSource":
-        if self.revision is not None and not self.uri.startswith("hf://"):
+        if self.revision is not None and scheme_of(self.uri) != "hf":
             raise SpecProblem("revision", "only applies to hf:// models; remove it")
-        if self.token_secret is not None and not self.uri.startswith("hf://"):
+        if self.token_secret is not None and scheme_of(self.uri) != "hf":
             raise SpecProblem("tokenSecret", "only applies to hf:// models; remove it")
-        if self.connection is not None and not self.uri.startswith("s3://"):
+        if self.connection is not None and scheme_of(self.uri) != "s3":
             raise SpecProblem("connection", "only applies to s3:// models; remove it")
         return self
 
 
-# Quantization schemes, as llm-compressor names them.
-Preset = Literal["W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC"]
+# Quantization schemes, as compressed-tensors names them (INT8 is its alias of W8A8). The engine
+# accepts exactly these, so a preset the spec allows is one the engine writes.
+Preset = Literal["W4A16", "W4A16_ASYM", "W8A16", "W8A8", "INT8", "FP8", "FP8_DYNAMIC"]
 Algorithm = Literal["RTN", "GPTQ", "AWQ", "SmoothQuant+GPTQ", "SparseGPT+GPTQ"]
 PRESETS: tuple[str, ...] = get_args(Preset)
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 # RTN reads calibration data only for static activation scales; every other algorithm always does.
 STATIC_ACTIVATION_PRESETS = {"FP8"}
+# Modules a preset leaves in full precision unless the job says otherwise.
+DEFAULT_IGNORE = ("lm_head",)
 
 
 class Recipe(Strict):
@@ -143,7 +279,7 @@ class Recipe(Strict):
     algorithm: Algorithm = "GPTQ"
     group_size: Annotated[int, Field(ge=8, le=4096)] | None = Field(None, description="override the preset's group size")
     ignore: Annotated[list[Short], Field(max_length=256)] = Field(
-        default_factory=lambda: ["lm_head"], description="modules left in full precision (names, re: patterns)"
+        default_factory=lambda: list(DEFAULT_IGNORE), description="modules left in full precision (names, re: patterns)"
     )
     modifiers: Annotated[dict[str, Any], Field(max_length=32)] | None = Field(
         None, description="an llm-compressor recipe: stages of modifier groups"
@@ -214,7 +350,7 @@ class Output(Strict):
 
     @model_validator(mode="after")
     def _fits_scheme(self) -> "Output":
-        if self.connection is not None and not self.uri.startswith("s3://"):
+        if self.connection is not None and scheme_of(self.uri) != "s3":
             raise SpecProblem("connection", "only applies to s3:// outputs; remove it")
         return self
 
@@ -269,6 +405,32 @@ class JobSpec(Strict):
                 f"give a dataset or {SELF_GENERATED}",
             )
         return self
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionUse:
+    """One role's connection Secret (None: not named) and the URIs it serves, by their spec field."""
+
+    role: Role
+    secret: str | None
+    uris: tuple[tuple[str, str], ...]
+
+    @property
+    def needed(self) -> bool:
+        """Whether the role reads or writes S3 at all."""
+        return any(scheme_of(uri) == "s3" for _, uri in self.uris)
+
+
+def connection_uses(spec: JobSpec) -> tuple[ConnectionUse, ...]:
+    """Each role of ROLES with the spec's connection and URIs for it, in the order of ROLES."""
+    ppl = spec.evaluation.perplexity
+    data = (("spec.calibration.dataset", spec.calibration.dataset),
+            ("spec.evaluation.perplexity.dataset", ppl.dataset if ppl else None))
+    return (
+        ConnectionUse(ROLE["model"], spec.model.connection, (("spec.model.uri", spec.model.uri),)),
+        ConnectionUse(ROLE["data"], spec.calibration.connection, tuple((f, uri) for f, uri in data if uri)),
+        ConnectionUse(ROLE["output"], spec.output.connection, (("spec.output.uri", spec.output.uri),)),
+    )
 
 
 class ObjectMeta(BaseModel):
@@ -338,3 +500,165 @@ _PATTERN_HINTS = {
     QUANTITY: "use a Kubernetes quantity such as 4, 500m, 16Gi",
 }
 
+
+
+# --- the runner's events ---------------------------------------------------------------------------
+# The runner writes each event as one JSON line on stdout and the last one to the termination
+# message; the operator reads them back with `parse_event`. Readers ignore fields they do not
+# know, so an operator keeps reading a newer runner's output (`runtime.image` may differ).
+
+
+class Wire(BaseModel):
+    """camelCase on the wire, like the spec; unknown fields are ignored when read."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
+
+    def to_json(self) -> str:
+        """The event as the runner writes it: camelCase, compact, without fields it has no value for."""
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+class ProgressEvent(Wire):
+    """How far a long stage is: layers for compression, bytes for transfers."""
+
+    event: Literal["progress"] = "progress"
+    stage: str
+    percent: float
+    layer: int | None = None
+    layers: int | None = None
+    bytes: int | None = None
+    total_bytes: int | None = None
+    eta_seconds: int | None = None
+
+
+class StageEvent(Wire):
+    """A stage begins; `uri`, `dataset` or `model` say what it works on."""
+
+    event: Literal["stage"] = "stage"
+    stage: str
+    uri: str | None = None
+    dataset: str | None = None
+    model: Literal["original", "compressed"] | None = None
+
+
+class TransferEvent(Wire):
+    """What a download moved, and what it could skip or resume from an earlier try."""
+
+    event: Literal["transfer"] = "transfer"
+    stage: str
+    files: int
+    bytes: int
+    skipped_files: int
+    resumed_bytes: int
+
+
+class JobRef(Wire):
+    name: str
+    namespace: str | None = None
+    uid: str | None = None
+
+
+class ModelRef(Wire):
+    uri: str
+    revision: str | None = None
+
+
+class OutputRef(Wire):
+    uri: str
+    files: int | None = None
+    uploaded_bytes: int | None = None
+
+
+class RecipeRef(Wire):
+    summary: str
+    modifiers: list[str]
+
+
+class CalibrationRef(Wire):
+    dataset: str | None
+    samples: int
+
+
+class Sizes(Wire):
+    original_bytes: int
+    compressed_bytes: int
+    ratio: float
+
+
+class Gate(Wire):
+    max_perplexity_increase: float
+    passed: bool
+
+
+class Metrics(Wire):
+    perplexity_original: float | None = None
+    perplexity_compressed: float | None = None
+    perplexity_increase_percent: float | None = None
+    gate: Gate | None = None
+
+
+class Answer(Wire):
+    prompt: str
+    original: str
+    compressed: str
+
+
+class RunReport(Wire):
+    """What a run made and how good it is: whole in a result, as far as it got in a failure.
+
+    Every field may be missing when read: a termination message that would pass Kubernetes'
+    limit keeps only its most useful fields.
+    """
+
+    job: JobRef | None = None
+    model: ModelRef | None = None
+    output: OutputRef | None = None
+    recipe: RecipeRef | None = None
+    calibration: CalibrationRef | None = None
+    sizes: Sizes | None = None
+    metrics: Metrics | None = None
+    answers: list[Answer] | None = None
+    resumed_compression: bool | None = None
+    versions: dict[str, str] | None = None
+    durations_s: dict[str, float] | None = Field(None, description="seconds by stage, and in all as `total`")
+
+
+class ResultEvent(RunReport):
+    """The job succeeded: the model is published at output.uri."""
+
+    event: Literal["result"] = "result"
+    status: Literal["Succeeded"] = "Succeeded"
+
+
+FailureReason = Literal["InvalidSpec", "InvalidInput", "QualityGateFailed", "Error"]
+# The reason a permanent exit code stands for, when the runner's own message is lost.
+EXIT_REASONS: dict[ExitCode, FailureReason] = {
+    ExitCode.INVALID_INPUT: "InvalidInput",
+    ExitCode.QUALITY_GATE_FAILED: "QualityGateFailed",
+}
+
+
+class FailureEvent(RunReport):
+    """The job failed: why (for tools), the one-line message (for people) and the exit code."""
+
+    event: Literal["failure"] = "failure"
+    status: Literal["Failed"] = "Failed"
+    reason: FailureReason
+    exit_code: ExitCode
+    message: str
+    problems: list[str] | None = Field(None, description="every problem of an invalid spec, each naming its field")
+
+
+Event = Annotated[ProgressEvent | StageEvent | TransferEvent | ResultEvent | FailureEvent, Field(discriminator="event")]
+_EVENT = TypeAdapter(Event)
+
+
+def parse_event(line: str) -> ProgressEvent | StageEvent | TransferEvent | ResultEvent | FailureEvent | None:
+    """One line of the runner's output as its event; None for anything else (logs, broken lines)."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        return _EVENT.validate_json(line)
+    except (ValidationError, ValueError):
+        return None

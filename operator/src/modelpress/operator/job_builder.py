@@ -1,8 +1,8 @@
 """The runner Job for a CompressionJob, built by pure functions from the resource and the settings.
 
 The pod follows the runner's contract (see `modelpress.contract`): the job document as JSON in
-`MODELPRESS_SPEC`, each S3 connection's keys as `secretKeyRef` env prefixed by the connection's
-role, the hub token as `HF_TOKEN`, scratch space and caches on one volume, the result in the
+`Env.SPEC`, each S3 connection's keys as `secretKeyRef` env prefixed by the connection's
+role, the hub token as `Env.HF_TOKEN`, scratch space and caches on one volume, the result in the
 termination message. Secret values never appear in the manifest, only references to them.
 """
 
@@ -12,40 +12,23 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from modelpress.operator.config import OperatorConfig
-from modelpress.contract import API_VERSION, KIND, CompressionJob
+from modelpress.contract import (API_VERSION, KIND, PERMANENT_EXIT_CODES, S3_KEYS, S3_REQUIRED_KEYS, CompressionJob, Env,
+                                 PodPath, S3Key, connection_uses, parse_uri, pvc_mount)
 
 CONTAINER = "runner"
 LABEL_JOB = "modelpress.dev/compressionjob-name"
 KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
 MAX_NAME = 63  # a Job's name becomes a pod label value
-SCRATCH = "/scratch"
-RECIPE_DIR = "/etc/modelpress/recipe"
-PVC_ROOT = "/mnt/pvc"
-TERMINATION_LOG = "/dev/termination-log"
-EXIT_INVALID_INPUT = 2
-EXIT_GATE_FAILED = 3
-
-# OpenShift AI S3 connection keys: (key, required). The bucket comes from the s3:// URI.
-CONNECTION_KEYS = (
-    ("AWS_ACCESS_KEY_ID", True),
-    ("AWS_SECRET_ACCESS_KEY", True),
-    ("AWS_S3_ENDPOINT", True),
-    ("AWS_S3_BUCKET", False),
-    ("AWS_DEFAULT_REGION", False),
-    ("AWS_S3_USE_PATH_STYLE", False),
-    ("AWS_S3_VERIFY_SSL", False),
-)
-REQUIRED_CONNECTION_KEYS = tuple(key for key, required in CONNECTION_KEYS if required)
 
 # Where each cache lives on the scratch volume: the image filesystem is not writable under restricted-v2.
 CACHE_ENV = {
-    "HOME": f"{SCRATCH}/home",
-    "HF_HOME": f"{SCRATCH}/huggingface",
-    "XDG_CACHE_HOME": f"{SCRATCH}/cache",
-    "TRITON_CACHE_DIR": f"{SCRATCH}/cache/triton",
-    "TORCHINDUCTOR_CACHE_DIR": f"{SCRATCH}/cache/torchinductor",
-    "NUMBA_CACHE_DIR": f"{SCRATCH}/cache/numba",
-    "MPLCONFIGDIR": f"{SCRATCH}/cache/matplotlib",
+    "HOME": f"{PodPath.SCRATCH}/home",
+    "HF_HOME": f"{PodPath.SCRATCH}/huggingface",
+    "XDG_CACHE_HOME": f"{PodPath.SCRATCH}/cache",
+    "TRITON_CACHE_DIR": f"{PodPath.SCRATCH}/cache/triton",
+    "TORCHINDUCTOR_CACHE_DIR": f"{PodPath.SCRATCH}/cache/torchinductor",
+    "NUMBA_CACHE_DIR": f"{PodPath.SCRATCH}/cache/numba",
+    "MPLCONFIGDIR": f"{PodPath.SCRATCH}/cache/matplotlib",
 }
 
 # The injected bundle (system roots plus cluster CAs) and where OpenShift AI's convention mounts each key.
@@ -66,17 +49,15 @@ def job_name(cr_name: str) -> str:
 
 
 def connection_roles(job: CompressionJob) -> dict[str, str]:
-    """Env prefix -> connection Secret name, for every S3 connection the job uses."""
-    spec = job.spec
-    roles = {"MODEL_": spec.model.connection, "DATA_": spec.calibration.connection, "OUTPUT_": spec.output.connection}
-    return {prefix: secret for prefix, secret in roles.items() if secret is not None}
+    """Env prefix -> connection Secret name, for every S3 connection the job names."""
+    return {use.role.prefix: use.secret for use in connection_uses(job.spec) if use.secret is not None}
 
 
 def secret_refs(job: CompressionJob) -> dict[str, list[str]]:
     """Secret name -> keys the pod reads from it (what the operator checks before creating the Job)."""
     refs: dict[str, list[str]] = {}
     for secret in connection_roles(job).values():
-        refs.setdefault(secret, []).extend(k for k in REQUIRED_CONNECTION_KEYS if k not in refs.get(secret, []))
+        refs.setdefault(secret, []).extend(k for k in S3_REQUIRED_KEYS if k not in refs.get(secret, []))
     if job.spec.model.token_secret is not None:
         ref = job.spec.model.token_secret
         refs.setdefault(ref.name, []).append(ref.key)
@@ -138,33 +119,33 @@ def _secret_env(name: str, secret: str, key: str, optional: bool) -> dict[str, A
 def _pvc_claims(job: CompressionJob) -> dict[str, bool]:
     """PVC claim -> whether the pod only reads it (pvc:// model is read, pvc:// output is written)."""
     claims: dict[str, bool] = {}
-    for uri, read_only in ((job.spec.model.uri, True), (job.spec.output.uri, False)):
-        if uri.startswith("pvc://"):
-            claim = uri[len("pvc://"):].split("/", 1)[0]
-            claims[claim] = claims.get(claim, True) and read_only
+    for text, read_only in ((job.spec.model.uri, True), (job.spec.output.uri, False)):
+        uri = parse_uri(text)
+        if uri.scheme == "pvc":
+            claims[uri.root] = claims.get(uri.root, True) and read_only
     return claims
 
 
 def build_env(body: Mapping[str, Any], job: CompressionJob, config: OperatorConfig,
               ca_bundle_keys: Collection[str] = ()) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        {"name": "MODELPRESS_SPEC", "value": runner_document(body)},
-        {"name": "MODELPRESS_SCRATCH", "value": SCRATCH},
-        {"name": "MODELPRESS_PVC_ROOT", "value": PVC_ROOT},
-        {"name": "MODELPRESS_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": Env.SPEC, "value": runner_document(body)},
+        {"name": Env.SCRATCH, "value": PodPath.SCRATCH},
+        {"name": Env.PVC_ROOT, "value": PodPath.PVC_ROOT},
+        {"name": Env.TERMINATION_LOG, "value": PodPath.TERMINATION_LOG},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     env += [{"name": key, "value": value} for key, value in CACHE_ENV.items()]
     for prefix, secret in connection_roles(job).items():
-        env += [_secret_env(prefix + key, secret, key, not required) for key, required in CONNECTION_KEYS]
+        env += [_secret_env(prefix + key, secret, key, key not in S3_REQUIRED_KEYS) for key in S3_KEYS]
     if job.spec.model.token_secret is not None:
         ref = job.spec.model.token_secret
-        env.append(_secret_env("HF_TOKEN", ref.name, ref.key, optional=False))
+        env.append(_secret_env(Env.HF_TOKEN, ref.name, ref.key, optional=False))
     if job.spec.recipe.config_map is not None:
-        env.append({"name": "MODELPRESS_RECIPE_FILE", "value": f"{RECIPE_DIR}/recipe.yaml"})
+        env.append({"name": Env.RECIPE_FILE, "value": PodPath.RECIPE_FILE})
     if "ca-bundle.crt" in ca_bundle_keys:
         bundle = CA_MOUNTS["ca-bundle.crt"]
-        env += [{"name": name, "value": bundle} for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE")]
+        env += [{"name": name, "value": bundle} for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", S3Key.CA_BUNDLE)]
     env += [{"name": key, "value": value} for key, value in sorted(config.proxy_env.items())]
     return env
 
@@ -174,7 +155,7 @@ def build_volumes(job: CompressionJob, config: OperatorConfig,
     """The pod's volumes and the runner container's mounts."""
     resources = job.spec.runtime.resources
     volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm}}]
-    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": SCRATCH}]
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": PodPath.SCRATCH}]
     if config.scratch_volume == "emptyDir":
         volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": resources.scratch}})
     else:
@@ -185,11 +166,11 @@ def build_volumes(job: CompressionJob, config: OperatorConfig,
             "metadata": {"labels": {"app.kubernetes.io/part-of": "modelpress"}}, "spec": claim}}})
     if job.spec.recipe.config_map is not None:
         ref = job.spec.recipe.config_map
-        volumes.append({"name": "recipe", "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": "recipe.yaml"}]}})
-        mounts.append({"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True})
+        volumes.append({"name": "recipe", "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": PodPath.RECIPE_NAME}]}})
+        mounts.append({"name": "recipe", "mountPath": PodPath.RECIPE_DIR, "readOnly": True})
     for index, (claim_name, read_only) in enumerate(sorted(_pvc_claims(job).items())):
         volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim_name, "readOnly": read_only}})
-        mounts.append({"name": f"pvc-{index}", "mountPath": f"{PVC_ROOT}/{claim_name}", "readOnly": read_only})
+        mounts.append({"name": f"pvc-{index}", "mountPath": pvc_mount(claim_name), "readOnly": read_only})
     keys = [key for key in CA_MOUNTS if key in ca_bundle_keys]
     if keys:
         volumes.append({"name": "trusted-ca", "configMap": {
@@ -224,7 +205,7 @@ def pod_failure_policy() -> dict[str, Any]:
     """Invalid input and a failed quality gate fail the Job at once; evictions do not count as retries."""
     return {"rules": [
         {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                              "values": [EXIT_INVALID_INPUT, EXIT_GATE_FAILED]}},
+                                              "values": [int(code) for code in PERMANENT_EXIT_CODES]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
 
@@ -245,7 +226,7 @@ def build_job(body: Mapping[str, Any], job: CompressionJob, config: OperatorConf
         "env": build_env(body, job, config, ca_bundle_keys),
         "resources": build_resources(job, config),
         "volumeMounts": mounts,
-        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePath": PodPath.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,

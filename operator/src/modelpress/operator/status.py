@@ -6,13 +6,14 @@ condition (Unknown while running, True or False at the end).
 """
 
 import datetime
-import json
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from modelpress.contract import EXIT_REASONS, PERMANENT_EXIT_CODES, FailureEvent, ProgressEvent, ResultEvent, parse_event
 
 Phase = Literal["Pending", "Queued", "Suspended", "Running", "Succeeded", "Failed"]
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -142,9 +143,9 @@ def failure_reason(job_reason: str | None, terminated: Mapping[str, Any] | None)
         if terminated.get("reason") == "OOMKilled":
             return "OOMKilled"
         exit_code = terminated.get("exitCode")
-        if exit_code in (2, 3):
-            report = runner_report(terminated.get("message")) or {}
-            return report.get("reason") or ("InvalidInput" if exit_code == 2 else "QualityGateFailed")
+        if exit_code in PERMANENT_EXIT_CODES:
+            report = runner_report(terminated.get("message"))
+            return report.reason if isinstance(report, FailureEvent) else EXIT_REASONS[exit_code]
     return job_reason or "JobFailed"
 
 
@@ -152,8 +153,8 @@ def failure_message(terminated: Mapping[str, Any] | None, fallback: str) -> str:
     """The runner's one-line message when it wrote one, else what the pod or the Job said."""
     raw = (terminated or {}).get("message") or ""
     report = runner_report(raw)
-    if report is not None and report.get("message"):
-        return str(report["message"])[:4096]
+    if isinstance(report, FailureEvent) and report.message:
+        return report.message[:4096]
     return (raw.strip() or fallback)[:4096]
 
 
@@ -185,24 +186,17 @@ def observe(job: Mapping[str, Any] | None, pods: list[Mapping[str, Any]], kueue:
 
 
 def parse_progress(log_tail: str, previous: Mapping[str, Any] | None = None) -> Progress | None:
-    """The last `{"event": "progress"}` line of the runner's output; keeps the old time if nothing moved."""
+    """The last ProgressEvent in the runner's output; keeps the old time if nothing moved."""
     for line in reversed(log_tail.splitlines()):
-        line = line.strip()
-        if not line.startswith("{"):
+        event = parse_event(line)
+        if not isinstance(event, ProgressEvent):
             continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(event, dict) or event.get("event") != "progress":
-            continue
-        percent = event.get("percent")
         progress = Progress(
-            stage=str(event["stage"])[:1024] if event.get("stage") is not None else None,
-            percent=max(0, min(100, round(percent))) if isinstance(percent, (int, float)) else None,
-            layers_done=_count(event.get("layer")),
-            layers_total=_count(event.get("layers")),
-            estimated_remaining_seconds=_count(event.get("eta_s")),
+            stage=event.stage[:1024],
+            percent=max(0, min(100, round(event.percent))),
+            layers_done=_count(event.layer),
+            layers_total=_count(event.layers),
+            estimated_remaining_seconds=_count(event.eta_seconds),
         )
         old = Progress.model_validate(previous) if previous else None
         same = old is not None and old.model_copy(update={"last_update_time": None}) == progress
@@ -210,44 +204,37 @@ def parse_progress(log_tail: str, previous: Mapping[str, Any] | None = None) -> 
     return None
 
 
-def _count(value: Any) -> int | None:
-    return max(0, int(round(value))) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def _count(value: float | None) -> int | None:
+    return None if value is None else max(0, int(round(value)))
 
 
-def runner_report(message: str | None) -> dict[str, Any] | None:
-    """The runner's last JSON object (termination message: `{"event": "result" | "failure", ...}`)."""
+def runner_report(message: str | None) -> ResultEvent | FailureEvent | None:
+    """The runner's last ResultEvent or FailureEvent (its termination message)."""
     for line in reversed((message or "").strip().splitlines()):
-        try:
-            report = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(report, dict) and report.get("event") in ("result", "failure"):
-            return report
+        event = parse_event(line)
+        if isinstance(event, (ResultEvent, FailureEvent)):
+            return event
     return None
 
 
 def parse_result(message: str | None) -> Result | None:
-    """status.result from the runner's result: output URI, sizes, ratio, total time, metrics."""
+    """status.result from the runner's ResultEvent: output URI, sizes, ratio, total time, metrics."""
     report = runner_report(message)
-    if report is None or report.get("event") != "result":
+    if not isinstance(report, ResultEvent):
         return None
-    sizes = report.get("sizes") or {}
-    total = (report.get("durationsS") or {}).get("total")
+    sizes = report.sizes
     return Result(
-        uri=(report.get("output") or {}).get("uri"),
-        original_size_bytes=sizes.get("originalBytes"),
-        compressed_size_bytes=sizes.get("compressedBytes"),
-        ratio=sizes.get("ratio"),
-        duration_seconds=total,
-        metrics=_metrics(report.get("metrics"), "")[:16],
+        uri=report.output.uri if report.output else None,
+        original_size_bytes=sizes.original_bytes if sizes else None,
+        compressed_size_bytes=sizes.compressed_bytes if sizes else None,
+        ratio=sizes.ratio if sizes else None,
+        duration_seconds=(report.durations_s or {}).get("total"),
+        metrics=_metrics(report.metrics.model_dump(by_alias=True, exclude_none=True) if report.metrics else {}, "")[:16],
     )
 
 
 def _metrics(value: Any, prefix: str) -> list[Metric]:
-    """Numbers in a (nested) dict or a [{name, value}] list, flattened to `a.b` names."""
-    if isinstance(value, list):
-        return [Metric(name=str(m["name"])[:128], value=float(m["value"])) for m in value
-                if isinstance(m, dict) and isinstance(m.get("value"), (int, float))]
+    """The numbers of a nested dict, flattened to `a.b` names (booleans are not numbers here)."""
     if isinstance(value, dict):
         found: list[Metric] = []
         for key, item in value.items():

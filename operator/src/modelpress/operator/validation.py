@@ -9,11 +9,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from modelpress.operator.job_builder import configmap_refs, secret_refs
-from modelpress.contract import API_VERSION, KIND, SELF_GENERATED, CompressionJob, InvalidSpec, parse_job
+from modelpress.contract import (API_VERSION, K8S_NAME, KIND, SELF_GENERATED, CompressionJob, InvalidSpec, connection_uses,
+                                 parse_job, parse_uri)
 
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+CLAIM = re.compile(K8S_NAME)
 
 
 class SpecRejected(ValueError):
@@ -33,49 +34,39 @@ def parse(body: Mapping[str, Any]) -> CompressionJob:
     return job
 
 
-def _uri_problem(field: str, uri: str, connection: str | None, connection_field: str) -> list[str]:
-    if uri.startswith("s3://"):
-        bucket, _, prefix = uri[len("s3://"):].partition("/")
+def _uri_problem(field: str, text: str, connection: str | None, connection_field: str) -> list[str]:
+    uri = parse_uri(text)
+    if uri.scheme == "s3":
         found = []
-        if not BUCKET.match(bucket):
-            found.append(f"{field}: {bucket!r} is not an S3 bucket name; use s3://bucket/prefix")
+        if not BUCKET.match(uri.root):
+            found.append(f"{field}: {uri.root!r} is not an S3 bucket name; use s3://bucket/prefix")
         if connection is None:
             found.append(f"{connection_field}: {uri} needs an S3 connection Secret; name one")
         return found
-    if uri.startswith("hf://"):
-        repo = uri[len("hf://"):]
-        return [] if HUB_ID.match(repo) else [f"{field}: {repo!r} is not a hub id; use hf://org/name"]
-    if uri.startswith("pvc://"):
-        claim, _, path = uri[len("pvc://"):].partition("/")
-        return [] if CLAIM.match(claim) else [f"{field}: {claim!r} is not a PVC name; use pvc://claim/path"]
+    if uri.scheme == "hf":
+        return [] if HUB_ID.match(uri.root) else [f"{field}: {uri.root!r} is not a hub id; use hf://org/name"]
+    if uri.scheme == "pvc":
+        return [] if CLAIM.match(uri.root) else [f"{field}: {uri.root!r} is not a PVC name; use pvc://claim/path"]
     return []
 
 
 def uri_problems(job: CompressionJob) -> list[str]:
     """URIs that do not parse, S3 URIs without a connection, and outputs that would die with the pod."""
-    spec = job.spec
-    found = _uri_problem("spec.model.uri", spec.model.uri, spec.model.connection, "spec.model.connection")
-    found += _uri_problem("spec.output.uri", spec.output.uri, spec.output.connection, "spec.output.connection")
-    if "://" not in spec.output.uri:
-        found.append(f"spec.output.uri: a local path is lost with the pod; use s3://bucket/prefix or pvc://claim/path")
-    elif spec.output.uri.startswith("s3://") and not spec.output.uri[len("s3://"):].partition("/")[2].strip("/"):
+    found = [problem for use in connection_uses(job.spec) for field, uri in use.uris if uri != SELF_GENERATED
+             for problem in _uri_problem(field, uri, use.secret, use.role.connection_field)]
+    output = parse_uri(job.spec.output.uri)
+    if output.scheme == "local":
+        found.append("spec.output.uri: a local path is lost with the pod; use s3://bucket/prefix or pvc://claim/path")
+    elif output.scheme == "s3" and not output.path:
         found.append("spec.output.uri: give a prefix inside the bucket, as in s3://bucket/model-name")
-    data = [("spec.calibration.dataset", spec.calibration.dataset)]
-    if spec.evaluation.perplexity is not None:
-        data.append(("spec.evaluation.perplexity.dataset", spec.evaluation.perplexity.dataset))
-    for field, uri in data:
-        if uri and uri != SELF_GENERATED:
-            found += _uri_problem(field, uri, spec.calibration.connection, "spec.calibration.connection")
     return found
 
 
 def _field_of(job: CompressionJob, secret: str) -> str:
-    spec = job.spec
-    for field, name in (("spec.model.connection", spec.model.connection),
-                        ("spec.calibration.connection", spec.calibration.connection),
-                        ("spec.output.connection", spec.output.connection)):
-        if name == secret:
-            return field
+    """The spec field naming a Secret: a connection, else the hub token."""
+    for use in connection_uses(job.spec):
+        if use.secret == secret:
+            return use.role.connection_field
     return "spec.model.tokenSecret"
 
 

@@ -19,9 +19,10 @@ from compressed_tensors.quantization import (
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from pydantic import ValidationError
 
+from modelpress.contract import PRESETS
 from modelpress.engine.errors import ModelPressError
 
-SUPPORTED_PRESETS = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "INT8", "FP8", "FP8_DYNAMIC")
+SUPPORTED_PRESETS = PRESETS  # the CompressionJob's list, so the spec and the engine accept the same names
 SchemeInput = str | dict[str, Any] | QuantizationScheme
 
 

@@ -1,9 +1,8 @@
 """`modelpress` command line: run a CompressionJob, compress a model directly, or write the SmolLM2 fixture.
 
 `modelpress run JOB.yaml` runs a job here exactly as a runner pod would; with no file it reads the
-job from env `MODELPRESS_SPEC` (JSON) or the file named by `MODELPRESS_SPEC_FILE`, as in the pod
-(`python -m modelpress.runner`). Exit codes: 0 done, 2 invalid spec or input, 3 quality gate
-failed, 1 anything else; the last stderr line says why.
+job from the environment, as in the pod (`python -m modelpress.runner`). It exits with the
+contract's `ExitCode`; the last stderr line says why.
 """
 
 import argparse
@@ -12,16 +11,15 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from modelpress.contract import (DEFAULT_IGNORE, Env, ExitCode, FailureEvent, FailureReason, InvalidSpec, PodPath, ResultEvent,
+                                 RunReport, parse_job)
 from modelpress.engine.errors import ModelPressError
-
-PRESET_IGNORE = ["lm_head"]
-TERMINATION_LOG = "/dev/termination-log"
-EXIT_INVALID, EXIT_GATE, EXIT_FAILED = 2, 3, 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,11 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--max-seq-length", type=int, default=2048, help="tokens per sample (default 2048)")
     compress.add_argument("--device", help="cpu or cuda (default: cuda when present)")
 
-    job = commands.add_parser("run", help="run a CompressionJob (a manifest, or MODELPRESS_SPEC / MODELPRESS_SPEC_FILE)")
+    job = commands.add_parser("run", help=f"run a CompressionJob (a manifest, or {Env.SPEC} / {Env.SPEC_FILE})")
     job.add_argument("job", nargs="?", help="CompressionJob YAML; may also hold the Secrets and ConfigMaps it names")
     job.add_argument("--secrets", action="append", default=[], type=Path, help="YAML of Secrets/ConfigMaps the job names")
-    job.add_argument("--scratch", type=Path, help="work directory (env MODELPRESS_SCRATCH; default ~/.cache/modelpress/jobs)")
-    job.add_argument("--termination-log", help=f"where the result goes (env MODELPRESS_TERMINATION_LOG; default {TERMINATION_LOG})")
+    job.add_argument("--scratch", type=Path, help=f"work directory (env {Env.SCRATCH}; default ~/.cache/modelpress/jobs)")
+    job.add_argument("--termination-log", help=f"where the result goes (env {Env.TERMINATION_LOG}; default {PodPath.TERMINATION_LOG})")
     job.add_argument("--format", choices=["auto", "json", "text"], default="auto", help="stdout: JSON lines, or a summary for people (auto: text on a terminal)")
     job.add_argument("--device", help="cpu or cuda (default: cuda when present)")
 
@@ -56,7 +54,7 @@ def preset_recipe(preset: str, group_size: int | None, observer: str | None) -> 
     from modelpress.engine.recipe import parse_recipe
     from modelpress.runner.presets import preset_document
 
-    return parse_recipe(preset_document(preset, "RTN", PRESET_IGNORE, group_size, observer))
+    return parse_recipe(preset_document(preset, "RTN", list(DEFAULT_IGNORE), group_size, observer))
 
 
 def recipe_argument(recipe: str, group_size: int | None, observer: str | None) -> Any:
@@ -98,16 +96,20 @@ def compress(args: argparse.Namespace) -> None:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
-def _progress_bar():
+def _progress_bar() -> Callable[[Mapping[str, Any]], None]:
+    """A layer bar on stderr for the engine's progress callback."""
     from tqdm import tqdm
+
+    from modelpress.runner.progress import from_engine
 
     bar: dict[str, Any] = {}
 
-    def update(event: dict[str, Any]) -> None:
+    def update(engine_update: Mapping[str, Any]) -> None:
+        event = from_engine(engine_update)
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=event["layers"], desc=event["stage"], unit="layer")
-        bar["bar"].update(event["layer"] - bar["bar"].n)
-        if event["layer"] == event["layers"]:
+            bar["bar"] = tqdm(total=event.layers, desc=event.stage, unit="layer")
+        bar["bar"].update(event.layer - bar["bar"].n)
+        if event.layer == event.layers:
             bar["bar"].close()
 
     return update
@@ -118,13 +120,13 @@ def read_documents(path: str | None, env: dict[str, str]) -> list[Any]:
     try:
         if path:
             return [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d is not None]
-        if env.get("MODELPRESS_SPEC"):
-            return [json.loads(env["MODELPRESS_SPEC"])]
-        if env.get("MODELPRESS_SPEC_FILE"):
-            return [d for d in yaml.safe_load_all(Path(env["MODELPRESS_SPEC_FILE"]).read_text(encoding="utf-8")) if d is not None]
+        if env.get(Env.SPEC):
+            return [json.loads(env[Env.SPEC])]
+        if env.get(Env.SPEC_FILE):
+            return [d for d in yaml.safe_load_all(Path(env[Env.SPEC_FILE]).read_text(encoding="utf-8")) if d is not None]
     except (OSError, yaml.YAMLError, json.JSONDecodeError) as err:
         raise ModelPressError(f"job: cannot read it ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    raise ModelPressError("job: none given; pass JOB.yaml, or set MODELPRESS_SPEC (JSON) or MODELPRESS_SPEC_FILE")
+    raise ModelPressError(f"job: none given; pass JOB.yaml, or set {Env.SPEC} (JSON) or {Env.SPEC_FILE}")
 
 
 def pick_job(documents: list[Any]) -> Any:
@@ -140,7 +142,6 @@ def pick_job(documents: list[Any]) -> Any:
 def run_job_command(args: argparse.Namespace) -> int:
     from modelpress.runner.connections import local_objects, scrub
     from modelpress.runner.progress import Reporter, ScrubFilter, summary, termination_message
-    from modelpress.contract import InvalidSpec, parse_job
 
     env = dict(os.environ)
     text = args.format == "text" or (args.format == "auto" and sys.stdout.isatty())
@@ -153,24 +154,29 @@ def run_job_command(args: argparse.Namespace) -> int:
 
         disable_progress_bars()
         disable_progress_bar()
-    explicit_log = args.termination_log or env.get("MODELPRESS_TERMINATION_LOG")
+    explicit_log = args.termination_log or env.get(Env.TERMINATION_LOG)
 
-    def finish(result: dict[str, Any], code: int, reason: str = "", message: str = "") -> int:
+    def finish(event: ResultEvent | FailureEvent) -> int:
         reporter.close()
-        if code:
-            result = {**result, "event": "failure", "status": "Failed", "reason": reason, "exitCode": code,
-                      "message": scrub(message, reporter.secrets)}
-        reporter.emit(result)
-        if text and "sizes" in result:
-            print(scrub(summary(result), reporter.secrets))
+        reporter.emit(event)
+        if text and event.sizes is not None:
+            print(scrub(summary(event), reporter.secrets))
         try:
-            Path(explicit_log or TERMINATION_LOG).write_text(scrub(termination_message(result), reporter.secrets))
+            Path(explicit_log or PodPath.TERMINATION_LOG).write_text(scrub(termination_message(event), reporter.secrets))
         except OSError as err:
             if explicit_log:  # the default path exists only in a pod
                 print(f"modelpress: warning: cannot write the termination log {explicit_log} ({err.strerror})", file=sys.stderr)
-        if code:
-            print(f"modelpress: error: {scrub(message, reporter.secrets)}", file=sys.stderr)
-        return code
+        if isinstance(event, ResultEvent):
+            return ExitCode.OK
+        print(f"modelpress: error: {event.message}", file=sys.stderr)
+        return event.exit_code
+
+    def fail(code: ExitCode, reason: FailureReason, message: str, report: RunReport | None = None,
+             problems: list[str] | None = None) -> int:
+        """A FailureEvent carrying as much of the run's report as it got to (a failed gate's metrics)."""
+        made = {name: getattr(report, name) for name in RunReport.model_fields} if report is not None else {}
+        return finish(FailureEvent(**made, reason=reason, exit_code=code, message=scrub(message, reporter.secrets),
+                                   problems=problems))
 
     from modelpress.runner.run import Context, GateFailed, run_job
 
@@ -178,21 +184,21 @@ def run_job_command(args: argparse.Namespace) -> int:
         documents = read_documents(args.job, env)
         extra = [d for path in args.secrets for d in read_documents(str(path), env)]
         job = parse_job(pick_job(documents))
-        scratch = args.scratch or Path(env.get("MODELPRESS_SCRATCH") or Path.home() / ".cache" / "modelpress" / "jobs")
+        scratch = args.scratch or Path(env.get(Env.SCRATCH) or Path.home() / ".cache" / "modelpress" / "jobs")
         context = Context(env=env, objects=local_objects(documents + extra), scratch=scratch, reporter=reporter, device=args.device)
-        return finish(run_job(job, context), 0)
+        return finish(run_job(job, context))
     except InvalidSpec as err:
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
-        return finish({"problems": err.problems}, EXIT_INVALID, "InvalidSpec", f"invalid CompressionJob: {err}")
+        return fail(ExitCode.INVALID_INPUT, "InvalidSpec", f"invalid CompressionJob: {err}", problems=err.problems)
     except ModelPressError as err:
-        return finish({}, EXIT_INVALID, "InvalidInput", str(err))
+        return fail(ExitCode.INVALID_INPUT, "InvalidInput", str(err))
     except GateFailed as err:
-        return finish(err.result, EXIT_GATE, "QualityGateFailed", str(err))
-    except Exception as err:  # anything else may be transient: exit 1 lets the Job retry
+        return fail(ExitCode.QUALITY_GATE_FAILED, "QualityGateFailed", str(err), err.result)
+    except Exception as err:  # anything else may be transient: a retryable exit lets the Job retry
         print(scrub(traceback.format_exc(), reporter.secrets), file=sys.stderr, end="")
         why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}"
-        return finish({}, EXIT_FAILED, "Error", why)
+        return fail(ExitCode.RETRYABLE, "Error", why)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             print(smollm2_dir())
     except ModelPressError as err:
         print(f"modelpress: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return ExitCode.INVALID_INPUT
+    return ExitCode.OK
 
 
 def run() -> None:

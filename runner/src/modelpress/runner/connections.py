@@ -1,6 +1,6 @@
 """Credentials and referenced objects: S3 connections, the hub token, and recipe ConfigMaps.
 
-In a pod they arrive as env vars and files (the spec module's docstring has the convention). On a
+In a pod they arrive as env vars and files (`modelpress.contract` has the convention). On a
 laptop the same names resolve from env vars, or from Secret and ConfigMap documents given next to
 the job (in the job file itself or in `--secrets FILE`), so one manifest runs in both places.
 Secret values never leave this module except inside a client; `secret_values` lists them so
@@ -13,11 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from modelpress.engine.errors import ModelPressError
-from modelpress.contract import KeyRef
-
-S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_S3_ENDPOINT", "AWS_S3_BUCKET", "AWS_DEFAULT_REGION")
-OPTIONAL_KEYS = ("AWS_CA_BUNDLE", "AWS_S3_USE_PATH_STYLE", "AWS_S3_VERIFY_SSL")
-ROLE_PREFIX = {"model": "MODEL_", "data": "DATA_", "output": "OUTPUT_"}
+from modelpress.contract import ROLE, S3_IDENTITY_KEYS, S3_KEYS, Env, KeyRef, S3Key
 
 
 @dataclass(frozen=True)
@@ -62,38 +58,39 @@ def local_objects(documents: list[Any]) -> LocalObjects:
 
 def s3_connection(role: str, name: str | None, env: Mapping[str, str], objects: LocalObjects, field_path: str) -> S3Connection:
     """The connection for `role` (model, data, output): prefixed env, else the named local Secret, else plain env."""
-    prefix = ROLE_PREFIX[role]
-    keys = S3_KEYS + OPTIONAL_KEYS
-    if any(prefix + k in env for k in keys):
-        values = {k: env[prefix + k] for k in keys if prefix + k in env}
+    prefix = ROLE[role].prefix
+    if any(prefix + k in env for k in S3_KEYS):
+        values = {k: env[prefix + k] for k in S3_KEYS if prefix + k in env}
     elif name is not None and name in objects.secrets:
         values = dict(objects.secrets[name])
-    elif any(k in env for k in S3_KEYS):
-        values = {k: env[k] for k in keys if k in env}
+    elif any(k in env for k in S3_IDENTITY_KEYS):
+        values = {k: env[k] for k in S3_KEYS if k in env}
     else:
         which = f"connection {name!r}" if name else "an S3 connection"
         raise ModelPressError(
             f"{field_path}: no credentials for {which}; set {prefix}AWS_* (or AWS_*) env vars "
             "or pass the Secret with --secrets FILE"
         )
-    if values.get("AWS_S3_ENDPOINT") and "://" not in values["AWS_S3_ENDPOINT"]:
-        raise ModelPressError(f"{field_path}: AWS_S3_ENDPOINT must be a URL with its scheme (https://host:port)")
-    ca = values.get("AWS_CA_BUNDLE") or env.get(f"{prefix}AWS_CA_BUNDLE") or env.get("AWS_CA_BUNDLE")
+    endpoint = values.get(S3Key.ENDPOINT)
+    if endpoint and "://" not in endpoint:
+        raise ModelPressError(f"{field_path}: {S3Key.ENDPOINT} must be a URL with its scheme (https://host:port)")
+    # The cluster's trusted CA bundle is mounted for every role as the plain variable.
+    ca = values.get(S3Key.CA_BUNDLE) or env.get(prefix + S3Key.CA_BUNDLE) or env.get(S3Key.CA_BUNDLE)
     return S3Connection(
-        access_key_id=values.get("AWS_ACCESS_KEY_ID"),
-        secret_access_key=values.get("AWS_SECRET_ACCESS_KEY"),
-        endpoint=values.get("AWS_S3_ENDPOINT"),
-        region=values.get("AWS_DEFAULT_REGION"),
+        access_key_id=values.get(S3Key.ACCESS_KEY_ID),
+        secret_access_key=values.get(S3Key.SECRET_ACCESS_KEY),
+        endpoint=endpoint,
+        region=values.get(S3Key.REGION),
         ca_bundle=ca,
-        path_style=values.get("AWS_S3_USE_PATH_STYLE", "true").lower() != "false",
-        verify_ssl=values.get("AWS_S3_VERIFY_SSL", "true").lower() != "false",
+        path_style=values.get(S3Key.USE_PATH_STYLE, "true").lower() != "false",
+        verify_ssl=values.get(S3Key.VERIFY_SSL, "true").lower() != "false",
     )
 
 
 def hf_token(ref: KeyRef | None, env: Mapping[str, str], objects: LocalObjects) -> str | None:
     """HF_TOKEN from env (the pod maps the Secret key there), else from the local Secret; None is anonymous."""
-    if env.get("HF_TOKEN"):
-        return env["HF_TOKEN"]
+    if env.get(Env.HF_TOKEN):
+        return env[Env.HF_TOKEN]
     if ref is not None and ref.key in objects.secrets.get(ref.name, {}):
         return objects.secrets[ref.name][ref.key]
     return None
@@ -101,16 +98,16 @@ def hf_token(ref: KeyRef | None, env: Mapping[str, str], objects: LocalObjects) 
 
 def recipe_text(ref: KeyRef, env: Mapping[str, str], objects: LocalObjects) -> str:
     """The recipe YAML of `spec.recipe.configMap`: the mounted file, else the local ConfigMap."""
-    path = env.get("MODELPRESS_RECIPE_FILE")
+    path = env.get(Env.RECIPE_FILE)
     if path:
         if not Path(path).is_file():
-            raise ModelPressError(f"spec.recipe.configMap: MODELPRESS_RECIPE_FILE={path} does not exist; mount the ConfigMap there")
+            raise ModelPressError(f"spec.recipe.configMap: {Env.RECIPE_FILE}={path} does not exist; mount the ConfigMap there")
         return Path(path).read_text(encoding="utf-8")
     data = objects.config_maps.get(ref.name)
     if data is None or ref.key not in data:
         raise ModelPressError(
             f"spec.recipe.configMap: ConfigMap {ref.name!r} with key {ref.key!r} not found; "
-            "set MODELPRESS_RECIPE_FILE or pass the ConfigMap with --secrets FILE"
+            f"set {Env.RECIPE_FILE} or pass the ConfigMap with --secrets FILE"
         )
     return data[ref.key]
 

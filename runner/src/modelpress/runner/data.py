@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from modelpress.contract import parse_uri
 from modelpress.engine.calibration import CalibrationData, calibration_samples
 from modelpress.engine.errors import ModelPressError
 
@@ -24,8 +25,9 @@ def open_dataset(
     uri: str, split: str, subset: str | None, field_path: str, local: Callable[[str], Path], token: str | None = None
 ) -> CalibrationData:
     """A hub dataset split, or a file found through `local` (which fetches s3:// and maps pvc://)."""
-    if uri.startswith("hf://"):
-        return _hub_dataset(uri.removeprefix("hf://").strip("/"), subset, split, field_path, token)
+    location = parse_uri(uri)
+    if location.scheme == "hf":
+        return _hub_dataset(location.root, subset, split, field_path, token)
     path = local(uri)
     if not path.is_file():
         raise ModelPressError(f"{field_path}: {uri} is not a file; give a .jsonl, .parquet or .txt file")

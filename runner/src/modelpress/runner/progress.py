@@ -1,18 +1,27 @@
-"""Progress and results: one JSON object per line on stdout for machines, bars on stderr for people.
+"""Progress and results: one event per line on stdout for machines, bars on stderr for people.
 
-Every line passes through `scrub`, so no credential the job holds can reach a log.
+The events are the contract's models (`modelpress.contract`), so the operator reads exactly what
+is written here. Every line passes through `scrub`, so no credential the job holds can reach a log.
 """
 
-import json
 import logging
 import sys
 import textwrap
 import time
+from collections.abc import Mapping
 from typing import Any, Callable, TextIO
 
+from modelpress.contract import FailureEvent, ProgressEvent, ResultEvent, StageEvent, Wire
 from modelpress.runner.connections import scrub
 
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
+
+
+def from_engine(update: Mapping[str, Any]) -> ProgressEvent:
+    """The engine's per-layer progress dict as the contract's event; the engine names the ETA `eta_s`."""
+    fields = dict(update)
+    fields["eta_seconds"] = fields.pop("eta_s", None)
+    return ProgressEvent.model_validate(fields)
 
 
 class Reporter:
@@ -28,25 +37,29 @@ class Reporter:
         self._finished: set[str] = set()
         self._bars: dict[str, Any] = {}
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: Wire) -> None:
         if self.json_lines:
-            self.out.write(scrub(json.dumps(event), self.secrets) + "\n")
+            self.out.write(scrub(event.to_json(), self.secrets) + "\n")
             self.out.flush()
 
     def stage(self, stage: str, **fields: Any) -> None:
-        self.emit({"event": "stage", "stage": stage, **fields})
+        self.emit(StageEvent(stage=stage, **fields))
 
-    def progress(self, event: dict[str, Any]) -> None:
-        stage, now = event["stage"], time.monotonic()
+    def progress(self, event: ProgressEvent) -> None:
+        stage, now = event.stage, time.monotonic()
         if stage in self._finished:
             return
         if self.bars:
-            self._bar(stage, event["percent"])
-        if event["percent"] >= 100:
+            self._bar(stage, event.percent)
+        if event.percent >= 100:
             self._finished.add(stage)
         if stage in self._finished or now - self._last.get(stage, -self.interval) >= self.interval:
             self._last[stage] = now
             self.emit(event)
+
+    def engine_progress(self, update: Mapping[str, Any]) -> None:
+        """A callback for the engine's `progress`: its per-layer dicts as events."""
+        self.progress(from_engine(update))
 
     def byte_counter(self, stage: str, total: int) -> Callable[[int], None]:
         """A callback for transfers: bytes so far -> progress events with percent and ETA."""
@@ -58,7 +71,7 @@ class Reporter:
             percent = round(100 * done[0] / total, 1) if total else 100.0
             rate = done[0] / elapsed if elapsed > 0 else 0
             eta = round((total - done[0]) / rate) if rate else None
-            self.progress({"event": "progress", "stage": stage, "bytes": done[0], "totalBytes": total, "percent": percent, "eta_s": eta})
+            self.progress(ProgressEvent(stage=stage, bytes=done[0], total_bytes=total, percent=percent, eta_seconds=eta))
 
         return count
 
@@ -90,41 +103,43 @@ class ScrubFilter(logging.Filter):
         return True
 
 
-def termination_message(result: dict[str, Any]) -> str:
-    """The result for the pod's termination message: without the answers, within Kubernetes' 4 KiB."""
-    compact = {k: v for k, v in result.items() if k != "answers"}
-    text = json.dumps(compact, separators=(",", ":"))
+# What a termination message keeps when the whole event would pass the limit.
+TERMINATION_KEEP = {"event", "status", "reason", "exit_code", "message", "output", "sizes", "metrics"}
+
+
+def termination_message(event: ResultEvent | FailureEvent) -> str:
+    """The last event for the pod's termination message: without the answers, within Kubernetes' 4 KiB."""
+    text = event.model_dump_json(by_alias=True, exclude_none=True, exclude={"answers"})
     if len(text.encode()) > TERMINATION_LIMIT:
-        keep = ("event", "status", "reason", "exitCode", "message", "output", "sizes", "metrics")
-        text = json.dumps({k: compact[k] for k in keep if k in compact}, separators=(",", ":"))
+        text = event.model_dump_json(by_alias=True, exclude_none=True, include=TERMINATION_KEEP)
     return text[:TERMINATION_LIMIT]
 
 
-def summary(result: dict[str, Any], width: int = 44) -> str:
+def summary(result: ResultEvent | FailureEvent, width: int = 44) -> str:
     """The result for people: sizes, metrics, time, and the answers of both models side by side."""
     from modelpress.engine.checkpoint_writer import human_bytes
 
-    sizes, metrics = result.get("sizes", {}), result.get("metrics", {})
-    rows = [("output", result.get("output", {}).get("uri", "")), ("recipe", result.get("recipe", {}).get("summary", ""))]
+    sizes, metrics = result.sizes, result.metrics
+    rows = [("output", result.output.uri if result.output else ""), ("recipe", result.recipe.summary if result.recipe else "")]
     if sizes:
         rows += [
-            ("size before", human_bytes(sizes["originalBytes"])),
-            ("size after", human_bytes(sizes["compressedBytes"])),
-            ("ratio", f"{sizes['ratio']:.2f}x smaller"),
+            ("size before", human_bytes(sizes.original_bytes)),
+            ("size after", human_bytes(sizes.compressed_bytes)),
+            ("ratio", f"{sizes.ratio:.2f}x smaller"),
         ]
-    if "perplexityOriginal" in metrics:
-        rows.append(("perplexity", f"{metrics['perplexityOriginal']:.2f} -> {metrics['perplexityCompressed']:.2f} "
-                     f"({metrics['perplexityIncreasePercent']:+.1f}%)"))
-    rows.append(("time", f"{result.get('durationsS', {}).get('total', 0):.1f} s"))
+    if metrics and metrics.perplexity_original is not None:
+        rows.append(("perplexity", f"{metrics.perplexity_original:.2f} -> {metrics.perplexity_compressed:.2f} "
+                     f"({metrics.perplexity_increase_percent:+.1f}%)"))
+    rows.append(("time", f"{(result.durations_s or {}).get('total', 0):.1f} s"))
     key = max(len(k) for k, _ in rows)
     lines = [f"{k:<{key}}  {v}" for k, v in rows]
-    if result.get("answers"):
+    if result.answers:
         lines += ["", f"  {'original':<{width}} | compressed"]
-        for item in result["answers"]:
-            left = textwrap.wrap(item["original"], width) or [""]
-            right = textwrap.wrap(item["compressed"], width) or [""]
+        for item in result.answers:
+            left = textwrap.wrap(item.original, width) or [""]
+            right = textwrap.wrap(item.compressed, width) or [""]
             left += [""] * (len(right) - len(left))
             right += [""] * (len(left) - len(right))
-            lines += ["", f"> {item['prompt']}"] + [f"  {a:<{width}} | {b}" for a, b in zip(left, right)]
+            lines += ["", f"> {item.prompt}"] + [f"  {a:<{width}} | {b}" for a, b in zip(left, right)]
     return "\n".join(lines)
 

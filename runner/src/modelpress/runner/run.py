@@ -1,32 +1,35 @@
-"""One CompressionJob from spec to published model: fetch, calibrate, compress, evaluate, publish.
+"""One CompressionJob from spec to published model, as an ordered list of stages.
 
-Work happens in a scratch directory (`MODELPRESS_SCRATCH`, the pod's volume). A retried job
-resumes there: downloads continue from their `.part` files, a model already compressed for the
-same spec is not compressed again, and files already uploaded are not sent again.
+Work happens in a scratch directory (`Env.SCRATCH`, the pod's volume). A retried job resumes
+there: downloads continue from their `.part` files, a model already compressed for the same spec
+is not compressed again, and files already uploaded are not sent again. What a retry may skip is
+each stage's own `skip` rule over the shared `State`, so new resumable state goes in one place.
 """
 
 import gc
-import hashlib
-import importlib.metadata
 import json
+import logging
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from modelpress.runner.connections import LocalObjects, S3Connection, hf_token, recipe_text, s3_connection, secret_values
-from modelpress.runner.data import calibration_set, evaluation_text, open_dataset, self_generated
-from modelpress.engine.checkpoint_writer import output_bytes
+from modelpress.contract import (SELF_GENERATED, CompressionJob, JobSpec, Recipe, ResultEvent, TransferEvent, connection_uses,
+                                 parse_uri)
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifiers import Modifier
 from modelpress.engine.recipe import load_recipe, parse_recipe, recipe_yaml
-from modelpress.runner.progress import Reporter
+from modelpress.runner.connections import LocalObjects, S3Connection, hf_token, recipe_text, s3_connection, secret_values
+from modelpress.runner.data import calibration_set, evaluation_text, open_dataset, self_generated
+from modelpress.runner.model_card import model_card
 from modelpress.runner.presets import preset_document
-from modelpress.contract import SELF_GENERATED, CompressionJob, JobSpec, Recipe
+from modelpress.runner.progress import Reporter
+from modelpress.runner.result import build_result, job_identity, job_ref, spec_fingerprint
 from modelpress.runner.storage import (
     DirOutput,
     S3Output,
@@ -37,17 +40,17 @@ from modelpress.runner.storage import (
     list_objects,
     local_path,
     s3_client,
-    split_uri,
 )
 
+log = logging.getLogger(__name__)
+
 COMPRESSED_MARKER = "compressed.done"  # holds the fingerprint of the spec the staged model was made for
-VERSIONED = ("modelpress", "torch", "transformers", "compressed-tensors")
 
 
 class GateFailed(Exception):
     """The compressed model lost more quality than `maxPerplexityIncrease` allows."""
 
-    def __init__(self, message: str, result: dict[str, Any]) -> None:
+    def __init__(self, message: str, result: ResultEvent) -> None:
         super().__init__(message)
         self.result = result
 
@@ -64,118 +67,282 @@ class Context:
     durations: dict[str, float] = field(default_factory=dict)
 
 
-def run_job(job: CompressionJob, ctx: Context) -> dict[str, Any]:
-    """Run the job; return the result object (raise ModelPressError for bad input, GateFailed)."""
-    start = time.monotonic()
-    spec, env, report = job.spec, ctx.env, ctx.reporter
-    job_id = job_identity(job)
+@dataclass
+class State:
+    """What the stages share: the job's inputs, resolved up front, and what each stage leaves for the next."""
+
+    job: CompressionJob
+    ctx: Context
+    job_id: str
+    token: str | None
+    clients: dict[str, Any]
+    output: S3Output | DirOutput
+    modifiers: list[Modifier]
+    needs_data: bool
+    work: Path
+    device: torch.device
+    resumed: bool  # a model compressed for this very spec waits in scratch
+    started: float  # time.monotonic() when the job began
+    model_dir: Path | None = None
+    _tokenizer: Any = None
+    text: str | None = None
+    samples: list[torch.Tensor] = field(default_factory=list)
+    original: Any = None
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    result: ResultEvent | None = None
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.job.spec
+
+    @property
+    def staged(self) -> Path:
+        return self.work / "model"
+
+    @property
+    def marker(self) -> Path:
+        return self.work / COMPRESSED_MARKER
+
+    @property
+    def calibrating(self) -> bool:
+        """Calibration data is read only for a compression that still has to happen."""
+        return self.needs_data and not self.resumed
+
+    @property
+    def self_generating(self) -> bool:
+        return self.spec.calibration.dataset == SELF_GENERATED
+
+    @property
+    def evaluating(self) -> bool:
+        evaluation = self.spec.evaluation
+        return evaluation.perplexity is not None or bool(evaluation.prompts)
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on first use."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.spec.model.trust_remote_code)
+        return self._tokenizer
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a job.
+
+    `skip` says when it has nothing to do: on resume, or when the spec asks for none of it.
+    `clock` names the entry of the result's durations that its time adds to.
+    """
+
+    name: str
+    run: Callable[[State], None]
+    skip: Callable[[State], bool] = lambda state: False
+    clock: str | None = None
+
+
+def run_job(job: CompressionJob, ctx: Context) -> ResultEvent:
+    """Run the job; return its result (raise ModelPressError for bad input, GateFailed)."""
+    state = prepare(job, ctx)
+    for stage in STAGES:
+        if stage.skip(state):
+            log.debug("stage %s: skipped", stage.name)
+            continue
+        log.debug("stage %s", stage.name)
+        began = time.monotonic()
+        stage.run(state)
+        if stage.clock is not None:
+            ctx.durations[stage.clock] = ctx.durations.get(stage.clock, 0.0) + time.monotonic() - began
+    assert state.result is not None
+    state.result.durations_s = _durations(state)
+    return state.result
+
+
+def prepare(job: CompressionJob, ctx: Context) -> State:
+    """Everything that can fail on bad input before any work: credentials, output, recipe."""
+    started = time.monotonic()
+    spec, env = job.spec, ctx.env
     connections = _connections(spec, ctx)
     token = hf_token(spec.model.token_secret, env, ctx.objects)
-    report.secrets = secret_values(list(connections.values()), token)
+    ctx.reporter.secrets = secret_values(list(connections.values()), token)
     clients = {role: s3_client(conn) for role, conn in connections.items()}
-
-    output = (
-        S3Output(clients["output"], spec.output.uri)
-        if spec.output.uri.startswith("s3://")
-        else DirOutput(local_path(spec.output.uri, env), spec.output.uri)
-    )
+    job_id = job_identity(job)
+    output_uri = parse_uri(spec.output.uri)
+    output = S3Output(clients["output"], spec.output.uri) if output_uri.scheme == "s3" else DirOutput(local_path(output_uri, env), spec.output.uri)
     output.check(job_id, spec.output.overwrite)
     modifiers = job_recipe(spec.recipe, env, ctx.objects)
     needs_data = any(m.needs_data() for m in modifiers)
     if needs_data and spec.calibration.dataset is None:
         raise ModelPressError(f"spec.calibration.dataset: the recipe needs calibration data; give a dataset or {SELF_GENERATED}")
-
-    work = ctx.scratch / _safe(job_id)
+    work = ctx.scratch / job_id.replace("/", "_")
     work.mkdir(parents=True, exist_ok=True)
-    with _timed(ctx, "fetch"):
-        report.stage("fetch", uri=spec.model.uri)
-        model_dir = fetch_model(spec, clients.get("model"), token, work, ctx)
-
-    staged, marker, fingerprint = work / "model", work / COMPRESSED_MARKER, spec_fingerprint(spec)
-    resumed = marker.is_file() and marker.read_text() == fingerprint and staged.is_dir()
-    evaluation = spec.evaluation
-    wants_eval = evaluation.perplexity is not None or bool(evaluation.prompts)
+    marker, staged = work / COMPRESSED_MARKER, work / "model"
+    resumed = marker.is_file() and marker.read_text() == spec_fingerprint(spec) and staged.is_dir()
     device = torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = None
-    samples: list[torch.Tensor] = []
-    if (needs_data and not resumed) or wants_eval:
-        from transformers import AutoTokenizer
+    return State(job=job, ctx=ctx, job_id=job_id, token=token, clients=clients, output=output, modifiers=modifiers,
+                 needs_data=needs_data, work=work, device=device, resumed=resumed, started=started)
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
-    text = _evaluation_text(spec, clients, work, token, env) if evaluation.perplexity else None
-    calib = spec.calibration
-    with _timed(ctx, "calibrate"):
-        if needs_data and not resumed and calib.dataset != SELF_GENERATED:
-            report.stage("calibrate", dataset=calib.dataset)
-            data = open_dataset(calib.dataset, calib.split, calib.subset, "spec.calibration.dataset",
-                                _local_fetcher(clients, work, env, "spec.calibration.dataset"), token)
-            samples = calibration_set(data, tokenizer, calib.num_samples, calib.max_sequence_length, calib.seed,
-                                      calib.text_field, calib.messages_field)
-    before: dict[str, Any] = {}
-    if (needs_data and not resumed and calib.dataset == SELF_GENERATED) or wants_eval:
-        original = load_model(model_dir, device, spec.model.trust_remote_code)
-        if needs_data and not resumed and calib.dataset == SELF_GENERATED:
-            with _timed(ctx, "calibrate"):
-                report.stage("calibrate", dataset=SELF_GENERATED)
-                samples = self_generated(original, tokenizer, calib.num_samples, calib.max_sequence_length, calib.seed)
-        if wants_eval:
-            with _timed(ctx, "evaluate"):
-                report.stage("evaluate", model="original")
-                before = evaluate(original, tokenizer, text, spec)
-        del original
-        gc.collect()
 
-    with _timed(ctx, "compress"):
-        if not resumed:
-            report.stage("compress")
-            marker.unlink(missing_ok=True)
-            shutil.rmtree(staged, ignore_errors=True)
-            _compress(model_dir, staged, modifiers, samples, spec, device, report)
-            marker.write_text(fingerprint)
+# --- the stages, in order --------------------------------------------------------------------------
 
-    after: dict[str, Any] = {}
-    if wants_eval:
-        with _timed(ctx, "evaluate"):
-            report.stage("evaluate", model="compressed")
-            compressed = load_model(staged, device, spec.model.trust_remote_code)
-            after = evaluate(compressed, tokenizer, text, spec)
-            del compressed
-            gc.collect()
 
-    result = build_result(job, model_dir, staged, before, after, modifiers, resumed, needs_data)
-    gate = result["metrics"].get("gate")
-    if gate is not None and not gate["passed"]:
-        result["durationsS"] = _durations(ctx, start)
+def fetch(state: State) -> None:
+    """A local model directory: the hub cache, a download into scratch, or the path/PVC itself."""
+    spec, report = state.spec, state.ctx.reporter
+    report.stage("fetch", uri=spec.model.uri)
+    uri = parse_uri(spec.model.uri)
+    if uri.scheme == "hf":
+        state.model_dir = fetch_hub_model(spec.model.uri, spec.model.revision, state.token)
+    elif uri.scheme == "s3":
+        client = state.clients["model"]
+        total = sum(o["Size"] for o in list_objects(client, uri.root, uri.path).values())
+        dest = state.work / "source"
+        transfer = download_prefix(client, uri.root, uri.path, dest, report.byte_counter("fetch", total))
+        report.emit(TransferEvent(stage="fetch", files=transfer.files, bytes=transfer.bytes,
+                                  skipped_files=transfer.skipped_files, resumed_bytes=transfer.resumed_bytes))
+        state.model_dir = dest
+    else:
+        path = local_path(uri, state.ctx.env)
+        if not (path / "config.json").is_file():
+            raise ModelPressError(f"spec.model.uri: {uri} is not a model directory (no config.json there)")
+        state.model_dir = path
+
+
+def load_evaluation_text(state: State) -> None:
+    """The perplexity text, read before any model is loaded so a bad dataset fails early."""
+    ppl = state.spec.evaluation.perplexity
+    field_path = "spec.evaluation.perplexity.dataset"
+    data = open_dataset(ppl.dataset, ppl.split, ppl.subset, field_path, _local_fetcher(state, field_path), state.token)
+    text = evaluation_text(data, ppl.text_field, ppl.max_tokens * 16)
+    if not text.strip():
+        raise ModelPressError(f"{field_path}: holds no text; check textField and split")
+    state.text = text
+
+
+def calibration_data(state: State) -> None:
+    """Calibration samples from a hub dataset or a file."""
+    calib = state.spec.calibration
+    state.ctx.reporter.stage("calibrate", dataset=calib.dataset)
+    field_path = "spec.calibration.dataset"
+    data = open_dataset(calib.dataset, calib.split, calib.subset, field_path, _local_fetcher(state, field_path), state.token)
+    state.samples = calibration_set(data, state.tokenizer(), calib.num_samples, calib.max_sequence_length, calib.seed,
+                                    calib.text_field, calib.messages_field)
+
+
+def load_original(state: State) -> None:
+    """The original model, kept for self-generated data and the original's evaluation."""
+    state.original = load_model(state.model_dir, state.device, state.spec.model.trust_remote_code)
+
+
+def self_generated_data(state: State) -> None:
+    """Calibration samples the original model writes itself, for clusters with no dataset to read."""
+    calib = state.spec.calibration
+    state.ctx.reporter.stage("calibrate", dataset=SELF_GENERATED)
+    state.samples = self_generated(state.original, state.tokenizer(), calib.num_samples, calib.max_sequence_length, calib.seed)
+
+
+def evaluate_original(state: State) -> None:
+    state.ctx.reporter.stage("evaluate", model="original")
+    state.before = evaluate(state.original, state.tokenizer(), state.text, state.spec)
+
+
+def release_original(state: State) -> None:
+    """Frees the original's memory before compression needs it."""
+    state.original = None
+    gc.collect()
+
+
+def compress(state: State) -> None:
+    """The compressed model into scratch; the marker, written last, says for which spec it was made."""
+    import datasets
+
+    from modelpress.engine.oneshot import oneshot
+
+    spec = state.spec
+    state.ctx.reporter.stage("compress")
+    state.marker.unlink(missing_ok=True)
+    shutil.rmtree(state.staged, ignore_errors=True)
+    samples = state.samples
+    dataset = datasets.Dataset.from_dict({"input_ids": [s[0].tolist() for s in samples]}) if samples else None
+    oneshot(
+        model=state.model_dir,
+        dataset=dataset,
+        recipe=state.modifiers,
+        num_calibration_samples=len(samples) or spec.calibration.num_samples,
+        max_seq_length=spec.calibration.max_sequence_length,
+        output_dir=state.staged,
+        device=state.device,
+        seed=spec.calibration.seed,
+        trust_remote_code=spec.model.trust_remote_code,
+        progress=state.ctx.reporter.engine_progress,
+    )
+    state.marker.write_text(spec_fingerprint(spec))
+
+
+def evaluate_compressed(state: State) -> None:
+    state.ctx.reporter.stage("evaluate", model="compressed")
+    compressed = load_model(state.staged, state.device, state.spec.model.trust_remote_code)
+    state.after = evaluate(compressed, state.tokenizer(), state.text, state.spec)
+    del compressed
+    gc.collect()
+
+
+def gate(state: State) -> None:
+    """The result, and the quality gate: a model past `maxPerplexityIncrease` is never published."""
+    names = [type(m).__name__ for m in state.modifiers]
+    result = build_result(state.job, state.model_dir, state.staged, state.before, state.after, names,
+                          state.resumed, state.needs_data)
+    state.result = result
+    verdict = result.metrics.gate
+    if verdict is not None and not verdict.passed:
+        result.durations_s = _durations(state)
         raise GateFailed(
-            f"perplexity rose {result['metrics']['perplexityIncreasePercent']:.1f}%, past the "
-            f"{gate['maxPerplexityIncrease']}% allowed by spec.evaluation.maxPerplexityIncrease; nothing was published",
+            f"perplexity rose {result.metrics.perplexity_increase_percent:.1f}%, past the "
+            f"{verdict.max_perplexity_increase}% allowed by spec.evaluation.maxPerplexityIncrease; nothing was published",
             result,
         )
 
-    (staged / "README.md").write_text(model_card(job, result, recipe_yaml(modifiers)))
-    with _timed(ctx, "publish"):
-        report.stage("publish", uri=spec.output.uri)
-        manifest = build_manifest(staged, _job_meta(job), result["versions"])
-        transfer = output.publish(staged, manifest, job_id, report.byte_counter("publish", manifest["totalBytes"]))
-    result["output"]["files"] = len(manifest["files"])
-    result["output"]["uploadedBytes"] = transfer.bytes
-    shutil.rmtree(work, ignore_errors=True)
-    result["durationsS"] = _durations(ctx, start)
-    return result
+
+def write_model_card(state: State) -> None:
+    (state.staged / "README.md").write_text(model_card(state.job, state.result, recipe_yaml(state.modifiers)))
+
+
+def publish(state: State) -> None:
+    """The staged model to the output, manifest last; scratch is emptied once it is there."""
+    result, report = state.result, state.ctx.reporter
+    report.stage("publish", uri=state.spec.output.uri)
+    manifest = build_manifest(state.staged, job_ref(state.job).model_dump(exclude_none=True), result.versions)
+    transfer = state.output.publish(state.staged, manifest, state.job_id, report.byte_counter("publish", manifest["totalBytes"]))
+    result.output.files = len(manifest["files"])
+    result.output.uploaded_bytes = transfer.bytes
+    shutil.rmtree(state.work, ignore_errors=True)
+
+
+STAGES = (
+    Stage("fetch", fetch, clock="fetch"),
+    Stage("evaluation text", load_evaluation_text, skip=lambda s: s.spec.evaluation.perplexity is None),
+    Stage("calibration data", calibration_data, skip=lambda s: not s.calibrating or s.self_generating, clock="calibrate"),
+    Stage("original model", load_original, skip=lambda s: not (s.calibrating and s.self_generating) and not s.evaluating),
+    Stage("self-generated data", self_generated_data, skip=lambda s: not (s.calibrating and s.self_generating), clock="calibrate"),
+    Stage("original evaluation", evaluate_original, skip=lambda s: not s.evaluating, clock="evaluate"),
+    Stage("release original", release_original, skip=lambda s: s.original is None),
+    Stage("compress", compress, skip=lambda s: s.resumed, clock="compress"),
+    Stage("compressed evaluation", evaluate_compressed, skip=lambda s: not s.evaluating, clock="evaluate"),
+    Stage("gate", gate),
+    Stage("model card", write_model_card),
+    Stage("publish", publish, clock="publish"),
+)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
 
 
 def _connections(spec: JobSpec, ctx: Context) -> dict[str, S3Connection]:
     """S3 connections by role, resolved before any work so missing credentials fail first."""
-    ppl = spec.evaluation.perplexity
-    uses = {
-        "model": ([spec.model.uri], spec.model.connection, "spec.model.connection"),
-        "data": ([spec.calibration.dataset, ppl.dataset if ppl else None], spec.calibration.connection, "spec.calibration.connection"),
-        "output": ([spec.output.uri], spec.output.connection, "spec.output.connection"),
-    }
     return {
-        role: s3_connection(role, name, ctx.env, ctx.objects, where)
-        for role, (uris, name, where) in uses.items()
-        if any(u and u.startswith("s3://") for u in uris)
+        use.role.name: s3_connection(use.role.name, use.secret, ctx.env, ctx.objects, use.role.connection_field)
+        for use in connection_uses(spec)
+        if use.needed
     }
 
 
@@ -192,72 +359,23 @@ def job_recipe(recipe: Recipe, env: Mapping[str, str], objects: LocalObjects) ->
         raise ModelPressError(message if message.startswith("spec.") else f"spec.recipe: {message}") from None
 
 
-def fetch_model(spec: JobSpec, client: Any, token: str | None, work: Path, ctx: Context) -> Path:
-    """A local model directory: the hub cache, a download into scratch, or the path/PVC itself."""
-    uri = spec.model.uri
-    if uri.startswith("hf://"):
-        return fetch_hub_model(uri, spec.model.revision, token)
-    if uri.startswith("s3://"):
-        bucket, prefix = split_uri(uri)
-        total = sum(o["Size"] for o in list_objects(client, bucket, prefix).values())
-        dest = work / "source"
-        transfer = download_prefix(client, bucket, prefix, dest, ctx.reporter.byte_counter("fetch", total))
-        ctx.reporter.emit({"event": "transfer", "stage": "fetch", "files": transfer.files, "bytes": transfer.bytes,
-                           "skippedFiles": transfer.skipped_files, "resumedBytes": transfer.resumed_bytes})
-        return dest
-    path = local_path(uri, ctx.env)
-    if not (path / "config.json").is_file():
-        raise ModelPressError(f"spec.model.uri: {uri} is not a model directory (no config.json there)")
-    return path
-
-
-def _local_fetcher(clients: dict[str, Any], work: Path, env: Mapping[str, str], field_path: str):
+def _local_fetcher(state: State, field_path: str) -> Callable[[str], Path]:
     """Maps a data URI to a local file: s3:// objects are downloaded (resumably) into scratch."""
 
-    def local(uri: str) -> Path:
-        if not uri.startswith("s3://"):
-            return local_path(uri, env)
-        bucket, key = split_uri(uri)
-        found = list_objects(clients["data"], bucket, key.rsplit("/", 1)[0] if "/" in key else "")
+    def local(text: str) -> Path:
+        uri = parse_uri(text)
+        if uri.scheme != "s3":
+            return local_path(uri, state.ctx.env)
+        client, key = state.clients["data"], uri.path
+        found = list_objects(client, uri.root, key.rsplit("/", 1)[0] if "/" in key else "")
         meta = found.get(key.rsplit("/", 1)[-1])
         if meta is None:
             raise ModelPressError(f"{field_path}: {uri} does not exist; check the key and connection")
-        target = work / "data" / key
-        download_object(clients["data"], bucket, key, meta["Size"], target, meta["ETag"], None, lambda n: None)
+        target = state.work / "data" / key
+        download_object(client, uri.root, key, meta["Size"], target, meta["ETag"], None, lambda n: None)
         return target
 
     return local
-
-
-def _evaluation_text(spec: JobSpec, clients: dict[str, Any], work: Path, token: str | None, env: Mapping[str, str]) -> str:
-    ppl = spec.evaluation.perplexity
-    data = open_dataset(ppl.dataset, ppl.split, ppl.subset, "spec.evaluation.perplexity.dataset",
-                        _local_fetcher(clients, work, env, "spec.evaluation.perplexity.dataset"), token)
-    text = evaluation_text(data, ppl.text_field, ppl.max_tokens * 16)
-    if not text.strip():
-        raise ModelPressError("spec.evaluation.perplexity.dataset: holds no text; check textField and split")
-    return text
-
-
-def _compress(model_dir: Path, staged: Path, modifiers: list[Modifier], samples: list[torch.Tensor],
-              spec: JobSpec, device: torch.device, report: Reporter) -> None:
-    import datasets
-
-    from modelpress.engine.oneshot import oneshot
-
-    dataset = datasets.Dataset.from_dict({"input_ids": [s[0].tolist() for s in samples]}) if samples else None
-    oneshot(
-        model=model_dir,
-        dataset=dataset,
-        recipe=modifiers,
-        num_calibration_samples=len(samples) or spec.calibration.num_samples,
-        max_seq_length=spec.calibration.max_sequence_length,
-        output_dir=staged,
-        device=device,
-        seed=spec.calibration.seed,
-        trust_remote_code=spec.model.trust_remote_code,
-        progress=report.progress,
-    )
 
 
 def load_model(path: Path, device: torch.device, trust_remote_code: bool) -> Any:
@@ -272,6 +390,7 @@ def load_model(path: Path, device: torch.device, trust_remote_code: bool) -> Any
 
 
 def evaluate(model: Any, tokenizer: Any, text: str | None, spec: JobSpec) -> dict[str, Any]:
+    """Perplexity on `text` (when given) and greedy answers to the spec's prompts."""
     from modelpress.runner.evaluation import answer, perplexity
 
     out: dict[str, Any] = {}
@@ -282,149 +401,6 @@ def evaluate(model: Any, tokenizer: Any, text: str | None, spec: JobSpec) -> dic
     return out
 
 
-def build_result(job: CompressionJob, model_dir: Path, staged: Path, before: dict[str, Any], after: dict[str, Any],
-                 modifiers: list[Modifier], resumed: bool, used_data: bool) -> dict[str, Any]:
-    """The result object: what was made, how big, how good (camelCase, as it lands in status.result)."""
-    spec = job.spec
-    original, compressed = output_bytes(model_dir), output_bytes(staged)
-    metrics: dict[str, Any] = {}
-    if "perplexity" in before:
-        increase = 100 * (after["perplexity"] / before["perplexity"] - 1)
-        metrics = {
-            "perplexityOriginal": round(before["perplexity"], 4),
-            "perplexityCompressed": round(after["perplexity"], 4),
-            "perplexityIncreasePercent": round(increase, 2),
-        }
-        limit = spec.evaluation.max_perplexity_increase
-        if limit is not None:
-            metrics["gate"] = {"maxPerplexityIncrease": limit, "passed": increase <= limit}
-    recipe = spec.recipe
-    names = [type(m).__name__ for m in modifiers]
-    return {
-        "event": "result",
-        "status": "Succeeded",
-        "job": _job_meta(job),
-        "model": {"uri": spec.model.uri, **({"revision": spec.model.revision} if spec.model.revision else {})},
-        "output": {"uri": spec.output.uri},
-        "recipe": {
-            "summary": f"{recipe.algorithm} {recipe.preset}" if recipe.preset else " + ".join(names),
-            "modifiers": names,
-        },
-        "calibration": {"dataset": spec.calibration.dataset, "samples": spec.calibration.num_samples} if used_data else None,
-        "sizes": {"originalBytes": original, "compressedBytes": compressed, "ratio": round(original / compressed, 3) if compressed else 0.0},
-        "metrics": metrics,
-        "answers": [
-            {"prompt": p, "original": a, "compressed": b}
-            for p, a, b in zip(spec.evaluation.prompts, before.get("answers", []), after.get("answers", []))
-        ],
-        "resumedCompression": resumed,
-        "versions": versions(),
-    }
-
-
-def model_card(job: CompressionJob, result: dict[str, Any], recipe: str) -> str:
-    """README.md of the output: where it came from, how it was made, how good it is, how to serve it."""
-    spec = job.spec
-    name = job.metadata.name
-    uri = spec.output.uri
-    if uri.startswith("s3://"):
-        serve = f"aws s3 sync {uri} {name}   # with --endpoint-url for your S3 endpoint\nvllm serve {name}"
-    elif uri.startswith("pvc://"):
-        claim, path = split_uri(uri)
-        serve = f"# mount the claim {claim} and serve the directory {path or '/'} on it\nvllm serve /mnt/models"
-    else:
-        serve = f"vllm serve {Path(uri).expanduser().resolve()}"
-    metrics = result["metrics"]
-    lines = [
-        "---",
-        f"base_model: {spec.model.uri.removeprefix('hf://')}",
-        "library_name: transformers",
-        "tags: [modelpress, compressed-tensors]",
-        "---",
-        f"# {name}",
-        "",
-        f"`{spec.model.uri}`{f' at revision `{spec.model.revision}`' if spec.model.revision else ''} compressed by "
-        f"ModelPress with {result['recipe']['summary']}, stored as a compressed-tensors checkpoint that vLLM loads as it is.",
-        "",
-        "## Serve",
-        "",
-        "```bash",
-        serve,
-        "```",
-        "",
-        "## Size and quality",
-        "",
-        "| | original | compressed |",
-        "|---|---|---|",
-        f"| weights | {result['sizes']['originalBytes']:,} bytes | {result['sizes']['compressedBytes']:,} bytes ({result['sizes']['ratio']}x smaller) |",
-    ]
-    if metrics:
-        lines.append(f"| perplexity | {metrics['perplexityOriginal']} | {metrics['perplexityCompressed']} "
-                     f"({metrics['perplexityIncreasePercent']:+.2f}%) |")
-        lines.append(f"\nPerplexity on `{spec.evaluation.perplexity.dataset}` ({spec.evaluation.perplexity.max_tokens} tokens at most).")
-    for item in result["answers"]:
-        lines += ["", f"**{item['prompt']}**", "", f"- original: {item['original']}", f"- compressed: {item['compressed']}"]
-    calib = spec.calibration
-    lines += [
-        "",
-        "## Recipe",
-        "",
-        f"Calibration: `{calib.dataset}`, {calib.num_samples} samples of at most {calib.max_sequence_length} tokens, seed {calib.seed}."
-        if result["calibration"] else "Calibration: none (the recipe needs no data).",
-        "",
-        "```yaml",
-        recipe.rstrip(),
-        "```",
-        "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def job_identity(job: CompressionJob) -> str:
-    """Who owns an output: namespace/name/uid in a cluster, name and spec fingerprint on a laptop."""
-    meta = job.metadata
-    return f"{meta.namespace or 'local'}/{meta.name}/{meta.uid or spec_fingerprint(job.spec)[:16]}"
-
-
-def spec_fingerprint(spec: JobSpec) -> str:
-    """Changes whenever what the compressed model depends on changes (not the evaluation or output)."""
-    body = spec.model_dump(mode="json", include={"model", "recipe", "calibration"})
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def versions() -> dict[str, str]:
-    found = {}
-    for name in VERSIONED:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "unknown"
-    return found
-
-
-def _job_meta(job: CompressionJob) -> dict[str, str]:
-    meta = job.metadata
-    return {k: v for k, v in (("name", meta.name), ("namespace", meta.namespace), ("uid", meta.uid)) if v}
-
-
-def _safe(job_id: str) -> str:
-    return job_id.replace("/", "_")
-
-
-class _timed:
-    """Adds the time spent in a block to ctx.durations[stage]."""
-
-    def __init__(self, ctx: Context, stage: str) -> None:
-        self.ctx, self.stage = ctx, stage
-
-    def __enter__(self) -> None:
-        self.start = time.monotonic()
-
-    def __exit__(self, *exc: object) -> None:
-        self.ctx.durations[self.stage] = self.ctx.durations.get(self.stage, 0.0) + time.monotonic() - self.start
-
-
-def _durations(ctx: Context, start: float) -> dict[str, float]:
-    return {**{k: round(v, 2) for k, v in ctx.durations.items()}, "total": round(time.monotonic() - start, 2)}
+def _durations(state: State) -> dict[str, float]:
+    """Seconds by stage, and in all so far."""
+    return {**{k: round(v, 2) for k, v in state.ctx.durations.items()}, "total": round(time.monotonic() - state.started, 2)}

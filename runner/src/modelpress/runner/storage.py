@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from modelpress.contract import Env, PodPath, S3Key, Uri, parse_uri, pvc_mount
 from modelpress.runner.connections import S3Connection
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.weights import HUB_FILES
@@ -42,30 +43,20 @@ class Transfer:
     seconds: float = 0.0
 
 
-def split_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/a/b` -> (`bucket`, `a/b`); the same for hf:// and pvc://."""
-    rest = uri.split("://", 1)[1]
-    head, _, tail = rest.partition("/")
-    return head, tail.strip("/")
-
-
-def pvc_path(uri: str, env: Mapping[str, str]) -> Path:
-    """pvc://claim/path -> the directory where the pod mounts that claim."""
-    claim, path = split_uri(uri)
-    return Path(env.get("MODELPRESS_PVC_ROOT", "/mnt/pvc")) / claim / path
-
-
-def local_path(uri: str, env: Mapping[str, str]) -> Path:
-    return pvc_path(uri, env) if uri.startswith("pvc://") else Path(uri).expanduser()
+def local_path(uri: Uri, env: Mapping[str, str]) -> Path:
+    """Where a pvc:// or local URI is on this machine: a claim is where the pod mounts it."""
+    if uri.scheme == "pvc":
+        return Path(pvc_mount(uri.root, env.get(Env.PVC_ROOT, PodPath.PVC_ROOT))) / uri.path
+    return Path(uri.path).expanduser()
 
 
 def s3_client(conn: S3Connection) -> Any:
-    """A boto3 client for an OpenShift AI connection (boto3 itself does not read AWS_S3_ENDPOINT)."""
+    """A boto3 client for an OpenShift AI connection (boto3 itself does not read the connection's endpoint key)."""
     import boto3
     from botocore.config import Config
 
     if not conn.verify_ssl:
-        log.warning("AWS_S3_VERIFY_SSL=false: TLS certificates of the S3 endpoint are not checked")
+        log.warning(f"{S3Key.VERIFY_SSL}=false: TLS certificates of the S3 endpoint are not checked")
     config = Config(
         s3={"addressing_style": "path" if conn.path_style else "auto"},
         retries={"max_attempts": 6, "mode": "standard"},
@@ -112,7 +103,7 @@ def fetch_hub_model(uri: str, revision: str | None, token: str | None) -> Path:
         RevisionNotFoundError,
     )
 
-    repo = uri.removeprefix("hf://").strip("/")
+    repo = parse_uri(uri).root
     try:
         return Path(snapshot_download(repo, revision=revision, token=token, allow_patterns=HUB_FILES, max_workers=WORKERS))
     except (RepositoryNotFoundError, GatedRepoError) as err:
@@ -241,7 +232,8 @@ class S3Output:
     def __init__(self, client: Any, uri: str) -> None:
         self.client = client
         self.uri = uri
-        self.bucket, self.prefix = split_uri(uri)
+        location = parse_uri(uri)
+        self.bucket, self.prefix = location.root, location.path
         if not self.prefix:
             raise ModelPressError(f"spec.output.uri: {uri} needs a prefix inside the bucket (s3://bucket/name)")
 
