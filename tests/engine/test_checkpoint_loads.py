@@ -11,14 +11,12 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 from support.models import CORPUS
 from modelpress import QuantizationModifier, oneshot
-from modelpress.engine.modifiers import (
-    AWQModifier,
-    GPTQModifier,
-    Modifier,
-    SmoothingModifier,
-    SmoothQuantModifier,
-    SparseGPTModifier,
-)
+from modelpress.engine.awq import AWQModifier
+from modelpress.engine.gptq import GPTQModifier
+from modelpress.engine.modifier import Modifier
+from modelpress.engine.smoothing import SmoothingModifier
+from modelpress.engine.smoothquant import SmoothQuantModifier
+from modelpress.engine.sparsegpt import SparseGPTModifier
 
 warnings.filterwarnings("ignore", message="You passed `quantization_config`")
 

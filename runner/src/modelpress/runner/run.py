@@ -20,9 +20,9 @@ import torch
 
 from modelpress.runner.connections import LocalObjects, S3Connection, hf_token, recipe_text, s3_connection, secret_values
 from modelpress.runner.data import calibration_set, evaluation_text, open_dataset, self_generated
-from modelpress.engine.checkpoint_writer import output_bytes
+from modelpress.engine.checkpoint_writer import model_bytes as output_bytes
 from modelpress.engine.errors import ModelPressError
-from modelpress.engine.modifiers import Modifier
+from modelpress.engine.modifier import Modifier
 from modelpress.engine.recipe import load_recipe, parse_recipe, recipe_yaml
 from modelpress.runner.progress import Reporter
 from modelpress.runner.presets import preset_document
