@@ -7,8 +7,8 @@ import torch
 from compressed_tensors.quantization import QuantizationScheme
 
 from support.models import CORPUS
-from modelpress.engine.awq import feeds_attention_scores, search_clip
-from modelpress.engine.modifiers import AWQModifier, QuantizationModifier, _fake_quantizer
+from modelpress.engine.awq import AWQModifier, fake_quantizer, feeds_attention_scores, search_clip
+from modelpress.engine.rtn import QuantizationModifier
 from modelpress.engine.oneshot import oneshot
 from modelpress.engine.recipe import load_recipe, recipe_yaml
 
@@ -28,7 +28,7 @@ def test_clipping_outlier_weights_lowers_the_output_error(symmetric: bool) -> No
     w = torch.randn(48, 128)
     outliers = torch.rand(48, 128) < 0.01
     w = torch.where(outliers, 8 * w.sign() * w.abs().clamp(min=1), w)  # a few per row stretch their group's range
-    fake = _fake_quantizer(QuantizationScheme(targets=["Linear"], weights={**W4_G32, "symmetric": symmetric}))
+    fake = fake_quantizer(QuantizationScheme(targets=["Linear"], weights={**W4_G32, "symmetric": symmetric}))
     result = search_clip(w, xtx, fake, 32, symmetric, n_grid=20, max_shrink=0.5)
 
     assert (result.loss <= result.unclipped_loss).all()  # r = 1 is on the grid
@@ -43,7 +43,7 @@ def test_group_errors_are_the_diagonal_blocks_of_x_t_x() -> None:
     torch.manual_seed(1)
     x = torch.randn(256, 64)
     w = torch.randn(8, 64)
-    fake = _fake_quantizer(QuantizationScheme(targets=["Linear"], weights={**W4_G32, "symmetric": True}))
+    fake = fake_quantizer(QuantizationScheme(targets=["Linear"], weights={**W4_G32, "symmetric": True}))
     result = search_clip(w, x.T @ x, fake, 32, True, n_grid=1, max_shrink=0.5)  # only r = 1
     assert torch.equal(result.weight, w) and (result.ratios == 1).all()
     dw = w - fake(w)

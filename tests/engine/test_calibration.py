@@ -10,8 +10,9 @@ from transformers import AutoTokenizer
 from compressed_tensors.quantization import preset_name_to_scheme
 
 from modelpress import ModelPressError
-from modelpress.engine.calibration import StatsCollector, calibration_samples
-from modelpress.engine.modifiers import quantize_linear
+from modelpress.engine.calibration import calibration_samples
+from modelpress.engine.rtn import quantize_linear
+from modelpress.engine.statistics import StatsCollector
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.", ""]
 
@@ -79,7 +80,7 @@ def test_static_activation_scale_comes_from_observed_range() -> None:
 
 def test_hessian_of_wide_inputs_is_the_full_gram_matrix() -> None:
     """Wide inputs accumulate only the upper blocks of X^T X; the Hessian must still be all of it."""
-    from modelpress.engine.calibration import ActivationStats
+    from modelpress.engine.statistics import ActivationStats
 
     x = torch.randn(600, 1100)
     stats = ActivationStats()
@@ -90,7 +91,9 @@ def test_hessian_of_wide_inputs_is_the_full_gram_matrix() -> None:
 
 def test_ranges_are_gathered_only_for_the_modifiers_that_read_them() -> None:
     """GPTQ on weights alone reads only X^T X; static activation scales and smoothing read ranges."""
-    from modelpress.engine.modifiers import GPTQModifier, SmoothQuantModifier, SparseGPTModifier
+    from modelpress.engine.gptq import GPTQModifier
+    from modelpress.engine.smoothquant import SmoothQuantModifier
+    from modelpress.engine.sparsegpt import SparseGPTModifier
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(8, 4)

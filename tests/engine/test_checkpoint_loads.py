@@ -11,14 +11,12 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 from support.models import CORPUS
 from modelpress import QuantizationModifier, oneshot
-from modelpress.engine.modifiers import (
-    AWQModifier,
-    GPTQModifier,
-    Modifier,
-    SmoothingModifier,
-    SmoothQuantModifier,
-    SparseGPTModifier,
-)
+from modelpress.engine.awq import AWQModifier
+from modelpress.engine.gptq import GPTQModifier
+from modelpress.engine.modifier import Modifier
+from modelpress.engine.smoothing import SmoothingModifier
+from modelpress.engine.smoothquant import SmoothQuantModifier
+from modelpress.engine.sparsegpt import SparseGPTModifier
 
 warnings.filterwarnings("ignore", message="You passed `quantization_config`")
 
@@ -165,3 +163,41 @@ def test_quantized_tied_head_is_untied(tmp_path: Path, tokenizer_dir: Path) -> N
     loaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
     assert torch.equal(loaded.model.embed_tokens.weight, original.model.embed_tokens.weight)
     assert not torch.equal(loaded.lm_head.weight, original.lm_head.weight)
+
+
+def test_a_loaded_model_with_a_quantized_tied_head_is_untied_in_its_config_too(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """The head gets its own copy before it is quantized, and the model's own config says so:
+    the saved config.json is written from it, and a later save of the model must not tie the
+    quantized head back onto the embeddings."""
+    from support.models import make_model
+
+    src = make_model("llama", tmp_path / "tied", tokenizer_dir, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    out = tmp_path / "out"
+    result = oneshot(model=model, recipe=QuantizationModifier(scheme="W8A16"), output_dir=out)
+    assert result.quantized_modules == 15
+    assert model.config.tie_word_embeddings is False
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)  # only the head was quantized
+    loaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(loaded.model.embed_tokens.weight, embeddings)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert not torch.equal(loaded.lm_head.weight, embeddings)
+
+
+def test_untying_a_module_from_the_embeddings_records_it_in_the_config(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """Smoothing and the head's quantization untie through one helper; the config it changes is the
+    one the checkpoint writer saves."""
+    from support.models import make_model
+    from modelpress.engine.weights import untie_from_embeddings
+
+    model = AutoModelForCausalLM.from_pretrained(make_model("llama", tmp_path / "tied", tokenizer_dir, tie_word_embeddings=True))
+    untie_from_embeddings(model, ["model.layers.0.self_attn.q_proj"])  # not tied: nothing changes
+    assert model.config.tie_word_embeddings is True and model.lm_head.weight is model.model.embed_tokens.weight
+    untie_from_embeddings(model, ["lm_head"])
+    assert model.config.tie_word_embeddings is False
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)

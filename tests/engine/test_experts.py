@@ -18,7 +18,8 @@ from modelpress.engine.experts import (
     to_checkpoint_name,
     unfuse_experts,
 )
-from modelpress.engine.modifiers import GPTQModifier, SmoothQuantModifier
+from modelpress.engine.gptq import GPTQModifier
+from modelpress.engine.smoothquant import SmoothQuantModifier
 from modelpress.engine.oneshot import oneshot
 
 MOE = {
@@ -120,8 +121,8 @@ def test_explicit_moe_mappings_scale_the_router_only_for_the_block_input(tmp_pat
         [["re:.*experts.*w1$", "re:.*experts.*w3$"], "re:.*post_attention_layernorm$"],  # llm-compressor's MoE form
         [["re:.*experts.0.w2$"], "re:.*experts.0.w3$"],  # inside the block: the router reads nothing of it
     ])
-    recipe.plan(model)
-    scaled_too = {m.smooth: m.scaled_too for m in recipe._mappings}
+    plan = recipe.plan(model)
+    scaled_too = {m.smooth: m.scaled_too for m in plan.mappings}
     assert scaled_too["model.layers.0.post_attention_layernorm"] == ("model.layers.0.mlp.gate",)
     assert scaled_too["model.layers.0.mlp.experts.0.w3"] == ()
     oneshot(model=model, dataset=CORPUS, recipe=recipe, num_calibration_samples=8, max_seq_length=32)

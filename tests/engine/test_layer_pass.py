@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from support.models import CORPUS
 from modelpress import QuantizationModifier, oneshot
 from modelpress.engine.calibration import calibration_samples
-from modelpress.engine.modifiers import GPTQModifier, LayerState, SparseGPTModifier
+from modelpress.engine.gptq import GPTQModifier
+from modelpress.engine.modifier import LayerState
+from modelpress.engine.sparsegpt import SparseGPTModifier
 from modelpress.engine.pipeline import capture_first_layer_inputs, compress_layer_sequential, run_layer
 from modelpress.engine.layer_pass import find_parts, reproduces_layer
 from modelpress.engine.weights import find_decoder_layers

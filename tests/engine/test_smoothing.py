@@ -7,21 +7,20 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from support.models import CORPUS, make_model
-from modelpress.engine.calibration import ActivationStats, calibration_samples
+from modelpress.engine.calibration import calibration_samples
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.experts import expert_layout, unfuse_experts
 from modelpress.engine.mappings import derive_mappings
-from modelpress.engine.modifiers import (
-    AWQModifier,
-    GPTQModifier,
-    Modifier,
-    QuantizationModifier,
-    SmoothQuantModifier,
-)
+from modelpress.engine.awq import AWQModifier
+from modelpress.engine.gptq import GPTQModifier
+from modelpress.engine.modifier import Modifier, plan_recipe
+from modelpress.engine.rtn import QuantizationModifier
+from modelpress.engine.smoothquant import SmoothQuantModifier
 from modelpress.engine.oneshot import oneshot
 from modelpress.engine.pipeline import capture_first_layer_inputs, run_pipeline
 from modelpress.engine.layer_pass import GroupInput
 from modelpress.engine.smoothing import rescale_inputs
+from modelpress.engine.statistics import ActivationStats
 from modelpress.engine.weights import find_decoder_layers
 
 # per architecture: the mappings of one decoder layer (v -> o only where v's width is o's input)
@@ -83,9 +82,7 @@ def logits(model: torch.nn.Module, tokenizer) -> torch.Tensor:
 def scale_only(model: torch.nn.Module, model_dir: Path, modifier: Modifier, follower: Modifier | None = None) -> list:
     """Run only the smoothing modifier through the pipeline (the follower is planned, never applied)."""
     recipe = [modifier] + ([follower] if follower else [])
-    plans = [m.plan(model) for m in recipe]
-    for m in recipe:
-        m.bind(recipe)
+    plans = plan_recipe(recipe, model)
     samples = calibration_samples(CORPUS, AutoTokenizer.from_pretrained(model_dir), 8, 32)
     prefix, layers = find_decoder_layers(model)
     inputs = capture_first_layer_inputs(model, layers[0], samples, torch.device("cpu"))
@@ -196,13 +193,13 @@ def test_awq_search_lowers_the_measured_output_error() -> None:
     from compressed_tensors.quantization import QuantizationScheme
 
     from modelpress.engine.awq import search_scales
-    from modelpress.engine.modifiers import _fake_quantizer
+    from modelpress.engine.awq import fake_quantizer
 
     torch.manual_seed(0)
     x = torch.randn(512, 64) * torch.where(torch.arange(64) % 16 == 0, 20.0, 1.0)  # four outlier channels
     w = torch.randn(48, 64)
     scheme = QuantizationScheme(targets=["Linear"], weights={"num_bits": 4, "strategy": "group", "group_size": 32})
-    fake = _fake_quantizer(scheme)
+    fake = fake_quantizer(scheme)
     result = search_scales(x.T @ x, 512, [w], [fake], 32, 20, duo_scaling=True)
 
     def measured(s: torch.Tensor) -> float:
@@ -216,7 +213,7 @@ def test_awq_search_lowers_the_measured_output_error() -> None:
 def test_the_gram_matrix_of_wide_inputs_has_both_triangles() -> None:
     """Wide inputs accumulate only the blocks of X^T X on and above the diagonal; AWQ's output
     error tr(dW X^T X dW^T) needs the whole matrix, which `gram` gives."""
-    from modelpress.engine.calibration import GRAM_BLOCK
+    from modelpress.engine.statistics import GRAM_BLOCK
 
     torch.manual_seed(0)
     x = torch.randn(40, 2 * GRAM_BLOCK + 64)

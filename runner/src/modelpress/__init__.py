@@ -12,11 +12,11 @@ __version__ = "0.1.0"
 _ENGINE_EXPORTS = {
     "oneshot": "modelpress.engine.oneshot",
     "OneshotResult": "modelpress.engine.oneshot",
-    "QuantizationModifier": "modelpress.engine.modifiers",
-    "GPTQModifier": "modelpress.engine.modifiers",
-    "SparseGPTModifier": "modelpress.engine.modifiers",
-    "SmoothQuantModifier": "modelpress.engine.modifiers",
-    "AWQModifier": "modelpress.engine.modifiers",
+    "QuantizationModifier": "modelpress.engine.rtn",
+    "GPTQModifier": "modelpress.engine.gptq",
+    "SparseGPTModifier": "modelpress.engine.sparsegpt",
+    "SmoothQuantModifier": "modelpress.engine.smoothquant",
+    "AWQModifier": "modelpress.engine.awq",
     "load_recipe": "modelpress.engine.recipe",
     "ModelPressError": "modelpress.engine.errors",
 }

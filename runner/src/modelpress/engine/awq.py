@@ -1,4 +1,4 @@
-"""AWQ: activation-aware weight scaling, searched on the calibration statistics.
+"""AWQ (Lin et al., 2024): activation-aware weight scaling, searched on the calibration statistics.
 
 Channels that carry large activations matter most to the output, so scaling their weight columns
 up by s (and their activations down by s) before quantization gives them finer steps. The scale is
@@ -19,10 +19,23 @@ row and group on that group's share of the error, dw_g^T (X^T X)[g, g] dw_g, the
 of X^T X (the cross terms between groups are left out, as AutoAWQ's per-group search does).
 """
 
+import dataclasses
+import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
+from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
+from pydantic import Field, field_validator
+
+from modelpress.engine.errors import ModelPressError
+from modelpress.engine.mappings import Mapping, MappingSpec, parse_awq_mappings
+from modelpress.engine.modifier import LayerState, Plan, Planned
+from modelpress.engine.quantize import QuantizedLinear, dequantize, minmax_qparams, quantize
+from modelpress.engine.smoothing import SmoothingModifier, SmoothingPlan
+from modelpress.engine.statistics import ActivationStats
+
+log = logging.getLogger(__name__)
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]  # weight -> its quantized-then-dequantized value
 
@@ -146,3 +159,101 @@ def search_clip(
         best = torch.where(better, loss, best)
         ratios = torch.where(better, torch.full_like(ratios, r), ratios)
     return ClipResult(clipped(ratios[..., None]).reshape(rows, cols), ratios, best, unclipped)
+
+
+class AWQModifier(SmoothingModifier):
+    """AWQ: per mapping, the grid-searched scales that minimize the balance Linears' output error
+    once quantized with the scheme of the quantizing modifier that follows it in the recipe.
+
+    With `apply_clip` (AutoAWQ's name), the scaled balance Linears are then clipped per row and
+    group to the range with least output error, except q/k, which feed attention scores.
+    """
+
+    needs_hessians: ClassVar[bool] = True  # the search reads the inputs through X^T X
+    mappings: list[Any] | None = None
+    duo_scaling: bool | Literal["both"] = True
+    n_grid: int = Field(20, ge=1)
+    offload_device: str | None = None  # accepted for recipes: the search holds one group's X^T X, nothing to offload
+    apply_clip: bool = False
+    clip_n_grid: int = Field(20, ge=1)
+    clip_max_shrink: float = Field(0.5, gt=0, lt=1)
+
+    @field_validator("mappings")
+    @classmethod
+    def _mappings_form(cls, value: Any) -> Any:
+        if value is not None:
+            parse_awq_mappings(value, "AWQModifier")
+        return value
+
+    def specs(self) -> list[MappingSpec] | None:
+        return None if self.mappings is None else parse_awq_mappings(self.mappings, type(self).__name__)
+
+    def bind(self, plan: Plan, earlier: list[Planned], later: list[Planned]) -> Plan:
+        """The plan with the quantizer that follows: its schemes are what the search quantizes with."""
+        plan = super().bind(plan, earlier, later)
+        quantizers = [other for modifier, other in later if modifier.quantizes]
+        if not quantizers:
+            raise ModelPressError(
+                "recipe: AWQModifier scales weights for the quantizer after it; add a QuantizationModifier or GPTQModifier after it"
+            )
+        return dataclasses.replace(plan, quantizer=quantizers[0])
+
+    def scales(self, plan: SmoothingPlan, mapping: Mapping, balance: dict[str, torch.nn.Linear], stats: ActivationStats) -> torch.Tensor:
+        quantizer = _quantizer(plan)
+        if stats.xtx is None:
+            raise ModelPressError(f"AWQModifier: no X^T X for {mapping.balance[0]}; AWQ needs calibration data")
+        schemes = [quantizer[n].scheme if n in quantizer else None for n in balance]
+        fakes = [fake_quantizer(s) if s is not None and s.weights is not None else None for s in schemes]
+        weighted = [s.weights for s in schemes if s is not None and s.weights is not None]
+        group_size = weighted[0].group_size if weighted and weighted[0].strategy == QuantizationStrategy.GROUP else None
+        weights = [m.weight.data for m in balance.values()]
+        duos = [True, False] if self.duo_scaling == "both" else [bool(self.duo_scaling)]
+        results = [search_scales(stats.gram, stats.tokens, weights, fakes, group_size, self.n_grid, d) for d in duos]
+        return min(results, key=lambda r: r.loss).scales
+
+    def apply(
+        self, plan: Plan, modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], state: LayerState
+    ) -> dict[str, QuantizedLinear]:
+        done = super().apply(plan, modules, stats, state)
+        if self.apply_clip:
+            assert isinstance(plan, SmoothingPlan)
+            for mapping in plan.mappings:
+                if all(n in modules for n in mapping.balance):
+                    self._clip(_quantizer(plan), {n: modules[n] for n in mapping.balance}, stats[mapping.balance[0]])
+        return done
+
+    def _clip(self, quantizer: Plan, balance: dict[str, torch.nn.Linear], stats: ActivationStats) -> None:
+        """Clip the balance Linears the quantizer quantizes per row (channel or group scales); a
+        per-tensor scale couples every row, so those are left as they are. `stats` already
+        describes the scaled inputs (rescale_inputs)."""
+        per_row = (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL)
+        args = {n: quantizer[n].scheme.weights for n in balance if n in quantizer and not feeds_attention_scores(n)}
+        args = {n: a for n, a in args.items() if a is not None and a.strategy in per_row}
+        if not args:
+            return
+        gram = stats.gram
+        for name, a in args.items():
+            w = balance[name].weight.data
+            group_size = a.group_size if a.strategy == QuantizationStrategy.GROUP else None
+            fake = fake_quantizer(quantizer[name].scheme)
+            result = search_clip(w, gram, fake, group_size, a.symmetric, self.clip_n_grid, self.clip_max_shrink)
+            balance[name].weight.data = result.weight.to(w.dtype)
+            log.debug("AWQ clip %s: group output error %.4g -> %.4g", name, float(result.unclipped_loss.sum()), float(result.loss.sum()))
+
+
+def _quantizer(plan: SmoothingPlan) -> Plan:
+    """The follower's plan that `bind` put in; a plan that skipped binding cannot be searched."""
+    if plan.quantizer is None:
+        raise ModelPressError("AWQModifier: no quantizer follows it in the recipe")
+    return plan.quantizer
+
+
+def fake_quantizer(scheme: QuantizationScheme) -> FakeQuant:
+    """Round-to-nearest with min-max scales: the quantization AWQ searches against."""
+    args = scheme.weights
+
+    def fake(w: torch.Tensor) -> torch.Tensor:
+        qparams = minmax_qparams(w, args, torch.float32)
+        return dequantize(quantize(w, qparams, args), qparams, args)
+
+    return fake

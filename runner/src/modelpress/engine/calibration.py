@@ -1,14 +1,12 @@
-"""Calibration data and the statistics that data-driven algorithms read from it.
+"""Calibration data: a dataset, a file or a list of texts turned into token-id samples.
 
-Samples are token-id tensors of shape [1, length]. Statistics are gathered per Linear by a
-forward pre-hook while a decoder layer runs over the calibration set: token count, input range,
-per-channel input maxima (SmoothQuant, AWQ) and, when asked, the Hessian proxy X^T X (GPTQ).
+Samples are token-id tensors of shape [1, length]; what the algorithms read from them is
+gathered per Linear in statistics.py.
 """
 
 import json
 import logging
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -87,94 +85,3 @@ def _tokenize(record: Any, tokenizer: Any, max_len: int, text_field: str, messag
 
 def _windows(ids: list[int], length: int) -> list[list[int]]:
     return [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
-
-
-@dataclass
-class ActivationStats:
-    """Running statistics of one Linear's inputs over the calibration set."""
-
-    tokens: int = 0
-    xmin: torch.Tensor | None = None
-    xmax: torch.Tensor | None = None
-    channel_absmax: torch.Tensor | None = None
-    xtx: torch.Tensor | None = field(default=None, repr=False)
-
-    def update(self, x: torch.Tensor, with_hessian: bool, with_ranges: bool = True) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.tokens += x.shape[0]
-        if with_ranges:
-            # per-channel extremes first: two passes over x instead of one per statistic
-            low, high = x.amin(0), x.amax(0)
-            amin, amax, cmax = low.min(), high.max(), torch.maximum(high, -low)
-            if self.xmin is None:
-                self.xmin, self.xmax, self.channel_absmax = amin, amax, cmax
-            else:
-                self.xmin = torch.minimum(self.xmin, amin)
-                self.xmax = torch.maximum(self.xmax, amax)
-                self.channel_absmax = torch.maximum(self.channel_absmax, cmax)
-        if with_hessian:
-            if self.xtx is None:
-                self.xtx = x.new_zeros(x.shape[1], x.shape[1])
-            add_upper_gram(self.xtx, x)
-
-    @property
-    def gram(self) -> torch.Tensor:
-        """X^T X with both triangles: `update` fills only the blocks on and above the diagonal."""
-        if self.xtx is None:
-            raise RuntimeError("X^T X was not collected for this module")
-        upper = torch.triu(self.xtx)
-        return upper + torch.triu(upper, 1).T
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        """H = 2 X^T X / n, the curvature of the layer-wise squared error (GPTQ, SparseGPT)."""
-        return self.gram * (2.0 / self.tokens)
-
-
-GRAM_BLOCK = 96  # widest diagonal block taken as one full product
-
-
-def add_upper_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """acc += X^T X on and above the diagonal only: X^T X is symmetric, so half of it is skipped
-    and `gram` mirrors it once at the end.
-
-    The columns split in two halves: one product for the block above the diagonal, then each
-    diagonal block the same way. Measured on 16384 tokens against one full product: 576 wide
-    -28% time, 1536 wide -35%, a few percent better than fixed-width strips (the products stay
-    large and square).
-    """
-    d = x.shape[1]
-    if d <= GRAM_BLOCK:
-        acc.addmm_(x.T, x)
-        return
-    mid = d // 2
-    acc[:mid, mid:].addmm_(x[:, :mid].T, x[:, mid:])
-    add_upper_gram(acc[:mid, :mid], x[:, :mid])
-    add_upper_gram(acc[mid:, mid:], x[:, mid:])
-
-
-class StatsCollector:
-    """Hooks that record ActivationStats for a set of Linears while the caller runs forwards."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module], hessians: bool = False, ranges: bool = True) -> None:
-        self.modules = modules
-        self.hessians = hessians
-        self.ranges = ranges
-        self.stats: dict[str, ActivationStats] = {name: ActivationStats() for name in modules}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> "StatsCollector":
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str):
-        def record(_module: torch.nn.Module, args: tuple) -> None:
-            self.stats[name].update(args[0].detach(), self.hessians, self.ranges)
-
-        return record

@@ -1,15 +1,20 @@
-"""The checkpoint writer: a Hugging Face model directory in compressed-tensors format, streamed.
+"""The checkpoint writer: every file of the output, a Hugging Face model directory in
+compressed-tensors format.
 
-Tensors are appended to a shard's data file as soon as a layer is done; the safetensors header is
-written when the shard closes, so memory holds one layer, never the model.
+Tensors are streamed: appended to a shard's data file as soon as a layer is done, with the
+safetensors header written when the shard closes, so memory holds one layer, never the model.
+The rest (config.json with its quantization_config, the recipe, tokenizer and generation config,
+the per-layer report) is written once the weights are.
 """
 
+import copy
 import json
 import math
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import compressed_tensors
 import torch
@@ -17,8 +22,14 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
+from modelpress.engine.errors import ModelPressError
 from modelpress.engine.quantize import QuantizedLinear
 from modelpress.engine.schemes import compression_format
+
+if TYPE_CHECKING:  # the pipeline imports this module to stream layers out
+    from modelpress.engine.pipeline import LayerReport
+
+REPORT_FILE = "modelpress-report.json"
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -186,6 +197,71 @@ def quantization_config(
     return config
 
 
+def prepare_output_dir(output_dir: str | Path | None) -> Path | None:
+    """The output directory, created; refused when it is a file or already holds a model."""
+    if output_dir is None:
+        return None
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ModelPressError(f"output_dir: {out} is a file; give a directory")
+    if out.is_dir() and any(out.glob("*.safetensors")):
+        raise ModelPressError(f"output_dir: {out} already holds a model; choose an empty directory or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_metadata(
+    out: Path,
+    model: torch.nn.Module,
+    groups: list[Mapping[str, QuantizationScheme]],
+    schemes: dict[str, QuantizationScheme],
+    recipe: str,
+    model_dir: Path | None,
+    tokenizer: Any,
+    rename: Callable[[str], str] = str,
+) -> None:
+    """config.json with its quantization_config, the recipe, tokenizer and generation config.
+
+    The config is the model's own as it is now, so what compression changed in it (a head
+    untied from the embeddings) is saved; `groups` are each quantizing modifier's groups, in
+    recipe order, and `rename` gives a module's name in the checkpoint (see experts.py).
+    """
+    merged: dict[str, QuantizationScheme] = {}
+    for modifier_groups in groups:
+        for name, scheme in modifier_groups.items():
+            merged[name if name not in merged else f"{name}_{len(merged)}"] = scheme
+    ignore = [rename(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in schemes]
+    config = copy.deepcopy(model.config)  # the quantization_config belongs to the checkpoint, not the model
+    if schemes:
+        config.quantization_config = quantization_config(merged, schemes, ignore)
+    config.save_pretrained(out)
+    (out / "recipe.yaml").write_text(recipe)
+    copy_aux_files(model_dir, out)
+    if model_dir is None and tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if not (out / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+
+
+def write_report(out: Path, reports: list["LayerReport"]) -> None:
+    """Per-layer losses and achieved sparsity: the checkpoint format has no place for them, and
+    pruned weights are stored dense, so this file is where a reader finds them."""
+    layers = [
+        {
+            "layer": r.index,
+            "seconds": round(r.seconds, 3),
+            "sequential": r.sequential,
+            "loss": r.losses,
+            "sparsity": r.sparsity,
+            "dampening_raised": r.dampening,
+        }
+        for r in reports
+    ]
+    total = [s for r in reports for s in r.sparsity.values()]
+    summary = {"mean_sparsity": round(sum(total) / len(total), 6) if total else 0.0}
+    (out / REPORT_FILE).write_text(json.dumps({**summary, "layers": layers}, indent=1) + "\n")
+
+
 def copy_aux_files(model_dir: Path | None, out_dir: Path) -> None:
     """Tokenizer, chat template and generation config travel unchanged with the weights."""
     if model_dir is None:
@@ -195,8 +271,9 @@ def copy_aux_files(model_dir: Path | None, out_dir: Path) -> None:
             shutil.copy2(model_dir / name, out_dir / name)
 
 
-def output_bytes(out_dir: Path) -> int:
-    return sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
+def model_bytes(model_dir: Path) -> int:
+    """The size of a model directory's weights: its safetensors files."""
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
 def human_bytes(n: int) -> str:

@@ -1,15 +1,24 @@
 """GPTQ (Frantar et al., 2022): quantize a weight column by column, compensating each column's
 rounding error on the columns not yet quantized, so the layer's output moves as little as possible.
+
+`GPTQModifier` is the recipe's side: it stacks the Linears that share a Hessian, keeps the mask of
+a SparseGPT run before it, and calls `gptq`, the sweep, per stack. The damped inverse Hessian and
+the lazy-batch column loop it shares with SparseGPT are in second_order.py.
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
+from pydantic import Field, field_validator, model_validator
 
-from modelpress.engine.quantize import QParams, minmax_qparams, qrange
+from modelpress.engine.errors import ModelPressError
+from modelpress.engine.modifier import LayerState, Plan
+from modelpress.engine.quantize import QParams, QuantizedLinear, dequantize, minmax_qparams, mse_qparams, qrange
+from modelpress.engine.rtn import QuantizationModifier, input_qparams
 from modelpress.engine.second_order import activation_order, aligned_block_size, inverse_hessian, sweep
+from modelpress.engine.statistics import ActivationStats
 
 Observer = Callable[[torch.Tensor, QuantizationArgs, torch.dtype], QParams]
 
@@ -104,3 +113,95 @@ def _per_column(qp: QParams, args: QuantizationArgs, rows: int, cols: int) -> tu
         index = torch.arange(cols, device=scale.device) // args.group_size
         return scale[:, index], zero[:, index]
     return scale.reshape(-1, 1).expand(rows, cols), zero.reshape(-1, 1).expand(rows, cols)
+
+
+class GPTQModifier(QuantizationModifier):
+    """GPTQ: quantization that compensates each column's rounding error through the Hessian.
+
+    Linears that read the same input (q/k/v, gate/up) share one Hessian and are solved as one
+    stacked matrix, which gives the same result per row in fewer, larger steps.
+    """
+
+    needs_hessians: ClassVar[bool] = True
+    block_size: int = Field(128, ge=1)
+    dampening_frac: float = Field(0.01, gt=0)
+    actorder: Literal["static", "weight"] | None = "static"
+    offload_hessians: bool = False
+
+    @field_validator("actorder", mode="before")
+    @classmethod
+    def _actorder(cls, value: Any) -> Any:
+        if value in ("group", "dynamic", True):
+            raise ModelPressError(
+                f"GPTQModifier.actorder: {value!r} (g_idx) was removed from compressed-tensors 0.20 and vLLM; "
+                "use 'static' (activation order, stored in natural order) or null"
+            )
+        return None if value is False else value
+
+    @model_validator(mode="after")
+    def _record_actorder(self) -> "GPTQModifier":
+        for scheme in self.groups.values():  # the checkpoint says how group scales were found
+            w = scheme.weights
+            if w is not None and w.strategy == QuantizationStrategy.GROUP and w.actorder is None and self.actorder:
+                w.actorder = self.actorder
+        return self
+
+    def needs_data(self) -> bool:
+        return True
+
+    def apply(
+        self, plan: Plan, modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], state: LayerState
+    ) -> dict[str, QuantizedLinear]:
+        done: dict[str, QuantizedLinear] = {}
+        for names in _stacks(modules, stats, plan):
+            scheme = plan[names[0]].scheme
+            args = scheme.weights
+            weights = [modules[n].weight.data for n in names]
+            if stats.get(names[0]) is None or stats[names[0]].xtx is None:
+                raise ModelPressError(f"GPTQModifier: no Hessian for {names[0]}; GPTQ needs calibration data")
+            keep = None
+            if any(n in state.masks for n in names):
+                keep = torch.cat([state.masks.get(n, torch.ones_like(w, dtype=torch.bool)) for n, w in zip(names, weights)])
+            result = gptq(
+                torch.cat(weights),
+                stats[names[0]].hessian.to(weights[0].device),
+                args,
+                self.block_size,
+                self.dampening_frac,
+                actorder=self.actorder is not None,
+                observer=mse_qparams if "mse" in (self.weight_observer or args.observer or "") else minmax_qparams,
+                keep=keep,
+            )
+            rows = [w.shape[0] for w in weights]
+            for name, q, scale, zp, row_loss in zip(
+                names,
+                result.q.split(rows),
+                _split_rows(result.qparams.scale, rows),
+                _split_rows(result.qparams.zero_point, rows),
+                result.row_loss.split(rows),
+            ):
+                qparams = QParams(scale, zp)
+                modules[name].weight.data = dequantize(q, qparams, args)
+                done[name] = QuantizedLinear(scheme, q, qparams, input_qparams(scheme, stats.get(name), scale.dtype))
+                state.losses[name] = float(row_loss.sum())
+                if result.dampening_frac != self.dampening_frac:
+                    state.dampening[name] = result.dampening_frac
+        return done
+
+
+def _stacks(modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], plan: Plan) -> list[list[str]]:
+    """Modules that share a Hessian and a per-row scheme, as lists to solve together."""
+    stacks: dict[tuple[Any, ...], list[str]] = {}
+    for name in modules:
+        scheme = plan[name].scheme
+        per_tensor = scheme.weights.strategy == QuantizationStrategy.TENSOR  # one scale: rows not separable
+        key = (name,) if per_tensor else (id(stats.get(name)), id(scheme))
+        stacks.setdefault(key, []).append(name)
+    return list(stacks.values())
+
+
+def _split_rows(t: torch.Tensor | None, rows: list[int]) -> list[torch.Tensor | None]:
+    """A stack's scales or zero points cut back into each module's rows."""
+    if t is None or len(rows) == 1:  # one module: per-tensor parameters have no rows to split
+        return [t] * len(rows)
+    return list(t.split(rows))

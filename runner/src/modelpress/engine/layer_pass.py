@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from modelpress.engine.calibration import ActivationStats
 from modelpress.engine.weights import trim_heap
 
 LayerInput = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's (args, kwargs) for one sample
@@ -148,14 +147,6 @@ def reproduces_layer(layer: torch.nn.Module, parts: PreNormParts, sample: LayerI
     return complete and same_inputs and torch.allclose(y, expected, rtol=1e-4, atol=1e-5)
 
 
-def group_stats(rows: Callable[[], Iterator[torch.Tensor]], with_hessian: bool, with_ranges: bool) -> ActivationStats:
-    """Statistics of one group's input: X^T X as a few large products over all tokens."""
-    stats = ActivationStats()
-    for chunk in rows():
-        stats.update(chunk, with_hessian, with_ranges)
-    return stats
-
-
 def _token_rows(inputs: list[LayerInput]) -> torch.Tensor:
     """Every sample's hidden states as one [tokens, hidden] matrix, and the samples as views of it.
 
@@ -252,7 +243,7 @@ def compress_sequential(
     normed_chunks = list(_per_token(parts.mlp_norm, _chunks(hidden, DROPPED_CHUNK)))
     compress_group(parts.groups[2], GroupInput(lambda: iter(normed_chunks)))
     # one buffer rather than a list of chunks: the chunks would interleave with the MLP's
-    # temporaries on the heap, which then grows by twice the activation (measured)
+    # temporaries on the heap, which then grows by twice the activation
     inner = _collect(_per_token(lambda x: _mlp_inner(parts, x), _consume(normed_chunks)), hidden.shape[0])
     compress_group(parts.groups[3], GroupInput(lambda: _chunks(inner)))
     if not last:

@@ -1,7 +1,11 @@
-"""`oneshot`: compress a model with a recipe in one pass and write a vLLM-ready checkpoint."""
+"""`oneshot`: compress a model with a recipe in one pass and write a vLLM-ready checkpoint.
 
-import copy
-import json
+It runs five stages, each a function below: load (the model, streamed or in memory), plan (every
+modifier's targets, checked before any weight is read), calibrate (the first decoder layer's
+inputs), compress (layer by layer, then the head), write (every other file, by the checkpoint
+writer).
+"""
+
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,10 +19,11 @@ from transformers import AutoTokenizer, PreTrainedModel
 from modelpress.engine.calibration import CalibrationData, calibration_samples
 from modelpress.engine.checkpoint_writer import (
     ShardedSafetensorsWriter,
-    copy_aux_files,
-    output_bytes,
-    quantization_config,
+    model_bytes,
+    prepare_output_dir,
+    write_metadata,
     write_module,
+    write_report,
 )
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.experts import (
@@ -29,8 +34,15 @@ from modelpress.engine.experts import (
     to_checkpoint_name,
     unfuse_experts,
 )
-from modelpress.engine.modifiers import LayerState, Modifier
-from modelpress.engine.pipeline import LayerReport, ProgressFn, capture_first_layer_inputs, run_pipeline
+from modelpress.engine.layer_pass import LayerInput
+from modelpress.engine.modifier import Modifier, Plan, plan_recipe
+from modelpress.engine.pipeline import (
+    LayerReport,
+    ProgressFn,
+    capture_first_layer_inputs,
+    compress_outside_layers,
+    run_pipeline,
+)
 from modelpress.engine.recipe import RecipeInput, load_recipe, recipe_yaml
 from modelpress.engine.weights import (
     SafetensorsSource,
@@ -44,8 +56,6 @@ from modelpress.engine.weights import (
 )
 
 log = logging.getLogger(__name__)
-
-REPORT_FILE = "modelpress-report.json"
 
 
 @dataclass
@@ -61,6 +71,49 @@ class OneshotResult:
     @property
     def ratio(self) -> float:
         return self.input_bytes / self.output_bytes if self.output_bytes else 0.0
+
+
+@dataclass
+class Loaded:
+    """The model as the stages after loading see it."""
+
+    model: torch.nn.Module
+    model_dir: Path | None  # where its tokenizer and aux files are, when known
+    source: SafetensorsSource | None  # streamed from disk; None: already in memory
+    layout: ExpertLayout | None
+    input_bytes: int
+    layers_prefix: str
+    layers: torch.nn.ModuleList
+    home: torch.device  # where the parameters outside the layers were (meta when streamed)
+
+    @property
+    def inside(self) -> str:
+        """The name prefix of every module inside the decoder layers."""
+        return f"{self.layers_prefix}."
+
+    def checkpoint_name(self, name: str) -> str:
+        """A module or tensor name as the checkpoint spells it (fused experts, see experts.py)."""
+        return to_checkpoint_name(name, self.layout)
+
+
+@dataclass
+class Samples:
+    """How to build the calibration samples (oneshot's arguments of the same names)."""
+
+    dataset: CalibrationData | None
+    tokenizer: Any
+    num_samples: int
+    max_seq_length: int
+    seed: int
+    text_field: str
+    messages_field: str
+    trust_remote_code: bool
+
+
+@dataclass
+class Compressed:
+    schemes: dict[str, QuantizationScheme]  # of every quantized module
+    reports: list[LayerReport]
 
 
 def oneshot(
@@ -92,6 +145,30 @@ def oneshot(
     modifiers = load_recipe(recipe)
     device = torch.device(device) if device is not None else _default_device()
 
+    loaded = load(model, output_dir, revision, trust_remote_code)
+    plans = plan(loaded, modifiers, has_data=dataset is not None)
+    out = prepare_output_dir(output_dir)
+    samples = Samples(dataset, tokenizer, num_calibration_samples, max_seq_length, seed, text_field, messages_field, trust_remote_code)
+    inputs, tokenizer = calibrate(loaded, modifiers, samples, device)
+    writer = ShardedSafetensorsWriter(out, max_shard_bytes, loaded.checkpoint_name) if out is not None else None
+    compressed = compress(loaded, modifiers, plans, inputs, writer, device, progress)
+    if writer is not None:
+        write(writer, loaded, modifiers, plans, compressed, tokenizer)
+    if loaded.source is None:  # the parts outside the layers go back where the caller had them
+        move_outside(loaded.model, loaded.inside, loaded.home)
+    return OneshotResult(
+        output_dir=out,
+        quantized_modules=len(compressed.schemes),
+        layers=compressed.reports,
+        input_bytes=loaded.input_bytes,
+        output_bytes=model_bytes(out) if out is not None else 0,
+        seconds=time.monotonic() - start,
+        model=loaded.model if loaded.source is None else None,
+    )
+
+
+def load(model: str | Path | PreTrainedModel, output_dir: str | Path | None, revision: str | None, trust_remote_code: bool) -> Loaded:
+    """A loaded model as it is, or a skeleton whose weights are read from disk as they are needed."""
     if isinstance(model, torch.nn.Module):
         model_dir = Path(model.name_or_path) if Path(getattr(model, "name_or_path", "") or "-").is_dir() else None
         source = None
@@ -114,148 +191,96 @@ def oneshot(
                 f"(first: {missing[0]}); is it a complete transformers checkpoint?"
             )
         input_bytes = source.nbytes()
-    config = copy.deepcopy(model.config)
-
     layers_prefix, layers = find_decoder_layers(model)
-    inside = f"{layers_prefix}."
-    plans = [m.plan(model) for m in modifiers]
-    _check_plans(modifiers, plans)
-    for modifier in modifiers:
-        modifier.bind(modifiers)
-    needs_data = any(m.needs_data() for m in modifiers)
-    if needs_data:
-        if dataset is None:
+    home = next(p.device for n, p in model.named_parameters() if not n.startswith(f"{layers_prefix}."))
+    return Loaded(model, model_dir, source, layout, input_bytes, layers_prefix, layers, home)
+
+
+def plan(loaded: Loaded, modifiers: list[Modifier], has_data: bool) -> list[Plan]:
+    """Every modifier's plan, and a refusal, before any weight is read, of what cannot work."""
+    plans = plan_recipe(modifiers, loaded.model)
+    if any(m.needs_data() for m in modifiers):
+        if not has_data:
             raise ModelPressError("dataset: the recipe needs calibration data (static activation scales); pass a dataset")
-        outside = sorted(n for plan in plans for n in plan if not n.startswith(inside))
+        outside = sorted(n for p in plans for n in p if not n.startswith(loaded.inside))
         if outside:
             raise ModelPressError(f"ignore: {outside} sit outside the decoder layers and cannot be calibrated; add them to ignore")
+    return plans
 
-    out = _prepare_output(output_dir)
-    if source is not None:
-        materialize(model, "", source, device, skip_prefix=inside)
+
+def calibrate(
+    loaded: Loaded, modifiers: list[Modifier], samples: Samples, device: torch.device
+) -> tuple[list[LayerInput] | None, Any]:
+    """Bring what precedes the decoder layers to `device` and capture the first layer's inputs.
+
+    Returns them (None when the recipe needs no data) and the tokenizer, loaded from the model
+    when none was given and samples need one.
+    """
+    model = loaded.model
+    if loaded.source is not None:
+        materialize(model, "", loaded.source, device, skip_prefix=loaded.inside)
         model.tie_weights()
-    home = next(p.device for n, p in model.named_parameters() if not n.startswith(inside))
-    move_outside(model, inside, device)
-
-    inputs = None
-    if needs_data:
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir or model.name_or_path, trust_remote_code=trust_remote_code)
-        samples = calibration_samples(
-            dataset, tokenizer, num_calibration_samples, max_seq_length, seed, text_field, messages_field
-        )
-        if not samples:
-            raise ModelPressError("dataset: no usable calibration samples (all empty?)")
-        inputs = capture_first_layer_inputs(model, layers[0], samples, device)
-
-    writer = ShardedSafetensorsWriter(out, max_shard_bytes, lambda name: to_checkpoint_name(name, layout)) if out is not None else None
-    route_all_tokens(model, True)
-    try:
-        schemes, reports = run_pipeline(layers_prefix, layers, modifiers, plans, inputs, source, writer, device, progress)
-    finally:
-        route_all_tokens(model, False)  # an in-memory model goes back to routed inference
-
-    outside_done = {}
-    for modifier, plan in zip(modifiers, plans):
-        mods = {n: model.get_submodule(n) for n in plan if not n.startswith(inside)}
-        embeddings = model.get_input_embeddings().weight
-        for module in mods.values():  # a head tied to the embeddings gets its own copy first
-            if module.weight is embeddings:
-                module.weight = torch.nn.Parameter(embeddings.data.clone(), requires_grad=False)
-                config.tie_word_embeddings = False
-        outside_done.update(modifier.apply(mods, {}, LayerState()))
-    schemes.update({n: ql.scheme for n, ql in outside_done.items()})
-
-    if out is not None and writer is not None:
-        write_module(writer, "", model, outside_done, skip_prefix=inside)
-        writer.close()
-        _write_metadata(out, model, config, modifiers, schemes, model_dir, tokenizer, layout)
-        _write_report(out, reports)
-    if source is None:
-        move_outside(model, inside, home)
-    return OneshotResult(
-        output_dir=out,
-        quantized_modules=len(schemes),
-        layers=reports,
-        input_bytes=input_bytes,
-        output_bytes=output_bytes(out) if out is not None else 0,
-        seconds=time.monotonic() - start,
-        model=model if source is None else None,
+    move_outside(model, loaded.inside, device)
+    tokenizer = samples.tokenizer
+    if not any(m.needs_data() for m in modifiers):
+        return None, tokenizer
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(loaded.model_dir or model.name_or_path, trust_remote_code=samples.trust_remote_code)
+    ids = calibration_samples(
+        samples.dataset, tokenizer, samples.num_samples, samples.max_seq_length, samples.seed, samples.text_field, samples.messages_field
     )
+    if not ids:
+        raise ModelPressError("dataset: no usable calibration samples (all empty?)")
+    return capture_first_layer_inputs(model, loaded.layers[0], ids, device), tokenizer
+
+
+def compress(
+    loaded: Loaded,
+    modifiers: list[Modifier],
+    plans: list[Plan],
+    inputs: list[LayerInput] | None,
+    writer: ShardedSafetensorsWriter | None,
+    device: torch.device,
+    progress: ProgressFn | None,
+) -> Compressed:
+    """Every decoder layer in turn, each streamed out to `writer` when done, then the head and the
+    rest outside the layers."""
+    route_all_tokens(loaded.model, True)
+    try:
+        schemes, reports = run_pipeline(loaded.layers_prefix, loaded.layers, modifiers, plans, inputs, loaded.source, writer, device, progress)
+    finally:
+        route_all_tokens(loaded.model, False)  # an in-memory model goes back to routed inference
+    outside = compress_outside_layers(loaded.model, loaded.inside, modifiers, plans)
+    schemes.update({n: ql.scheme for n, ql in outside.items()})
+    if writer is not None:
+        write_module(writer, "", loaded.model, outside, skip_prefix=loaded.inside)
+    return Compressed(schemes, reports)
+
+
+def write(
+    writer: ShardedSafetensorsWriter,
+    loaded: Loaded,
+    modifiers: list[Modifier],
+    plans: list[Plan],
+    compressed: Compressed,
+    tokenizer: Any,
+) -> None:
+    """Finish the checkpoint the layers were streamed into: the shards and their index, then
+    config, recipe, tokenizer and report."""
+    writer.close()
+    out = writer.out_dir
+    write_metadata(
+        out,
+        loaded.model,
+        [p.groups for p in plans],
+        compressed.schemes,
+        recipe_yaml(modifiers),
+        loaded.model_dir,
+        tokenizer,
+        loaded.checkpoint_name,
+    )
+    write_report(out, compressed.reports)
 
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _check_plans(modifiers: list[Modifier], plans: list[dict[str, Any]]) -> None:
-    owners: dict[str, str] = {}
-    for modifier, plan in zip(modifiers, plans):
-        if not modifier.quantizes:
-            continue
-        for name in plan:
-            if name in owners:
-                raise ModelPressError(
-                    f"recipe: {name} is quantized by both {owners[name]} and {type(modifier).__name__}; "
-                    "narrow their targets or use ignore"
-                )
-            owners[name] = type(modifier).__name__
-
-
-def _prepare_output(output_dir: str | Path | None) -> Path | None:
-    if output_dir is None:
-        return None
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ModelPressError(f"output_dir: {out} is a file; give a directory")
-    if out.is_dir() and any(out.glob("*.safetensors")):
-        raise ModelPressError(f"output_dir: {out} already holds a model; choose an empty directory or remove it")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _write_metadata(
-    out: Path,
-    model: torch.nn.Module,
-    config: Any,
-    modifiers: list[Modifier],
-    schemes: dict[str, QuantizationScheme],
-    model_dir: Path | None,
-    tokenizer: Any,
-    layout: ExpertLayout | None,
-) -> None:
-    """config.json with its quantization_config, the recipe, tokenizer and generation config."""
-    groups: dict[str, QuantizationScheme] = {}
-    for modifier in modifiers:
-        for name, scheme in getattr(modifier, "groups", {}).items():
-            groups[name if name not in groups else f"{name}_{len(groups)}"] = scheme
-    ignore = [to_checkpoint_name(n, layout) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in schemes]
-    if schemes:
-        config.quantization_config = quantization_config(groups, schemes, ignore)
-    config.save_pretrained(out)
-    (out / "recipe.yaml").write_text(recipe_yaml(modifiers))
-    copy_aux_files(model_dir, out)
-    if model_dir is None and tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    if not (out / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out)
-
-
-def _write_report(out: Path, reports: list[LayerReport]) -> None:
-    """Per-layer losses and achieved sparsity: the checkpoint format has no place for them, and
-    pruned weights are stored dense, so this file is where a reader finds them."""
-    layers = [
-        {
-            "layer": r.index,
-            "seconds": round(r.seconds, 3),
-            "sequential": r.sequential,
-            "loss": r.losses,
-            "sparsity": r.sparsity,
-            "dampening_raised": r.dampening,
-        }
-        for r in reports
-    ]
-    total = [s for r in reports for s in r.sparsity.values()]
-    summary = {"mean_sparsity": round(sum(total) / len(total), 6) if total else 0.0}
-    (out / REPORT_FILE).write_text(json.dumps({**summary, "layers": layers}, indent=1) + "\n")
-

@@ -14,19 +14,12 @@ import torch
 
 from compressed_tensors.quantization import QuantizationScheme
 
-from modelpress.engine.calibration import StatsCollector
 from modelpress.engine.checkpoint_writer import ShardedSafetensorsWriter, write_module
-from modelpress.engine.modifiers import LayerState, Modifier
+from modelpress.engine.layer_pass import GroupInput, LayerInput, compress_sequential, find_parts, reproduces_layer
+from modelpress.engine.modifier import LayerState, Modifier, Plan
 from modelpress.engine.quantize import QuantizedLinear
-from modelpress.engine.layer_pass import (
-    GroupInput,
-    LayerInput,
-    compress_sequential,
-    find_parts,
-    group_stats,
-    reproduces_layer,
-)
-from modelpress.engine.weights import SafetensorsSource, materialize, release, trim_heap
+from modelpress.engine.statistics import ActivationStats, StatsCollector, group_stats
+from modelpress.engine.weights import SafetensorsSource, materialize, release, trim_heap, untie_from_embeddings
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -53,7 +46,7 @@ def capture_first_layer_inputs(
     """Run embeddings (and whatever precedes layer 0) per sample; keep layer 0's call arguments.
 
     Samples of one length get equal position tensors (rotary cos/sin, position ids); one copy of
-    each is kept (128 x 512 tokens on SmolLM2: 32 MiB less).
+    each is kept, since every sample would otherwise hold its own.
     """
     captured: list[LayerInput] = []
     pool: dict[tuple, list[torch.Tensor]] = {}
@@ -111,7 +104,7 @@ def compress_layer(
     layer: torch.nn.Module,
     prefix: str,
     modifiers: list[Modifier],
-    plans: list[dict[str, Any]],
+    plans: list[Plan],
     inputs: list[LayerInput] | None,
     state: LayerState,
 ) -> dict[str, QuantizedLinear]:
@@ -136,9 +129,9 @@ def compress_layer(
 
 def _apply_all(
     modifiers: list[Modifier],
-    plans: list[dict[str, Any]],
+    plans: list[Plan],
     modules: dict[str, torch.nn.Linear],
-    stats: dict,
+    stats: dict[str, ActivationStats],
     state: LayerState,
 ) -> dict[str, QuantizedLinear]:
     """Every modifier in recipe order, each on the modules it planned for."""
@@ -146,7 +139,7 @@ def _apply_all(
     for modifier, plan in zip(modifiers, plans):
         mine = {n: m for n, m in modules.items() if n in plan}
         if mine:
-            quantized.update(modifier.apply(mine, stats, state))
+            quantized.update(modifier.apply(plan, mine, stats, state))
     return quantized
 
 
@@ -154,12 +147,12 @@ def compress_layer_sequential(
     layer: torch.nn.Module,
     prefix: str,
     modifiers: list[Modifier],
-    plans: list[dict[str, Any]],
+    plans: list[Plan],
     inputs: list[LayerInput],
     state: LayerState,
     last: bool,
 ) -> dict[str, QuantizedLinear] | None:
-    """The one-pass path (see sequential.py), or None when the layer's layout is not known.
+    """The one-pass path (see layer_pass.py), or None when the layer's layout is not known.
 
     `inputs` becomes the layer's outputs in place.
     """
@@ -189,7 +182,7 @@ def run_pipeline(
     layers_prefix: str,
     layers: torch.nn.ModuleList,
     modifiers: list[Modifier],
-    plans: list[dict[str, Any]],
+    plans: list[Plan],
     inputs: list[LayerInput] | None,
     source: SafetensorsSource | None,
     writer: ShardedSafetensorsWriter | None,
@@ -246,3 +239,18 @@ def run_pipeline(
                 }
             )
     return schemes, reports
+
+
+def compress_outside_layers(
+    model: torch.nn.Module, inside: str, modifiers: list[Modifier], plans: list[Plan]
+) -> dict[str, QuantizedLinear]:
+    """Compress the planned modules outside the decoder layers (the head), which need no data.
+
+    A head tied to the input embeddings gets its own copy first, so the embeddings stay as they are.
+    """
+    done: dict[str, QuantizedLinear] = {}
+    for modifier, plan in zip(modifiers, plans):
+        names = [n for n in plan if not n.startswith(inside)]
+        untie_from_embeddings(model, names)
+        done.update(modifier.apply(plan, {n: model.get_submodule(n) for n in names}, {}, LayerState()))
+    return done

@@ -15,9 +15,20 @@ from typing import Any
 import yaml
 
 from modelpress.engine.errors import ModelPressError
-from modelpress.engine.modifiers import MODIFIERS, Modifier
+from modelpress.engine.awq import AWQModifier
+from modelpress.engine.gptq import GPTQModifier
+from modelpress.engine.modifier import Modifier
+from modelpress.engine.rtn import QuantizationModifier
+from modelpress.engine.smoothquant import SmoothQuantModifier
+from modelpress.engine.sparsegpt import SparseGPTModifier
 
 RecipeInput = Modifier | list[Modifier] | str | Path
+
+# the modifiers a YAML recipe can name, by llm-compressor's class names
+MODIFIERS: dict[str, type[Modifier]] = {
+    cls.__name__: cls
+    for cls in (QuantizationModifier, GPTQModifier, SparseGPTModifier, SmoothQuantModifier, AWQModifier)
+}
 
 
 def load_recipe(recipe: RecipeInput) -> list[Modifier]:
@@ -46,6 +57,7 @@ def load_recipe(recipe: RecipeInput) -> list[Modifier]:
 
 
 def parse_recipe(document: Any) -> list[Modifier]:
+    """The modifiers of a parsed YAML document, stages flattened in order."""
     if not isinstance(document, dict):
         raise ModelPressError("recipe: expected a mapping of stages (e.g. quant_stage: {quant_modifiers: {...}})")
     modifiers: list[Modifier] = []

@@ -1,32 +1,34 @@
-"""Folding per-channel scales between a smooth layer and its balance Linears (SmoothQuant, AWQ).
+"""What SmoothQuant and AWQ share: per-channel scales moved from activations into weights.
 
 With y = W x and x = smooth(...), dividing channel j of the smooth layer's output by s_j and
 multiplying column j of every balance weight by s_j gives the same y: the float model is unchanged,
 but the activations that will be quantized have flatter channels and the weights absorb the
 difference. Every fold is computed in float32 and cast back to the parameter's dtype.
+
+`SmoothingModifier` plans the mappings (mappings.py) and, per group of Linears that read one
+input, asks its subclass for the scales (smoothquant.py, awq.py), folds them in, and rescales the
+collected inputs and statistics, so that the quantizer after it sees the smoothed model without
+another calibration pass.
 """
 
+import logging
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar
+
 import torch
-from compressed_tensors.quantization import QuantizationStrategy
+from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
 
-from modelpress.engine.calibration import ActivationStats
-from modelpress.engine.quantize import QParams, QuantizedLinear, dequantize
+from modelpress.engine.errors import ModelPressError
 from modelpress.engine.layer_pass import GroupInput
+from modelpress.engine.mappings import Mapping, MappingSpec, resolve_mappings
+from modelpress.engine.modifier import LayerState, Modifier, Plan, Planned, frozen
+from modelpress.engine.quantize import QParams, QuantizedLinear, dequantize
+from modelpress.engine.statistics import ActivationStats
+from modelpress.engine.targets import TargetedModule, is_matched
+from modelpress.engine.weights import find_decoder_layers, untie_from_embeddings
 
-MIN_SCALE = 1e-5  # floor for maxima and scales: a silent channel must not turn into inf
-
-
-def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha), the weights of all balance layers together.
-
-    alpha moves quantization difficulty from activations (alpha -> 1) to weights (alpha -> 0).
-    A channel that never fires keeps s = 1.
-    """
-    w_absmax = torch.cat([w.float() for w in weights]).abs().amax(0).clamp(min=MIN_SCALE)
-    x = act_absmax.float().to(w_absmax.device)
-    s = x.clamp(min=MIN_SCALE).pow(alpha) / w_absmax.pow(1 - alpha)
-    return torch.where(x > 0, s, torch.ones_like(s)).clamp(min=MIN_SCALE)
-
+log = logging.getLogger(__name__)
 
 def has_unit_offset(norm: torch.nn.Module) -> bool:
     """Whether the norm multiplies by (1 + w) rather than w (Gemma), found by running it.
@@ -121,3 +123,95 @@ def rescale_inputs(stats: ActivationStats, s: torch.Tensor, xs: GroupInput | Non
     elif stats.channel_absmax is not None:
         bound = stats.channel_absmax.amax()
         stats.xmin, stats.xmax = -bound, bound
+
+
+@dataclass(frozen=True, eq=False)
+class SmoothingPlan(Plan):
+    """A smoothing modifier's plan: its balance Linears (`targeted`), the mappings that scale
+    them, and every module a fold touches by name. For AWQ, `quantizer` is the plan of the
+    quantizing modifier after it, whose schemes the search quantizes with (set by `bind`)."""
+
+    mappings: tuple[Mapping, ...] = ()
+    layers: MappingProxyType[str, torch.nn.Module] = field(default_factory=lambda: MappingProxyType({}))
+    quantizer: Plan | None = None
+
+
+class SmoothingModifier(Modifier):
+    """Shared by SmoothQuant and AWQ: plans the balance Linears of every mapping and, per group
+    of Linears that read one input, folds each mapping's scales in. Must come before the
+    modifiers that quantize its layers."""
+
+    quantizes: ClassVar[bool] = False
+    ignore: list[str] = []
+
+    def specs(self) -> list[MappingSpec] | None:
+        """The recipe's explicit mappings; None derives them from the architecture."""
+        raise NotImplementedError
+
+    def keep(self, mappings: list[Mapping], modules: dict[str, torch.nn.Module]) -> list[Mapping]:
+        """The mappings to smooth, of those resolved and not ignored; all of them by default."""
+        return mappings
+
+    def scales(self, plan: SmoothingPlan, mapping: Mapping, balance: dict[str, torch.nn.Linear], stats: ActivationStats) -> torch.Tensor:
+        """The per-channel scales s for one mapping, from the statistics of its balance input."""
+        raise NotImplementedError
+
+    def plan(self, model: torch.nn.Module) -> SmoothingPlan:
+        name = type(self).__name__
+        layers_prefix, layers = find_decoder_layers(model)
+        resolved = resolve_mappings(model, layers_prefix, layers, self.specs(), name)
+        modules = dict(model.named_modules())
+        mappings = [m for m in resolved if not any(is_matched(n, modules[n], self.ignore) for n in (m.smooth, *m.balance))]
+        if not mappings:
+            raise ModelPressError(f"{name}: no mapping left to smooth in {type(model).__name__}; give mappings explicitly or shorten ignore")
+        mappings = self.keep(mappings, modules)
+        untie_from_embeddings(model, {n for m in mappings for n in (m.smooth, *m.balance)})
+        touched = {n: modules[n] for m in mappings for n in (m.smooth, *m.balance, *m.scaled_too)}
+        empty = QuantizationScheme(targets=["Linear"])
+        targeted = {n: TargetedModule(n, "smoothing", empty) for m in mappings for n in m.balance}
+        return SmoothingPlan(frozen(targeted), mappings=tuple(mappings), layers=MappingProxyType(touched))
+
+    def needs_data(self) -> bool:
+        return True
+
+    def needs_ranges(self) -> bool:
+        return True
+
+    def bind(self, plan: Plan, earlier: list[Planned], later: list[Planned]) -> Plan:
+        assert isinstance(plan, SmoothingPlan)
+        for modifier, other in earlier:
+            if modifier.quantizes and set(plan.layers) & set(other):
+                raise ModelPressError(
+                    f"recipe: {type(self).__name__} must come before {type(modifier).__name__}, which quantizes layers it scales"
+                )
+        return plan
+
+    def apply(
+        self, plan: Plan, modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], state: LayerState
+    ) -> dict[str, QuantizedLinear]:
+        assert isinstance(plan, SmoothingPlan)
+        for mapping in plan.mappings:
+            if not all(n in modules for n in mapping.balance):
+                continue
+            first = stats.get(mapping.balance[0])
+            if first is None or first.channel_absmax is None:
+                raise ModelPressError(f"{type(self).__name__}: no activation statistics for {mapping.balance[0]}; it needs calibration data")
+            smooth = plan.layers[mapping.smooth]
+            done = state.quantized.get(mapping.smooth)
+            s = self.scales(plan, mapping, {n: modules[n] for n in mapping.balance}, first).to(smooth.weight.device)
+            if isinstance(smooth, torch.nn.Linear):
+                if done is not None:
+                    if not fold_into_quantized_rows(smooth, done, s, mapping.rows):
+                        log.warning("%s: %s is quantized per tensor and cannot absorb scales; mapping skipped", type(self).__name__, mapping.smooth)
+                        continue
+                else:
+                    fold_into_rows(smooth, s, mapping.rows)
+            else:
+                fold_into_norm(smooth, s)
+            for n in mapping.balance:
+                fold_into_columns(modules[n], s)
+            for n in mapping.scaled_too:
+                fold_into_columns(plan.layers[n], s)
+            for shared in {id(stats[n]): stats[n] for n in mapping.balance if n in stats}.values():
+                rescale_inputs(shared, s, state.inputs)
+        return {}

@@ -1,12 +1,24 @@
 """SparseGPT (Frantar & Alistarh, 2023): prune a weight to a target sparsity, choosing and
 compensating the pruned weights with the same inverse Hessian GPTQ uses.
+
+`SparseGPTModifier` is the recipe's side: it plans the Linears to prune and hands the masks on to
+a quantizer after it (GPTQ keeps them; every scheme maps 0 to 0). `sparsegpt` is the sweep.
 """
 
+import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from compressed_tensors.quantization import QuantizationScheme
+from pydantic import Field, PrivateAttr, model_validator
 
+from modelpress.engine.errors import ModelPressError
+from modelpress.engine.modifier import LayerState, Modifier, Plan, frozen
+from modelpress.engine.quantize import QuantizedLinear
 from modelpress.engine.second_order import aligned_block_size, inverse_hessian, sweep
+from modelpress.engine.statistics import ActivationStats
+from modelpress.engine.targets import TargetedModule, is_matched, unused_patterns
 
 
 @dataclass
@@ -59,3 +71,84 @@ def sparsegpt(
     wt = w.T.contiguous()
     row_loss = sweep(wt, inverse.upper, aligned_block_size(block_size, m or 1), step)
     return SparseGPTResult(wt.T.to(weight.dtype).contiguous(), keep_t.T.contiguous(), row_loss, inverse.dampening_frac)
+
+
+class SparseGPTModifier(Modifier):
+    """SparseGPT pruning: unstructured or N:M, weights stay dense with zeros.
+
+    Followed by GPTQModifier or QuantizationModifier in the same recipe, the pruned weights stay
+    zero: every scheme maps 0 to 0, and GPTQ is told the mask.
+    """
+
+    needs_hessians: ClassVar[bool] = True
+    quantizes: ClassVar[bool] = False
+    sparsity: float | None = Field(None, gt=0, lt=1)
+    mask_structure: str = "0:0"
+    block_size: int = Field(128, ge=1)
+    dampening_frac: float = Field(0.01, gt=0)
+    preserve_sparsity_mask: bool = False
+    offload_hessians: bool = False
+    targets: list[str] | str = ["Linear"]
+    ignore: list[str] = []
+
+    _nm: tuple[int, int] = PrivateAttr(default=(0, 0))  # parsed mask_structure; (0, 0): unstructured
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "SparseGPTModifier":
+        match = re.fullmatch(r"(\d+):(\d+)", self.mask_structure)
+        if not match or (int(match[1]) == 0) != (int(match[2]) == 0) or int(match[1]) >= max(int(match[2]), 1):
+            raise ModelPressError(
+                f"SparseGPTModifier.mask_structure: {self.mask_structure!r} is not '0:0' (unstructured) or 'N:M' with N < M, e.g. '2:4'"
+            )
+        n, m = int(match[1]), int(match[2])
+        self._nm = (n, m)
+        if n and self.sparsity is not None and abs(self.sparsity - n / m) > 1e-6:
+            raise ModelPressError(
+                f"SparseGPTModifier.sparsity: {self.sparsity} contradicts mask_structure {self.mask_structure} "
+                f"({n / m:g}); drop sparsity or set it to {n / m:g}"
+            )
+        if not n and self.sparsity is None:
+            raise ModelPressError("SparseGPTModifier.sparsity: required for unstructured pruning, e.g. sparsity: 0.5")
+        return self
+
+    def plan(self, model: torch.nn.Module) -> Plan:
+        targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        missing = unused_patterns(model, targets)
+        if missing:
+            raise ModelPressError(f"SparseGPTModifier.targets: {missing} match no module in the model; check the names")
+        empty = QuantizationScheme(targets=targets)
+        targeted = {
+            name: TargetedModule(name, "sparsity", empty)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and is_matched(name, module, targets) and not is_matched(name, module, self.ignore)
+        }
+        if not targeted:
+            raise ModelPressError(f"SparseGPTModifier: targets {targets} minus ignore {self.ignore} leave no Linear to prune")
+        _, m = self._nm
+        bad = [n for n in targeted if m and model.get_submodule(n).in_features % m]
+        if bad:
+            raise ModelPressError(f"SparseGPTModifier.mask_structure: {self.mask_structure} needs input features divisible by {m}; {bad[:4]} are not; add them to ignore")
+        return Plan(frozen(targeted))
+
+    def needs_data(self) -> bool:
+        return True
+
+    def apply(
+        self, plan: Plan, modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], state: LayerState
+    ) -> dict[str, QuantizedLinear]:
+        n, m = self._nm
+        sparsity = n / m if n else float(self.sparsity or 0)
+        for name, module in modules.items():
+            if stats.get(name) is None or stats[name].xtx is None:
+                raise ModelPressError(f"SparseGPTModifier: no Hessian for {name}; SparseGPT needs calibration data")
+            w = module.weight.data
+            result = sparsegpt(
+                w, stats[name].hessian.to(w.device), sparsity, n, m, self.block_size, self.dampening_frac, self.preserve_sparsity_mask
+            )
+            module.weight.data = result.weight
+            state.masks[name] = result.keep
+            state.losses[name] = float(result.row_loss.sum())
+            state.sparsity[name] = 1 - float(result.keep.float().mean())
+            if result.dampening_frac != self.dampening_frac:
+                state.dampening[name] = result.dampening_frac
+        return {}

@@ -7,7 +7,7 @@ being worked on occupy memory: the embeddings and head, plus one decoder layer a
 import ctypes
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from accelerate import init_empty_weights
@@ -185,3 +185,18 @@ def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
     if best is None:
         raise ModelPressError(f"model: no list of decoder layers found in {type(model).__name__}")
     return best
+
+
+def untie_from_embeddings(model: torch.nn.Module, names: Iterable[str]) -> None:
+    """Give each named module whose weight is the input embeddings its own copy, before it is
+    changed (quantized, or scaled), and record in the model's config that the two are no longer
+    tied: the checkpoint's config.json is written from it, and a reader that saw them tied would
+    put the embeddings back in the head's place."""
+    embeddings = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        return
+    for name in names:
+        module = model.get_submodule(name)
+        if module.weight is embeddings:
+            module.weight = torch.nn.Parameter(embeddings.data.clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False

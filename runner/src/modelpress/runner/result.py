@@ -20,7 +20,7 @@ from modelpress.contract import (
     ResultEvent,
     Sizes,
 )
-from modelpress.engine.checkpoint_writer import output_bytes
+from modelpress.engine.checkpoint_writer import model_bytes
 
 VERSIONED = ("modelpress", "torch", "transformers", "compressed-tensors")
 
@@ -29,7 +29,7 @@ def build_result(job: CompressionJob, model_dir: Path, staged: Path, before: dic
                  modifier_names: Sequence[str], resumed: bool, used_data: bool) -> ResultEvent:
     """The result of a compressed (not yet published) model, measured against the original."""
     spec = job.spec
-    original, compressed = output_bytes(model_dir), output_bytes(staged)
+    original, compressed = model_bytes(model_dir), model_bytes(staged)
     metrics = Metrics()
     if "perplexity" in before:
         increase = 100 * (after["perplexity"] / before["perplexity"] - 1)

@@ -22,7 +22,7 @@ import torch
 from modelpress.contract import (SELF_GENERATED, CompressionJob, JobSpec, Recipe, ResultEvent, TransferEvent, connection_uses,
                                  parse_uri)
 from modelpress.engine.errors import ModelPressError
-from modelpress.engine.modifiers import Modifier
+from modelpress.engine.modifier import Modifier
 from modelpress.engine.recipe import load_recipe, parse_recipe, recipe_yaml
 from modelpress.runner.connections import LocalObjects, S3Connection, hf_token, recipe_text, s3_connection, secret_values
 from modelpress.runner.data import calibration_set, evaluation_text, open_dataset, self_generated
