@@ -10,6 +10,7 @@ import torch
 from support.models import CORPUS
 from modelpress import ModelPressError, QuantizationModifier, oneshot
 from modelpress.engine import pipeline
+from modelpress.engine.pipeline import LayerProgress
 
 W8 = QuantizationModifier(scheme="W8A16", ignore=["lm_head"])
 
@@ -25,11 +26,11 @@ def test_streaming_holds_one_layer_at_a_time(llama_dir: Path, tmp_path: Path, mo
         real(layer, prefix, source, device)
 
     monkeypatch.setattr(pipeline, "materialize", counting)
-    events: list[dict] = []
+    events: list[LayerProgress] = []
     result = oneshot(model=llama_dir, recipe=W8, output_dir=tmp_path / "out", progress=events.append)
     assert peaks == [0, 0]  # the previous layer was freed before the next one loaded
     assert all(p.is_meta for layer in seen for p in layer.parameters())
-    assert [e["layer"] for e in events] == [1, 2] and events[-1]["percent"] == 100.0
+    assert [(e.layer, e.layers) for e in events] == [(1, 2), (2, 2)] and events[-1].percent == 100.0
     assert [r.index for r in result.layers] == [0, 1] and len(result.layers[0].quantized) == 7
     assert 0 < result.output_bytes < result.input_bytes
 

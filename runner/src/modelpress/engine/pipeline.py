@@ -21,7 +21,22 @@ from modelpress.engine.quantize import QuantizedLinear
 from modelpress.engine.statistics import ActivationStats, StatsCollector, group_stats
 from modelpress.engine.weights import SafetensorsSource, materialize, release, trim_heap, untie_from_embeddings
 
-ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class LayerProgress:
+    """How far the pipeline is: `layer` of `layers` done, and the time the rest should take."""
+
+    layer: int
+    layers: int
+    eta_seconds: int
+
+    @property
+    def percent(self) -> float:
+        return round(100 * self.layer / self.layers, 1)
+
+
+ProgressFn = Callable[[LayerProgress], None]
 
 
 @dataclass
@@ -228,16 +243,7 @@ def run_pipeline(
         )
         if progress is not None:
             elapsed = time.monotonic() - start
-            progress(
-                {
-                    "event": "progress",
-                    "stage": "compress",
-                    "layer": i + 1,
-                    "layers": len(layers),
-                    "percent": round(100 * (i + 1) / len(layers), 1),
-                    "eta_s": round(elapsed / (i + 1) * (len(layers) - i - 1)),
-                }
-            )
+            progress(LayerProgress(i + 1, len(layers), round(elapsed / (i + 1) * (len(layers) - i - 1))))
     return schemes, reports
 
 

@@ -11,15 +11,18 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from modelpress.contract import (DEFAULT_IGNORE, Env, ExitCode, FailureEvent, FailureReason, InvalidSpec, PodPath, ResultEvent,
                                  RunReport, parse_job)
 from modelpress.engine.errors import ModelPressError
+
+if TYPE_CHECKING:  # the engine imports torch; `modelpress compress` loads it only when it runs
+    from modelpress.engine.pipeline import LayerProgress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,20 +99,17 @@ def compress(args: argparse.Namespace) -> None:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
-def _progress_bar() -> Callable[[Mapping[str, Any]], None]:
+def _progress_bar() -> Callable[["LayerProgress"], None]:
     """A layer bar on stderr for the engine's progress callback."""
     from tqdm import tqdm
 
-    from modelpress.runner.progress import from_engine
-
     bar: dict[str, Any] = {}
 
-    def update(engine_update: Mapping[str, Any]) -> None:
-        event = from_engine(engine_update)
+    def update(done: "LayerProgress") -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=event.layers, desc=event.stage, unit="layer")
-        bar["bar"].update(event.layer - bar["bar"].n)
-        if event.layer == event.layers:
+            bar["bar"] = tqdm(total=done.layers, desc="compress", unit="layer")
+        bar["bar"].update(done.layer - bar["bar"].n)
+        if done.layer == done.layers:
             bar["bar"].close()
 
     return update

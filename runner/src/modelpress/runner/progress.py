@@ -8,20 +8,21 @@ import logging
 import sys
 import textwrap
 import time
-from collections.abc import Mapping
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from modelpress.contract import FailureEvent, ProgressEvent, ResultEvent, StageEvent, Wire
 from modelpress.runner.connections import scrub
 
+if TYPE_CHECKING:  # the engine imports torch; reporting needs only its progress type's fields
+    from modelpress.engine.pipeline import LayerProgress
+
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
 
 
-def from_engine(update: Mapping[str, Any]) -> ProgressEvent:
-    """The engine's per-layer progress dict as the contract's event; the engine names the ETA `eta_s`."""
-    fields = dict(update)
-    fields["eta_seconds"] = fields.pop("eta_s", None)
-    return ProgressEvent.model_validate(fields)
+def from_engine(update: "LayerProgress") -> ProgressEvent:
+    """The engine's per-layer progress as the contract's event (the engine knows no wire format)."""
+    return ProgressEvent(stage="compress", percent=update.percent, layer=update.layer, layers=update.layers,
+                         eta_seconds=update.eta_seconds)
 
 
 class Reporter:
@@ -57,8 +58,8 @@ class Reporter:
             self._last[stage] = now
             self.emit(event)
 
-    def engine_progress(self, update: Mapping[str, Any]) -> None:
-        """A callback for the engine's `progress`: its per-layer dicts as events."""
+    def engine_progress(self, update: "LayerProgress") -> None:
+        """A callback for the engine's `progress`: its per-layer updates as events."""
         self.progress(from_engine(update))
 
     def byte_counter(self, stage: str, total: int) -> Callable[[int], None]:
