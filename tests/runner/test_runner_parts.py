@@ -70,6 +70,12 @@ def test_termination_message_fits_kubernetes_limit() -> None:
     failure = FailureEvent(reason="InvalidSpec", exit_code=ExitCode.INVALID_INPUT, message="m" * 5000, versions={"a": "x" * 100})
     kept = termination_message(failure)
     assert len(kept.encode()) <= TERMINATION_LIMIT and kept.startswith('{"event":"failure","status":"Failed","reason":"InvalidSpec","exitCode":2')
+    # characters of three bytes: the limit is in bytes, and the message is shortened so the JSON stays whole
+    wide = FailureEvent(reason="InvalidSpec", exit_code=ExitCode.INVALID_INPUT, message="spec.x: must be ≥ 1 " * 400)
+    text = termination_message(wide)
+    assert len(text.encode()) <= TERMINATION_LIMIT
+    parsed = json.loads(text)
+    assert parsed["exitCode"] == 2 and parsed["message"].startswith("spec.x: must be ≥ 1") and parsed["message"].endswith("...")
 
 
 def test_preset_documents_are_llm_compressor_recipes() -> None:

@@ -1,7 +1,7 @@
 """ModelPress: compress Hugging Face LLMs into checkpoints that vLLM serves as they are.
 
 The engine's public API is re-exported here lazily, so that importing a light part of the
-package (the operator, the spec) never imports torch.
+package (the operator, the contract) never imports torch.
 """
 
 from importlib import import_module

@@ -46,7 +46,7 @@ import dataclasses
 from enum import IntEnum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "modelpress.dev/v1alpha1"
@@ -132,7 +132,12 @@ def pvc_mount(claim: str, pvc_root: str = PodPath.PVC_ROOT) -> str:
 
 
 class S3Key:
-    """The keys of an OpenShift AI S3 connection Secret."""
+    """The keys of an OpenShift AI S3 connection Secret, and the CA bundle variable beside them.
+
+    `CA_BUNDLE` is never read from a connection Secret in a pod (a path there names nothing the
+    pod has): the operator sets it to the cluster's trusted bundle it mounts; on a laptop it
+    comes from the environment, per role or plain.
+    """
 
     ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
     SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
@@ -149,7 +154,7 @@ S3_REQUIRED_KEYS = (S3Key.ACCESS_KEY_ID, S3Key.SECRET_ACCESS_KEY, S3Key.ENDPOINT
 # Keys that say which store and whose account: any one of them in plain env makes a connection.
 S3_IDENTITY_KEYS = (*S3_REQUIRED_KEYS, S3Key.BUCKET, S3Key.REGION)
 # Keys that only say how to reach the store; the bucket itself always comes from the s3:// URI.
-S3_TRANSPORT_KEYS = (S3Key.USE_PATH_STYLE, S3Key.VERIFY_SSL, S3Key.CA_BUNDLE)
+S3_TRANSPORT_KEYS = (S3Key.USE_PATH_STYLE, S3Key.VERIFY_SSL)
 S3_KEYS = (*S3_IDENTITY_KEYS, *S3_TRANSPORT_KEYS)
 
 
@@ -528,7 +533,7 @@ class ProgressEvent(Wire):
     layers: int | None = None
     bytes: int | None = None
     total_bytes: int | None = None
-    eta_seconds: int | None = None
+    eta_seconds: int | None = Field(None, validation_alias=AliasChoices("etaSeconds", "eta_seconds", "eta_s"))  # eta_s: earlier runner images
 
 
 class StageEvent(Wire):
@@ -591,6 +596,9 @@ class Gate(Wire):
 
 
 class Metrics(Wire):
+    """Quality figures; ones this reader does not know are kept, so status shows a newer runner's too."""
+
+    model_config = ConfigDict(**{**Wire.model_config, "extra": "allow"})
     perplexity_original: float | None = None
     perplexity_compressed: float | None = None
     perplexity_increase_percent: float | None = None
@@ -643,8 +651,9 @@ class FailureEvent(RunReport):
 
     event: Literal["failure"] = "failure"
     status: Literal["Failed"] = "Failed"
-    reason: FailureReason
-    exit_code: ExitCode
+    # plain str and int when read: an operator keeps reading a newer runner's reasons and codes
+    reason: str
+    exit_code: int
     message: str
     problems: list[str] | None = Field(None, description="every problem of an invalid spec, each naming its field")
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from modelpress.contract import EXIT_REASONS, PERMANENT_EXIT_CODES, FailureEvent, ProgressEvent, ResultEvent, parse_event
+from modelpress.contract import EXIT_REASONS, PERMANENT_EXIT_CODES, ExitCode, FailureEvent, ProgressEvent, ResultEvent, parse_event
 
 Phase = Literal["Pending", "Queued", "Suspended", "Running", "Succeeded", "Failed"]
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -168,7 +168,7 @@ def observe(job: Mapping[str, Any] | None, pods: list[Mapping[str, Any]], kueue:
     times = {"start_time": status.get("startTime"), "completion_time": status.get("completionTime")}
     if _true(job, "Complete"):
         return Observation(phase="Succeeded", reason="Succeeded", message="the runner finished",
-                           termination_message=message or None, exit_code=0, **times)
+                           termination_message=message or None, exit_code=ExitCode.OK, **times)
     if failed := _true(job, "Failed"):
         reason = failure_reason(failed.get("reason"), terminated)
         return Observation(phase="Failed", reason=reason, message=failure_message(terminated, failed.get("message") or reason),

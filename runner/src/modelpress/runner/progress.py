@@ -111,9 +111,17 @@ TERMINATION_KEEP = {"event", "status", "reason", "exit_code", "message", "output
 def termination_message(event: ResultEvent | FailureEvent) -> str:
     """The last event for the pod's termination message: without the answers, within Kubernetes' 4 KiB."""
     text = event.model_dump_json(by_alias=True, exclude_none=True, exclude={"answers"})
-    if len(text.encode()) > TERMINATION_LIMIT:
-        text = event.model_dump_json(by_alias=True, exclude_none=True, include=TERMINATION_KEEP)
-    return text[:TERMINATION_LIMIT]
+    if len(text.encode()) <= TERMINATION_LIMIT:
+        return text
+    text = event.model_dump_json(by_alias=True, exclude_none=True, include=TERMINATION_KEEP)
+    excess = len(text.encode()) - TERMINATION_LIMIT
+    if excess > 0 and isinstance(event, FailureEvent):  # a shorter message keeps the JSON whole
+        message = event.message.encode()
+        short = message[: max(0, len(message) - excess - 8)].decode(errors="ignore") + "..."
+        text = event.model_copy(update={"message": short}).model_dump_json(by_alias=True, exclude_none=True,
+                                                                            include=TERMINATION_KEEP)
+    # Kubernetes keeps bytes, not characters; a cut JSON is still better than none
+    return text.encode()[:TERMINATION_LIMIT].decode(errors="ignore")
 
 
 def summary(result: ResultEvent | FailureEvent, width: int = 44) -> str:
