@@ -26,10 +26,10 @@ from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from modelpress.engine.errors import ModelPressError
-from modelpress.engine.mappings import Mapping, MappingSpec, parse_awq_mappings
+from modelpress.engine.mappings import Mapping, parse_awq_mappings
 from modelpress.engine.modifier import LayerState, Plan, Planned
 from modelpress.engine.quantize import QuantizedLinear, dequantize, minmax_qparams, quantize
 from modelpress.engine.smoothing import SmoothingModifier, SmoothingPlan
@@ -170,6 +170,7 @@ class AWQModifier(SmoothingModifier):
     """
 
     needs_hessians: ClassVar[bool] = True  # the search reads the inputs through X^T X
+    parse_mappings = staticmethod(parse_awq_mappings)
     mappings: list[Any] | None = None
     duo_scaling: bool | Literal["both"] = True
     n_grid: int = Field(20, ge=1)
@@ -177,16 +178,6 @@ class AWQModifier(SmoothingModifier):
     apply_clip: bool = False
     clip_n_grid: int = Field(20, ge=1)
     clip_max_shrink: float = Field(0.5, gt=0, lt=1)
-
-    @field_validator("mappings")
-    @classmethod
-    def _mappings_form(cls, value: Any) -> Any:
-        if value is not None:
-            parse_awq_mappings(value, "AWQModifier")
-        return value
-
-    def specs(self) -> list[MappingSpec] | None:
-        return None if self.mappings is None else parse_awq_mappings(self.mappings, type(self).__name__)
 
     def bind(self, plan: Plan, earlier: list[Planned], later: list[Planned]) -> Plan:
         """The plan with the quantizer that follows: its schemes are what the search quantizes with."""

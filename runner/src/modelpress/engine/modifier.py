@@ -25,6 +25,7 @@ from modelpress.engine.quantize import QuantizedLinear
 from modelpress.engine.statistics import ActivationStats
 from modelpress.engine.targets import TargetedModule
 
+
 @dataclass(frozen=True, eq=False)
 class Plan(Mapping[str, TargetedModule]):
     """The modules one modifier touches, each with its scheme, as a read-only mapping by name.

@@ -14,10 +14,12 @@ another calibration pass.
 import logging
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
+from pydantic import field_validator
 
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.layer_pass import GroupInput
@@ -29,6 +31,7 @@ from modelpress.engine.targets import TargetedModule, is_matched
 from modelpress.engine.weights import find_decoder_layers, untie_from_embeddings
 
 log = logging.getLogger(__name__)
+
 
 def has_unit_offset(norm: torch.nn.Module) -> bool:
     """Whether the norm multiplies by (1 + w) rather than w (Gemma), found by running it.
@@ -142,11 +145,21 @@ class SmoothingModifier(Modifier):
     modifiers that quantize its layers."""
 
     quantizes: ClassVar[bool] = False
+    # how the subclass's `mappings` argument is written (llm-compressor's form differs between them)
+    parse_mappings: ClassVar[Callable[[Any, str], list[MappingSpec]]]
     ignore: list[str] = []
+
+    @field_validator("mappings", check_fields=False)
+    @classmethod
+    def _mappings_form(cls, value: Any) -> Any:
+        if value is not None:
+            cls.parse_mappings(value, cls.__name__)
+        return value
 
     def specs(self) -> list[MappingSpec] | None:
         """The recipe's explicit mappings; None derives them from the architecture."""
-        raise NotImplementedError
+        # each subclass declares `mappings` itself, where its arguments list it
+        return None if self.mappings is None else type(self).parse_mappings(self.mappings, type(self).__name__)
 
     def keep(self, mappings: list[Mapping], modules: dict[str, torch.nn.Module]) -> list[Mapping]:
         """The mappings to smooth, of those resolved and not ignored; all of them by default."""

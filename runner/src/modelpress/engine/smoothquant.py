@@ -8,9 +8,9 @@ The folding itself is shared with AWQ (smoothing.py).
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from modelpress.engine.mappings import Mapping, MappingSpec, parse_smoothquant_mappings
+from modelpress.engine.mappings import Mapping, parse_smoothquant_mappings
 from modelpress.engine.smoothing import SmoothingModifier, SmoothingPlan
 from modelpress.engine.statistics import ActivationStats
 
@@ -20,18 +20,9 @@ MIN_SCALE = 1e-5  # floor for maxima and scales: a silent channel must not turn 
 class SmoothQuantModifier(SmoothingModifier):
     """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) flattens activation outliers for W8A8."""
 
+    parse_mappings = staticmethod(parse_smoothquant_mappings)
     smoothing_strength: float = Field(0.5, ge=0, le=1)
     mappings: list[Any] | None = None
-
-    @field_validator("mappings")
-    @classmethod
-    def _mappings_form(cls, value: Any) -> Any:
-        if value is not None:
-            parse_smoothquant_mappings(value, "SmoothQuantModifier")
-        return value
-
-    def specs(self) -> list[MappingSpec] | None:
-        return None if self.mappings is None else parse_smoothquant_mappings(self.mappings, type(self).__name__)
 
     def keep(self, mappings: list[Mapping], modules: dict[str, torch.nn.Module]) -> list[Mapping]:
         """Derived mappings keep the norms only: folding v -> o and up -> down as well made the
