@@ -198,6 +198,17 @@ def test_one_uri_parser(text: str, parsed: tuple[str, str, str]) -> None:
     assert (uri.scheme, uri.root, uri.path) == parsed and str(uri) == text
 
 
+@pytest.mark.parametrize("text", ["pvc://claim/../other", "pvc://claim/a/../../x", "s3://bucket/a/./b", "s3://bucket/../b",
+                                  "hf://acme/../tiny", "hf://acme/tiny/extra", "hf://acme--x/tiny"])
+def test_uris_that_climb_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="segments|not a hub repository id"):
+        parse_uri(text)
+    with pytest.raises(InvalidSpec, match="spec.output.uri|spec.model.uri"):
+        parse_job({"apiVersion": "modelpress.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "j"},
+                   "spec": {"model": {"uri": text}, "recipe": {"preset": "W8A8", "algorithm": "RTN"},
+                            "output": {"uri": text.replace("hf://", "s3://")}}})
+
+
 def test_uri_parser_errors_name_the_fix() -> None:
     with pytest.raises(UnsupportedScheme):
         parse_uri("gs://bucket/x")

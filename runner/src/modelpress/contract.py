@@ -43,6 +43,7 @@ message, is a `ResultEvent` or a `FailureEvent`.
 """
 
 import dataclasses
+import re
 from enum import IntEnum
 from typing import Annotated, Any, Literal, get_args
 
@@ -179,6 +180,10 @@ Scheme = Literal["hf", "s3", "pvc", "local"]
 REMOTE_SCHEMES: tuple[Scheme, ...] = ("hf", "s3", "pvc")
 
 
+# The hub's repository ids: `name` or `org/name`, of letters, digits, `-`, `_` and `.`.
+HUB_REPO = re.compile(r"[\w.-]{1,96}(/[\w.-]{1,96})?")
+
+
 class UnsupportedScheme(ValueError):
     """A URI whose scheme is none of REMOTE_SCHEMES."""
 
@@ -212,8 +217,14 @@ def parse_uri(text: str) -> Uri:
     if not head:
         raise ValueError(f"{scheme}:// needs a name after it, as in {scheme}://name/path")
     if scheme == "hf":
-        return Uri("hf", rest.rstrip("/"), "", text)
-    return Uri(scheme, head, tail.strip("/"), text)  # type: ignore[arg-type]
+        repo = rest.rstrip("/")
+        if not HUB_REPO.fullmatch(repo) or ".." in repo or "--" in repo:
+            raise ValueError(f"hf://{repo} is not a hub repository id; use hf://org/name")
+        return Uri("hf", repo, "", text)
+    path = tail.strip("/")
+    if any(part in (".", "..") for part in path.split("/")):
+        raise ValueError(f"{scheme}:// paths may not hold '.' or '..' segments; name the folder itself")
+    return Uri(scheme, head, path, text)  # type: ignore[arg-type]
 
 
 def scheme_of(text: str) -> Scheme:

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from modelpress.engine.checkpoint_writer import SAFETENSORS_DTYPES
 from modelpress.engine.errors import ModelPressError
+from modelpress.paths import refuse_escaping_links
 
 SAFETENSORS_TO_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
@@ -26,6 +27,7 @@ def resolve_model_dir(model: str | Path, revision: str | None = None) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelPressError(f"model: {path} has no config.json; point at a Hugging Face model directory")
+        refuse_escaping_links(path, "model")
         return path
     if path.exists() or str(model).startswith((".", "/")) or str(model).count("/") != 1:
         raise ModelPressError(f"model: {model} is neither a model directory nor a hub id like org/name")
@@ -33,9 +35,11 @@ def resolve_model_dir(model: str | Path, revision: str | None = None) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(str(model), revision=revision, allow_patterns=HUB_FILES))
+        snapshot = Path(snapshot_download(str(model), revision=revision, allow_patterns=HUB_FILES))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise ModelPressError(f"model: cannot fetch {model} from the hub ({type(err).__name__}); check the id, revision and token") from None
+    refuse_escaping_links(snapshot, "model")
+    return snapshot
 
 
 class SafetensorsSource:

@@ -78,6 +78,11 @@ def spec_fingerprint(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def reuse_key(spec: JobSpec, source: str | None) -> str:
+    """What work kept in scratch was made from: the spec's fingerprint and the source's identity."""
+    return hashlib.sha256(f"{spec_fingerprint(spec)}\n{source}".encode()).hexdigest()
+
+
 def versions() -> dict[str, str]:
     """The versions that made the model, for the manifest and the model card."""
     found = {}

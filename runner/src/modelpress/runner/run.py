@@ -2,7 +2,8 @@
 
 Work happens in a scratch directory (`Env.SCRATCH`, the pod's volume). A retried job resumes
 there: downloads continue from their `.part` files, a model already compressed for the same spec
-is not compressed again, and files already uploaded are not sent again. What a retry may skip is
+and the same source (`reuse_key`) is not compressed again, and files already staged for
+publication are not sent again. What a retry may skip is
 each stage's own `skip` rule over the shared `State`, so new resumable state goes in one place.
 """
 
@@ -29,22 +30,24 @@ from modelpress.runner.data import calibration_set, evaluation_text, open_datase
 from modelpress.runner.model_card import model_card
 from modelpress.runner.presets import preset_document
 from modelpress.runner.progress import Reporter
-from modelpress.runner.result import build_result, job_identity, job_ref, spec_fingerprint
+from modelpress.paths import PathEscape, confined, refuse_escaping_links
+from modelpress.runner.publish import Output, folder_output, s3_output
+from modelpress.runner.result import build_result, job_identity, job_ref, reuse_key
 from modelpress.runner.storage import (
-    DirOutput,
-    S3Output,
     build_manifest,
     download_object,
     download_prefix,
     fetch_hub_model,
+    folder_identity,
     list_objects,
+    listing_identity,
     local_path,
     s3_client,
 )
 
 log = logging.getLogger(__name__)
 
-COMPRESSED_MARKER = "compressed.done"  # holds the fingerprint of the spec the staged model was made for
+COMPRESSED_MARKER = "compressed.done"  # holds the reuse key (spec and source) the staged model was made for
 
 
 class GateFailed(Exception):
@@ -76,13 +79,14 @@ class State:
     job_id: str
     token: str | None
     clients: dict[str, Any]
-    output: S3Output | DirOutput
+    output: Output
     modifiers: list[Modifier]
     needs_data: bool
     work: Path
     device: torch.device
-    resumed: bool  # a model compressed for this very spec waits in scratch
     started: float  # time.monotonic() when the job began
+    resumed: bool = False  # a model compressed for this very spec and source waits in scratch (known after fetch)
+    source: str | None = None  # the source's identity: hub commit, S3 listing or folder digest
     model_dir: Path | None = None
     _tokenizer: Any = None
     text: str | None = None
@@ -168,7 +172,8 @@ def prepare(job: CompressionJob, ctx: Context) -> State:
     clients = {role: s3_client(conn) for role, conn in connections.items()}
     job_id = job_identity(job)
     output_uri = parse_uri(spec.output.uri)
-    output = S3Output(clients["output"], spec.output.uri) if output_uri.scheme == "s3" else DirOutput(local_path(output_uri, env), spec.output.uri)
+    output = s3_output(clients["output"], spec.output.uri) if output_uri.scheme == "s3" else folder_output(
+        local_path(output_uri, env), spec.output.uri)
     output.check(job_id, spec.output.overwrite)
     modifiers = job_recipe(spec.recipe, env, ctx.objects)
     needs_data = any(m.needs_data() for m in modifiers)
@@ -176,36 +181,44 @@ def prepare(job: CompressionJob, ctx: Context) -> State:
         raise ModelPressError(f"spec.calibration.dataset: the recipe needs calibration data; give a dataset or {SELF_GENERATED}")
     work = ctx.scratch / job_id.replace("/", "_")
     work.mkdir(parents=True, exist_ok=True)
-    marker, staged = work / COMPRESSED_MARKER, work / "model"
-    resumed = marker.is_file() and marker.read_text() == spec_fingerprint(spec) and staged.is_dir()
     device = torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return State(job=job, ctx=ctx, job_id=job_id, token=token, clients=clients, output=output, modifiers=modifiers,
-                 needs_data=needs_data, work=work, device=device, resumed=resumed, started=started)
+                 needs_data=needs_data, work=work, device=device, started=started)
 
 
 # --- the stages, in order --------------------------------------------------------------------------
 
 
 def fetch(state: State) -> None:
-    """A local model directory: the hub cache, a download into scratch, or the path/PVC itself."""
+    """A local model directory (the hub cache, a download into scratch, or the path/PVC itself) and what it is.
+
+    A staged model is reused only when it was made from this very source: a source replaced since
+    (a new commit, other ETags, other files) is compressed again.
+    """
     spec, report = state.spec, state.ctx.reporter
     report.stage("fetch", uri=spec.model.uri)
     uri = parse_uri(spec.model.uri)
     if uri.scheme == "hf":
         state.model_dir = fetch_hub_model(spec.model.uri, spec.model.revision, state.token)
+        state.source = f"hf:{uri.root}@{state.model_dir.name}"  # the snapshot folder is named after the commit
     elif uri.scheme == "s3":
         client = state.clients["model"]
-        total = sum(o["Size"] for o in list_objects(client, uri.root, uri.path).values())
+        objects = list_objects(client, uri.root, uri.path)
         dest = state.work / "source"
-        transfer = download_prefix(client, uri.root, uri.path, dest, report.byte_counter("fetch", total))
+        transfer = download_prefix(client, uri.root, uri.path, dest, report.byte_counter("fetch", sum(o["Size"] for o in objects.values())))
         report.emit(TransferEvent(stage="fetch", files=transfer.files, bytes=transfer.bytes,
                                   skipped_files=transfer.skipped_files, resumed_bytes=transfer.resumed_bytes))
         state.model_dir = dest
+        state.source = f"s3:{listing_identity(objects)}"
     else:
         path = local_path(uri, state.ctx.env)
         if not (path / "config.json").is_file():
             raise ModelPressError(f"spec.model.uri: {uri} is not a model directory (no config.json there)")
         state.model_dir = path
+        state.source = f"{uri.scheme}:{folder_identity(path)}"
+    refuse_escaping_links(state.model_dir, "spec.model.uri")
+    marker = state.marker
+    state.resumed = marker.is_file() and marker.read_text() == reuse_key(spec, state.source) and state.staged.is_dir()
 
 
 def load_evaluation_text(state: State) -> None:
@@ -276,7 +289,7 @@ def compress(state: State) -> None:
         trust_remote_code=spec.model.trust_remote_code,
         progress=state.ctx.reporter.engine_progress,
     )
-    state.marker.write_text(spec_fingerprint(spec))
+    state.marker.write_text(reuse_key(spec, state.source))
 
 
 def evaluate_compressed(state: State) -> None:
@@ -312,7 +325,8 @@ def publish(state: State) -> None:
     result, report = state.result, state.ctx.reporter
     report.stage("publish", uri=state.spec.output.uri)
     manifest = build_manifest(state.staged, job_ref(state.job).model_dump(exclude_none=True), result.versions)
-    transfer = state.output.publish(state.staged, manifest, state.job_id, report.byte_counter("publish", manifest["totalBytes"]))
+    transfer = state.output.publish(state.staged, manifest, state.job_id, state.spec.output.overwrite,
+                                    report.byte_counter("publish", manifest["totalBytes"]))
     result.output.files = len(manifest["files"])
     result.output.uploaded_bytes = transfer.bytes
     shutil.rmtree(state.work, ignore_errors=True)
@@ -371,7 +385,10 @@ def _local_fetcher(state: State, field_path: str) -> Callable[[str], Path]:
         meta = found.get(key.rsplit("/", 1)[-1])
         if meta is None:
             raise ModelPressError(f"{field_path}: {uri} does not exist; check the key and connection")
-        target = state.work / "data" / key
+        try:
+            target = confined(state.work / "data", key)
+        except PathEscape:
+            raise ModelPressError(f"{field_path}: {uri} names a key that leaves the scratch folder; rename the object") from None
         download_object(client, uri.root, key, meta["Size"], target, meta["ETag"], None, lambda n: None)
         return target
 

@@ -1,15 +1,14 @@
 """Where models come from and go to: the hub, S3, PVCs and local directories.
 
-Downloads run in parallel, resume from `.part` files after an interruption (ranged GETs), and are
-checked against the size and, when known, the checksum of each object. Outputs are published
-with `modelpress-manifest.json` written last, so a reader that finds the manifest finds a whole
-model; an existing model is never replaced unless the job says `overwrite: true`.
+Downloads run in parallel and resume from `.part` files after an interruption. A ranged resume asks
+S3 for the very object the part began with (If-Match on its ETag), and a part left by another
+object is discarded; each file is checked against its size and, when known, its checksum. Every
+object key lands inside the download folder or the job stops. Publishing is in publish.py.
 """
 
 import hashlib
 import json
 import logging
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,14 +17,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from modelpress.contract import Env, PodPath, S3Key, Uri, parse_uri, pvc_mount
-from modelpress.runner.connections import S3Connection
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.weights import HUB_FILES
+from modelpress.paths import PathEscape, confined
+from modelpress.runner.connections import S3Connection
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "modelpress-manifest.json"
-UPLOAD_MARKER = ".modelpress-upload"  # names the job whose upload is in progress, so a retry may resume it
 CHUNK = 1 << 20
 WORKERS = 8
 
@@ -44,9 +43,9 @@ class Transfer:
 
 
 def local_path(uri: Uri, env: Mapping[str, str]) -> Path:
-    """Where a pvc:// or local URI is on this machine: a claim is where the pod mounts it."""
+    """Where a pvc:// or local URI is on this machine: a claim is where the pod mounts it, and the path stays inside it."""
     if uri.scheme == "pvc":
-        return Path(pvc_mount(uri.root, env.get(Env.PVC_ROOT, PodPath.PVC_ROOT))) / uri.path
+        return confined(Path(pvc_mount(uri.root, env.get(Env.PVC_ROOT, PodPath.PVC_ROOT))), uri.path)
     return Path(uri.path).expanduser()
 
 
@@ -139,22 +138,27 @@ def _copy_stream(body: Any, out: Any, on_bytes: BytesFn) -> None:
 
 
 def download_object(
-    client: Any, bucket: str, key: str, size: int, target: Path, etag: str | None, sha256: str | None, on_bytes: BytesFn
+    client: Any, bucket: str, key: str, size: int, target: Path, etag: str, sha256: str | None, on_bytes: BytesFn
 ) -> tuple[int, int]:
-    """Fetch one object to `target`, continuing a `.part` left by an earlier try; (bytes fetched, bytes resumed).
+    """Fetch one object to `target`, continuing a `.part` of the same object left by an earlier try; (fetched, resumed).
 
+    `target.etag` records which object a part or a finished file came from: a file of another object
+    (replaced since, or an unrelated key) is never resumed or kept. Every byte is asked for with
+    If-Match on that ETag, so an object replaced mid-download is refused, not spliced.
     Checked against the size, then the manifest's sha256 or, for single-part uploads, the ETag's MD5.
     """
-    if target.is_file() and target.stat().st_size == size and (sha256 is None or sha256_file(target) == sha256):
+    tag = target.with_name(target.name + ".etag")
+    recorded = tag.read_text() if tag.is_file() else None
+    if recorded == etag and target.is_file() and target.stat().st_size == size and (sha256 is None or sha256_file(target) == sha256):
         return 0, 0
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
+    if recorded != etag or (part.is_file() and part.stat().st_size > size):
+        part.unlink(missing_ok=True)
+        tag.write_text(etag)
     have = part.stat().st_size if part.is_file() else 0
-    if have > size:
-        part.unlink()
-        have = 0
     if have < size:
-        response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={have}-")
+        response = _get(client, bucket, key, etag, part, have)
         with part.open("ab") as out:
             _copy_stream(response["Body"], out, on_bytes)
     else:
@@ -164,10 +168,10 @@ def download_object(
         raise RuntimeError(f"s3://{bucket}/{key}: got {got} bytes, expected {size}; the retry resumes it")
     if sha256 is not None:
         ok = sha256_file(part) == sha256
-    elif etag and "-" not in etag:
+    elif "-" not in etag:
         ok = _md5_file(part) == etag
     else:
-        ok = True  # a multipart object without a manifest: its size is all S3 vouches for
+        ok = True  # multipart without a manifest: If-Match kept every byte from this object; weights.py checks the headers
     if not ok:
         part.unlink()
         raise RuntimeError(f"s3://{bucket}/{key}: checksum mismatch; the partial file was removed, the retry fetches it again")
@@ -175,23 +179,43 @@ def download_object(
     return got - have, have
 
 
-def download_prefix(client: Any, bucket: str, prefix: str, dest: Path, on_bytes: BytesFn | None = None) -> Transfer:
+def _get(client: Any, bucket: str, key: str, etag: str, part: Path, offset: int) -> Any:
+    """A ranged GET of exactly the object version `etag` names."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return client.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-", IfMatch=f'"{etag}"')
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
+            raise
+        part.unlink(missing_ok=True)
+        raise RuntimeError(f"s3://{bucket}/{key} changed during the download; the retry fetches the new object") from None
+
+
+def download_prefix(client: Any, bucket: str, prefix: str, dest: Path, on_bytes: BytesFn | None = None,
+                    field: str = "spec.model.uri") -> Transfer:
     """Mirror s3://bucket/prefix into `dest`, in parallel; files already there and whole are kept."""
     start = time.monotonic()
     objects = list_objects(client, bucket, prefix)
     if not objects:
-        raise ModelPressError(f"s3://{bucket}/{prefix}: no objects there; check the URI and connection")
+        raise ModelPressError(f"{field}: s3://{bucket}/{prefix} holds no objects; check the URI and connection")
     checksums: dict[str, str] = {}
     if MANIFEST in objects:
         manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read())
         checksums = {f["path"]: f["sha256"] for f in manifest.get("files", [])}
-    wanted = {k: v for k, v in objects.items() if k != MANIFEST and not k.endswith("/") and k != UPLOAD_MARKER}
-    counter = _locked(on_bytes)
+    wanted = {k: v for k, v in objects.items() if k != MANIFEST and not k.endswith("/")}
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        targets = {rel: confined(dest, rel) for rel in wanted}
+    except PathEscape as err:
+        raise ModelPressError(f"{field}: an object key under s3://{bucket}/{prefix} leaves the download folder ({err}); "
+                              "rename the object") from None
+    counter = locked(on_bytes)
 
     def one(item: tuple[str, dict[str, Any]]) -> tuple[int, int]:
         rel, meta = item
         key = f"{prefix}/{rel}" if prefix else rel
-        return download_object(client, bucket, key, meta["Size"], dest / rel, meta["ETag"], checksums.get(rel), counter)
+        return download_object(client, bucket, key, meta["Size"], targets[rel], meta["ETag"], checksums.get(rel), counter)
 
     with ThreadPoolExecutor(WORKERS) as pool:
         results = list(pool.map(one, sorted(wanted.items())))
@@ -205,12 +229,28 @@ def download_prefix(client: Any, bucket: str, prefix: str, dest: Path, on_bytes:
     )
 
 
+def listing_identity(objects: Mapping[str, Mapping[str, Any]]) -> str:
+    """What a source is, from its listing: a replaced object changes its ETag and so this."""
+    body = json.dumps({rel: [meta["Size"], meta["ETag"]] for rel, meta in sorted(objects.items())})
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def folder_identity(model_dir: Path) -> str:
+    """What a local or PVC source is: its manifest's digest when it has one, else each file's name, size and mtime."""
+    manifest = model_dir / MANIFEST
+    if manifest.is_file():
+        return sha256_file(manifest)
+    stats = sorted((p.relative_to(model_dir).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in model_dir.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
 # --- the manifest --------------------------------------------------------------------------------
 
 
 def build_manifest(src: Path, job: dict[str, Any], versions: dict[str, str]) -> dict[str, Any]:
     """Every file of the model with its size and sha256, plus who made it and with what."""
-    paths = sorted(p for p in src.rglob("*") if p.is_file() and p.name not in (MANIFEST, UPLOAD_MARKER))
+    paths = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink() and p.name != MANIFEST)
     with ThreadPoolExecutor(4) as pool:
         digests = list(pool.map(sha256_file, paths))
     files = [{"path": p.relative_to(src).as_posix(), "size": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)]
@@ -223,117 +263,7 @@ def build_manifest(src: Path, job: dict[str, Any], versions: dict[str, str]) -> 
     }
 
 
-# --- outputs -------------------------------------------------------------------------------------
-
-
-class S3Output:
-    """A model under s3://bucket/prefix, published file by file (multipart, parallel), manifest last."""
-
-    def __init__(self, client: Any, uri: str) -> None:
-        self.client = client
-        self.uri = uri
-        location = parse_uri(uri)
-        self.bucket, self.prefix = location.root, location.path
-        if not self.prefix:
-            raise ModelPressError(f"spec.output.uri: {uri} needs a prefix inside the bucket (s3://bucket/name)")
-
-    def _key(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}"
-
-    def check(self, job_id: str, overwrite: bool) -> None:
-        """Refuse a prefix that holds a model, or objects other than this job's own unfinished upload."""
-        existing = list_objects(self.client, self.bucket, self.prefix)
-        if not existing or overwrite:
-            return
-        if MANIFEST in existing:
-            raise ModelPressError(f"spec.output.uri: {self.uri} already holds a model; set output.overwrite: true or choose another URI")
-        if UPLOAD_MARKER in existing:
-            owner = self.client.get_object(Bucket=self.bucket, Key=self._key(UPLOAD_MARKER))["Body"].read().decode()
-            if owner == job_id:
-                return
-        raise ModelPressError(
-            f"spec.output.uri: {self.uri} is not empty ({len(existing)} objects); set output.overwrite: true or choose another URI"
-        )
-
-    def publish(self, src: Path, manifest: dict[str, Any], job_id: str, on_bytes: BytesFn | None = None) -> Transfer:
-        from boto3.s3.transfer import TransferConfig
-
-        start = time.monotonic()
-        existing = list_objects(self.client, self.bucket, self.prefix)
-        if MANIFEST in existing:  # overwriting: readers stop seeing a whole model first
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(MANIFEST))
-        self.client.put_object(Bucket=self.bucket, Key=self._key(UPLOAD_MARKER), Body=job_id.encode())
-        config = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=WORKERS)
-        counter = _locked(on_bytes)
-
-        def one(entry: dict[str, Any]) -> int:
-            key = self._key(entry["path"])
-            if entry["path"] in existing and existing[entry["path"]]["Size"] == entry["size"]:
-                head = self.client.head_object(Bucket=self.bucket, Key=key)
-                if head.get("Metadata", {}).get("sha256") == entry["sha256"]:
-                    return 0
-            self.client.upload_file(
-                str(src / entry["path"]), self.bucket, key,
-                ExtraArgs={"Metadata": {"sha256": entry["sha256"]}}, Config=config, Callback=counter,
-            )
-            return entry["size"]
-
-        with ThreadPoolExecutor(4) as pool:
-            sent = list(pool.map(one, manifest["files"]))
-        stale = set(existing) - {f["path"] for f in manifest["files"]} - {MANIFEST, UPLOAD_MARKER}
-        for rel in sorted(stale):
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(rel))
-        body = json.dumps(manifest, indent=1).encode()
-        self.client.put_object(Bucket=self.bucket, Key=self._key(MANIFEST), Body=body, ContentType="application/json")
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(UPLOAD_MARKER))
-        return Transfer(len(sent), sum(sent), sum(1 for s in sent if s == 0), 0, time.monotonic() - start)
-
-
-class DirOutput:
-    """A model in a local or PVC directory, copied file by file, manifest last."""
-
-    def __init__(self, path: Path, uri: str) -> None:
-        self.path = path
-        self.uri = uri
-
-    def check(self, job_id: str, overwrite: bool) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise ModelPressError(f"spec.output.uri: {self.uri} is a file; give a directory")
-        entries = list(self.path.iterdir()) if self.path.is_dir() else []
-        if not entries or overwrite:
-            return
-        if (self.path / MANIFEST).is_file():
-            raise ModelPressError(f"spec.output.uri: {self.uri} already holds a model; set output.overwrite: true or choose another path")
-        marker = self.path / UPLOAD_MARKER
-        if marker.is_file() and marker.read_text() == job_id:
-            return
-        raise ModelPressError(f"spec.output.uri: {self.uri} is not empty; set output.overwrite: true or choose another path")
-
-    def publish(self, src: Path, manifest: dict[str, Any], job_id: str, on_bytes: BytesFn | None = None) -> Transfer:
-        start = time.monotonic()
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / MANIFEST).unlink(missing_ok=True)
-        (self.path / UPLOAD_MARKER).write_text(job_id)
-        keep = {f["path"] for f in manifest["files"]} | {MANIFEST, UPLOAD_MARKER}
-        for old in sorted(self.path.rglob("*"), reverse=True):
-            rel = old.relative_to(self.path).as_posix()
-            if old.is_file() and rel not in keep:
-                old.unlink()
-            elif old.is_dir() and not any(old.iterdir()):
-                old.rmdir()
-        for entry in manifest["files"]:
-            target = self.path / entry["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / entry["path"], target)
-            if on_bytes:
-                on_bytes(entry["size"])
-        (self.path / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        (self.path / UPLOAD_MARKER).unlink()
-        total = sum(f["size"] for f in manifest["files"])
-        return Transfer(len(manifest["files"]), total, 0, 0, time.monotonic() - start)
-
-
-def _locked(on_bytes: BytesFn | None) -> BytesFn:
+def locked(on_bytes: BytesFn | None) -> BytesFn:
     """boto3 calls back from many threads."""
     lock = threading.Lock()
 
