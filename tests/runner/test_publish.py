@@ -61,9 +61,10 @@ def test_overwrite_keeps_files_that_are_not_the_models(tmp_path: Path, v1: Any, 
     (out / "notes.txt").write_text("mine")
     (out / "keep" / "data.bin").parent.mkdir()
     (out / "keep" / "data.bin").write_bytes(b"x")
+    (out / "linked").symlink_to(tmp_path)
     before = snapshot(out)
     for overwrite in (False, True):
-        with pytest.raises(ModelPressError, match=r"holds files that are not part of a ModelPress model \(keep/data.bin, notes.txt\)"):
+        with pytest.raises(ModelPressError, match=r"not part of a ModelPress model \(keep/data.bin, linked, notes.txt\)"):
             folder_output(out, "out").check(OTHER, overwrite=overwrite)
     with pytest.raises(ModelPressError, match="not part of a ModelPress model"):
         folder_output(out, "out").publish(*v2, OTHER, overwrite=True)

@@ -227,8 +227,8 @@ class FolderStore:
         if not base.is_dir():
             return {}
         found = {}
-        for folder, _, names in os.walk(base):
-            for name in names:
+        for folder, dirs, names in os.walk(base):  # a linked folder is an entry of its own, never walked into
+            for name in names + [d for d in dirs if (Path(folder) / d).is_symlink()]:
                 path = Path(folder) / name
                 found[path.relative_to(base).as_posix()] = path.lstat().st_size
         return found
