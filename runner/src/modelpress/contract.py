@@ -545,6 +545,7 @@ class ProgressEvent(Wire):
     bytes: int | None = None
     total_bytes: int | None = None
     eta_seconds: int | None = Field(None, validation_alias=AliasChoices("etaSeconds", "eta_seconds", "eta_s"))  # eta_s: earlier runner images
+    resumed_at: int | None = None  # compression: the first layer this run computes, the ones before were kept by an earlier run
 
 
 class StageEvent(Wire):

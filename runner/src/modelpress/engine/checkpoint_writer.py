@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Protocol
 
 import compressed_tensors
 import torch
@@ -148,8 +148,14 @@ def compressed_tensors_of(name: str, ql: QuantizedLinear) -> dict[str, torch.Ten
     return out
 
 
+class TensorSink(Protocol):
+    """Where a module's tensors go: the checkpoint writer, or something that records them on the way."""
+
+    def add(self, name: str, tensor: torch.Tensor) -> None: ...
+
+
 def write_module(
-    writer: ShardedSafetensorsWriter,
+    writer: TensorSink,
     prefix: str,
     module: torch.nn.Module,
     quantized: dict[str, QuantizedLinear],

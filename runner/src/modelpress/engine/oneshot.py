@@ -44,6 +44,7 @@ from modelpress.engine.pipeline import (
     run_pipeline,
 )
 from modelpress.engine.recipe import RecipeInput, load_recipe, recipe_yaml
+from modelpress.engine.resume import ResumeState, resume_key
 from modelpress.engine.weights import (
     SafetensorsSource,
     build_skeleton,
@@ -132,12 +133,15 @@ def oneshot(
     trust_remote_code: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     progress: ProgressFn | None = None,
+    resume_dir: str | Path | None = None,
 ) -> OneshotResult:
     """Apply `recipe` to `model` layer by layer and, with `output_dir`, write the checkpoint.
 
     `model` is a model directory, a hub id, or a loaded transformers model (compressed in place;
     its weights become the dequantized quantized weights). A directory or hub id is streamed:
-    only one decoder layer is in memory at a time.
+    only one decoder layer is in memory at a time. With `resume_dir` (streamed models only) each
+    finished layer is kept there, and a call that was killed continues at its first unfinished
+    layer, writing the same checkpoint an uninterrupted call writes.
     """
     start = time.monotonic()
     if recipe is None:
@@ -149,9 +153,15 @@ def oneshot(
     plans = plan(loaded, modifiers, has_data=dataset is not None)
     out = prepare_output_dir(output_dir)
     samples = Samples(dataset, tokenizer, num_calibration_samples, max_seq_length, seed, text_field, messages_field, trust_remote_code)
-    inputs, tokenizer = calibrate(loaded, modifiers, samples, device)
+    inputs, tokenizer, ids = calibrate(loaded, modifiers, samples, device)
+    resume = None
+    if resume_dir is not None:
+        if loaded.source is None or loaded.model_dir is None:
+            raise ModelPressError("resume_dir: only a model given by directory or hub id can resume; drop resume_dir")
+        key = resume_key(recipe_yaml(modifiers), ids, loaded.model_dir, len(loaded.layers))
+        resume = ResumeState(Path(resume_dir), key)
     writer = ShardedSafetensorsWriter(out, max_shard_bytes, loaded.checkpoint_name) if out is not None else None
-    compressed = compress(loaded, modifiers, plans, inputs, writer, device, progress)
+    compressed = compress(loaded, modifiers, plans, inputs, writer, device, progress, resume)
     if writer is not None:
         write(writer, loaded, modifiers, plans, compressed, tokenizer)
     if loaded.source is None:  # the parts outside the layers go back where the caller had them
@@ -210,11 +220,11 @@ def plan(loaded: Loaded, modifiers: list[Modifier], has_data: bool) -> list[Plan
 
 def calibrate(
     loaded: Loaded, modifiers: list[Modifier], samples: Samples, device: torch.device
-) -> tuple[list[LayerInput] | None, Any]:
+) -> tuple[list[LayerInput] | None, Any, list[torch.Tensor]]:
     """Bring what precedes the decoder layers to `device` and capture the first layer's inputs.
 
-    Returns them (None when the recipe needs no data) and the tokenizer, loaded from the model
-    when none was given and samples need one.
+    Returns them (None when the recipe needs no data), the tokenizer, loaded from the model
+    when none was given and samples need one, and the calibration token ids.
     """
     model = loaded.model
     if loaded.source is not None:
@@ -223,7 +233,7 @@ def calibrate(
     move_outside(model, loaded.inside, device)
     tokenizer = samples.tokenizer
     if not any(m.needs_data() for m in modifiers):
-        return None, tokenizer
+        return None, tokenizer, []
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(loaded.model_dir or model.name_or_path, trust_remote_code=samples.trust_remote_code)
     ids = calibration_samples(
@@ -231,7 +241,7 @@ def calibrate(
     )
     if not ids:
         raise ModelPressError("dataset: no usable calibration samples (all empty?)")
-    return capture_first_layer_inputs(model, loaded.layers[0], ids, device), tokenizer
+    return capture_first_layer_inputs(model, loaded.layers[0], ids, device), tokenizer, ids
 
 
 def compress(
@@ -242,12 +252,14 @@ def compress(
     writer: ShardedSafetensorsWriter | None,
     device: torch.device,
     progress: ProgressFn | None,
+    resume: ResumeState | None = None,
 ) -> Compressed:
     """Every decoder layer in turn, each streamed out to `writer` when done, then the head and the
     rest outside the layers."""
     route_all_tokens(loaded.model, True)
     try:
-        schemes, reports = run_pipeline(loaded.layers_prefix, loaded.layers, modifiers, plans, inputs, loaded.source, writer, device, progress)
+        schemes, reports = run_pipeline(loaded.layers_prefix, loaded.layers, modifiers, plans, inputs, loaded.source, writer, device,
+                                        progress, resume)
     finally:
         route_all_tokens(loaded.model, False)  # an in-memory model goes back to routed inference
     outside = compress_outside_layers(loaded.model, loaded.inside, modifiers, plans)

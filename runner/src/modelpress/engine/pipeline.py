@@ -18,6 +18,7 @@ from modelpress.engine.checkpoint_writer import ShardedSafetensorsWriter, write_
 from modelpress.engine.layer_pass import GroupInput, LayerInput, compress_sequential, find_parts, reproduces_layer
 from modelpress.engine.modifier import LayerState, Modifier, Plan
 from modelpress.engine.quantize import QuantizedLinear
+from modelpress.engine.resume import FinishedLayer, LayerRecorder, ResumeState
 from modelpress.engine.statistics import ActivationStats, StatsCollector, group_stats
 from modelpress.engine.weights import SafetensorsSource, materialize, release, trim_heap, untie_from_embeddings
 
@@ -25,11 +26,16 @@ from modelpress.engine.weights import SafetensorsSource, materialize, release, t
 
 @dataclass(frozen=True)
 class LayerProgress:
-    """How far the pipeline is: `layer` of `layers` done, and the time the rest should take."""
+    """How far the pipeline is: `layer` of `layers` done, and the time the rest should take.
+
+    `resumed_at` is the first layer this run computed: the ones before it were finished by an
+    earlier, interrupted run.
+    """
 
     layer: int
     layers: int
     eta_seconds: int
+    resumed_at: int = 0
 
     @property
     def percent(self) -> float:
@@ -203,16 +209,33 @@ def run_pipeline(
     writer: ShardedSafetensorsWriter | None,
     device: torch.device,
     progress: ProgressFn | None = None,
+    resume: ResumeState | None = None,
 ) -> tuple[dict[str, QuantizationScheme], list[LayerReport]]:
     """Compress every decoder layer in order; stream each one in from `source` and out to `writer`.
 
     With `source` None the model is already in memory: layers visit `device` and go back.
-    Returns the scheme of every quantized module, and a report per layer.
+    With `resume`, each finished layer is kept there, and the layers an earlier run finished are
+    replayed from it rather than computed. Returns the scheme of every quantized module, and a
+    report per layer.
     """
     schemes: dict[str, QuantizationScheme] = {}
     reports: list[LayerReport] = []
     start = time.monotonic()
+    uses_data = inputs is not None and any(m.needs_data() for m in modifiers)
+    first = resume.finished(len(layers), needs_activations=inputs is not None) if resume is not None else 0
+    for i in range(first):
+        finished = resume.load_layer(i)  # type: ignore[union-attr]
+        for name, tensor in finished.tensors.items():
+            if writer is not None:
+                writer.add(name, tensor)
+        schemes.update(finished.schemes)
+        reports.append(finished.report)
+    if first and inputs is not None:
+        hidden = resume.load_activations(device)  # type: ignore[union-attr]
+        inputs = [((h, *args[1:]), kwargs) for h, (args, kwargs) in zip(hidden, inputs)]
     for i, layer in enumerate(layers):
+        if i < first:
+            continue
         t0 = time.monotonic()
         prefix = f"{layers_prefix}.{i}."
         home = None
@@ -224,26 +247,33 @@ def run_pipeline(
         state = LayerState()
         last = i + 1 == len(layers)
         done = None
-        if inputs is not None and any(m.needs_data() for m in modifiers):
+        if inputs is not None and uses_data:
             done = compress_layer_sequential(layer, prefix, modifiers, plans, inputs, state, last)
         sequential = done is not None
         if done is None:
             done = compress_layer(layer, prefix, modifiers, plans, inputs, state)
             if inputs is not None and not last:
                 inputs = run_layer(layer, inputs)
-        if writer is not None:
-            write_module(writer, prefix, layer, done)
+        recorder = LayerRecorder(writer) if resume is not None else None
+        sink = recorder or writer
+        if sink is not None:
+            write_module(sink, prefix, layer, done)
         if source is not None:
             release(layer)
         else:
             layer.to(home)
-        schemes.update({name: ql.scheme for name, ql in done.items()})
-        reports.append(
-            LayerReport(i, time.monotonic() - t0, sequential, sorted(done), state.losses, state.sparsity, state.dampening)
-        )
+        layer_schemes = {name: ql.scheme for name, ql in done.items()}
+        schemes.update(layer_schemes)
+        report = LayerReport(i, time.monotonic() - t0, sequential, sorted(done), state.losses, state.sparsity, state.dampening)
+        reports.append(report)
+        if resume is not None and recorder is not None:
+            resume.save_layer(i, FinishedLayer(recorder.tensors, layer_schemes, report))
+            if inputs is not None and not last:
+                resume.save_activations(i, [args[0] for args, _ in inputs])
+        del recorder
         if progress is not None:
-            elapsed = time.monotonic() - start
-            progress(LayerProgress(i + 1, len(layers), round(elapsed / (i + 1) * (len(layers) - i - 1))))
+            per_layer = (time.monotonic() - start) / (i + 1 - first)
+            progress(LayerProgress(i + 1, len(layers), round(per_layer * (len(layers) - i - 1)), first))
     return schemes, reports
 
 

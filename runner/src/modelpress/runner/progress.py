@@ -22,7 +22,7 @@ TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
 def from_engine(update: "LayerProgress") -> ProgressEvent:
     """The engine's per-layer progress as the contract's event (the engine knows no wire format)."""
     return ProgressEvent(stage="compress", percent=update.percent, layer=update.layer, layers=update.layers,
-                         eta_seconds=update.eta_seconds)
+                         eta_seconds=update.eta_seconds, resumed_at=update.resumed_at or None)
 
 
 class Reporter:

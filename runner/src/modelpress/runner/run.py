@@ -266,7 +266,11 @@ def release_original(state: State) -> None:
 
 
 def compress(state: State) -> None:
-    """The compressed model into scratch; the marker, written last, says for which spec it was made."""
+    """The compressed model into scratch; the marker, written last, says for which spec and source it was made.
+
+    Finished layers are kept in scratch as they are done, so a retry after a kill continues at the
+    first unfinished layer.
+    """
     import datasets
 
     from modelpress.engine.oneshot import oneshot
@@ -288,6 +292,7 @@ def compress(state: State) -> None:
         seed=spec.calibration.seed,
         trust_remote_code=spec.model.trust_remote_code,
         progress=state.ctx.reporter.engine_progress,
+        resume_dir=state.work / "layers",
     )
     state.marker.write_text(reuse_key(spec, state.source))
 
