@@ -43,6 +43,10 @@ def progress(stdout: str) -> list[dict]:
     return [e for e in map(json.loads, filter(None, stdout.splitlines())) if e.get("event") == "progress" and e["stage"] == "compress"]
 
 
+def stages(stdout: str) -> list[str]:
+    return [e["stage"] for e in map(json.loads, filter(None, stdout.splitlines())) if e.get("event") == "stage"]
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_killed_job_resumes_at_its_first_unfinished_layer(tmp_path: Path, job: dict, seed: int,
                                                             capsys: pytest.CaptureFixture) -> None:
@@ -55,8 +59,10 @@ def test_a_killed_job_resumes_at_its_first_unfinished_layer(tmp_path: Path, job:
 
     capsys.readouterr()
     assert main(run_args(tmp_path, job, "out")) == 0
-    resumed = progress(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    resumed = progress(out)
     assert resumed[0]["resumedAt"] == finished and resumed[0]["layer"] == finished + 1  # nothing finished is redone
+    assert stages(out) == ["fetch", "compress", "publish"]  # the calibration samples were kept too
 
     assert main(["run", *run_args(tmp_path, job, "whole")[1:2], "--scratch", str(tmp_path / "fresh"), "--format", "json",
                  "--termination-log", str(tmp_path / "whole.term")]) == 0

@@ -48,6 +48,8 @@ from modelpress.runner.storage import (
 log = logging.getLogger(__name__)
 
 COMPRESSED_MARKER = "compressed.done"  # holds the reuse key (spec and source) the staged model was made for
+CALIBRATION = "calibration"  # the calibration samples, kept in scratch for a retry
+ORIGINAL_EVALUATION = "original-evaluation"  # the original model's perplexity and answers, likewise
 
 
 class GateFailed(Exception):
@@ -110,8 +112,12 @@ class State:
 
     @property
     def calibrating(self) -> bool:
-        """Calibration data is read only for a compression that still has to happen."""
-        return self.needs_data and not self.resumed
+        """Calibration data is made only for a compression that still has to happen, and only once."""
+        return self.needs_data and not self.resumed and not self.samples
+
+    @property
+    def evaluating_original(self) -> bool:
+        return self.evaluating and not self.before
 
     @property
     def self_generating(self) -> bool:
@@ -219,6 +225,8 @@ def fetch(state: State) -> None:
     refuse_escaping_links(state.model_dir, "spec.model.uri")
     marker = state.marker
     state.resumed = marker.is_file() and marker.read_text() == reuse_key(spec, state.source) and state.staged.is_dir()
+    state.samples = _kept(state, CALIBRATION) or []
+    state.before = _kept(state, ORIGINAL_EVALUATION) or {}
 
 
 def load_evaluation_text(state: State) -> None:
@@ -240,6 +248,7 @@ def calibration_data(state: State) -> None:
     data = open_dataset(calib.dataset, calib.split, calib.subset, field_path, _local_fetcher(state, field_path), state.token)
     state.samples = calibration_set(data, state.tokenizer(), calib.num_samples, calib.max_sequence_length, calib.seed,
                                     calib.text_field, calib.messages_field)
+    _keep(state, CALIBRATION, state.samples)
 
 
 def load_original(state: State) -> None:
@@ -252,11 +261,13 @@ def self_generated_data(state: State) -> None:
     calib = state.spec.calibration
     state.ctx.reporter.stage("calibrate", dataset=SELF_GENERATED)
     state.samples = self_generated(state.original, state.tokenizer(), calib.num_samples, calib.max_sequence_length, calib.seed)
+    _keep(state, CALIBRATION, state.samples)
 
 
 def evaluate_original(state: State) -> None:
     state.ctx.reporter.stage("evaluate", model="original")
     state.before = evaluate(state.original, state.tokenizer(), state.text, state.spec)
+    _keep(state, ORIGINAL_EVALUATION, state.before)
 
 
 def release_original(state: State) -> None:
@@ -341,9 +352,9 @@ STAGES = (
     Stage("fetch", fetch, clock="fetch"),
     Stage("evaluation text", load_evaluation_text, skip=lambda s: s.spec.evaluation.perplexity is None),
     Stage("calibration data", calibration_data, skip=lambda s: not s.calibrating or s.self_generating, clock="calibrate"),
-    Stage("original model", load_original, skip=lambda s: not (s.calibrating and s.self_generating) and not s.evaluating),
+    Stage("original model", load_original, skip=lambda s: not (s.calibrating and s.self_generating) and not s.evaluating_original),
     Stage("self-generated data", self_generated_data, skip=lambda s: not (s.calibrating and s.self_generating), clock="calibrate"),
-    Stage("original evaluation", evaluate_original, skip=lambda s: not s.evaluating, clock="evaluate"),
+    Stage("original evaluation", evaluate_original, skip=lambda s: not s.evaluating_original, clock="evaluate"),
     Stage("release original", release_original, skip=lambda s: s.original is None),
     Stage("compress", compress, skip=lambda s: s.resumed, clock="compress"),
     Stage("compressed evaluation", evaluate_compressed, skip=lambda s: not s.evaluating, clock="evaluate"),
@@ -421,6 +432,28 @@ def evaluate(model: Any, tokenizer: Any, text: str | None, spec: JobSpec) -> dic
         out["perplexity"] = perplexity(model, tokenizer, text, spec.evaluation.perplexity.max_tokens, window)
     out["answers"] = [answer(model, tokenizer, p, spec.evaluation.max_new_tokens) for p in spec.evaluation.prompts]
     return out
+
+
+def _kept(state: State, name: str) -> Any:
+    """What an earlier try of this job computed and kept in scratch, if it was for the same spec and source."""
+    path = state.work / f"{name}.pt"
+    if not path.is_file():
+        return None
+    body = torch.load(path, weights_only=True)
+    return body["value"] if body["key"] == _kept_key(state, name) else None
+
+
+def _keep(state: State, name: str, value: Any) -> None:
+    """Kept whole or not at all, so a retry never reads half a file."""
+    tmp = state.work / f".{name}.tmp"
+    torch.save({"key": _kept_key(state, name), "value": value}, tmp)
+    tmp.replace(state.work / f"{name}.pt")
+
+
+def _kept_key(state: State, name: str) -> str:
+    """The original's evaluation depends on the evaluation settings too; the calibration samples do not."""
+    extra = state.spec.evaluation.model_dump_json() if name == ORIGINAL_EVALUATION else ""
+    return reuse_key(state.spec, f"{state.source}\n{extra}")
 
 
 def _durations(state: State) -> dict[str, float]:
