@@ -87,7 +87,7 @@ def test_every_problem_is_listed_with_its_field_path() -> None:
         ({"recipe": {"preset": "W4A16", "algorithm": "GPTQ"}}, "spec.calibration.dataset: GPTQ with W4A16 needs"),
         ({"recipe": {"preset": "FP8", "algorithm": "RTN"}}, "spec.calibration.dataset: RTN with FP8 needs"),
         ({"model": {"uri": "/models/tiny", "revision": "main"}}, "spec.model.revision: only applies to hf://"),
-        ({"model": {"uri": "s3://b/m", "tokenSecret": {"name": "hf", "key": "HF_TOKEN"}}}, "spec.model.tokenSecret"),
+        ({"model": {"uri": "s3://bkt/m", "tokenSecret": {"name": "hf", "key": "HF_TOKEN"}}}, "spec.model.tokenSecret"),
         ({"output": {"uri": "/tmp/out", "connection": "models-s3"}}, "spec.output.connection: only applies to s3://"),
         ({"evaluation": {"maxPerplexityIncrease": 5}}, "spec.evaluation.maxPerplexityIncrease: needs evaluation.perplexity"),
         ({"model": None}, "spec.model: required"),
@@ -201,7 +201,7 @@ def test_one_uri_parser(text: str, parsed: tuple[str, str, str]) -> None:
 @pytest.mark.parametrize("text", ["pvc://claim/../other", "pvc://claim/a/../../x", "s3://bucket/a/./b", "s3://bucket/../b",
                                   "hf://acme/../tiny", "hf://acme/tiny/extra", "hf://acme--x/tiny"])
 def test_uris_that_climb_are_refused(text: str) -> None:
-    with pytest.raises(ValueError, match="segments|not a hub repository id"):
+    with pytest.raises(ValueError, match="may not hold|not a hub repository id"):
         parse_uri(text)
     with pytest.raises(InvalidSpec, match="spec.output.uri|spec.model.uri"):
         parse_job({"apiVersion": "modelpress.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "j"},

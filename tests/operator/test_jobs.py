@@ -124,7 +124,7 @@ def test_long_names_are_shortened_deterministically() -> None:
     ({"output": {"uri": "/tmp/out"}}, "spec.output.uri: a local path is lost with the pod"),
     ({"output": {"uri": "s3://models/x"}}, "spec.output.connection: s3://models/x needs an S3 connection Secret"),
     ({"output": {"uri": "s3://Bad_Bucket/x", "connection": "dst-s3"}}, "spec.output.uri: 'Bad_Bucket' is not an S3 bucket name"),
-    ({"model": {"uri": "hf://not a repo"}}, "spec.model.uri: 'not a repo' is not a hub id"),
+    ({"model": {"uri": "hf://not a repo"}}, "spec.model.uri: 'not a repo' is not a hub repository id"),
     ({"recipe": {"preset": "W4A16", "modifiers": {"a": {}}}}, "spec.recipe: give exactly one of preset, modifiers or configMap"),
 ])
 def test_invalid_specs_name_the_field_and_the_fix(spec_change: dict[str, Any], problem: str) -> None:

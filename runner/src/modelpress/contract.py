@@ -22,7 +22,9 @@ Both sides import it, so a value the other side must agree on is written down on
 
 Field names are camelCase on the wire, in the spec and in the events alike. `parse_job`
 validates a whole document and reports every problem at once, each naming its field path
-(`spec.calibration.numSamples: must be ≥ 1`).
+(`spec.calibration.numSamples: must be ≥ 1`), cross-field rules included; a value shaped like a
+secret is never echoed back. Free-form trees (`spec.recipe.modifiers`, `spec.runtime.affinity`) are
+bounded by `tree_problem` before anything walks them.
 
 How the runner pod is given the job (the operator builds the pod this way):
 
@@ -44,11 +46,14 @@ message, is a `ResultEvent` or a `FailureEvent`.
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from enum import IntEnum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ModelWrapValidatorHandler,
+                      TypeAdapter, ValidationError, model_validator)
 from pydantic.alias_generators import to_camel
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 API_VERSION = "modelpress.dev/v1alpha1"
 KIND = "CompressionJob"
@@ -66,12 +71,12 @@ Quantity = Annotated[str, Field(min_length=1, max_length=32, pattern=QUANTITY)]
 LabelMap = Annotated[dict[Annotated[str, Field(max_length=317)], Annotated[str, Field(max_length=1024)]], Field(max_length=64)]
 
 
-class SpecProblem(ValueError):
-    """A cross-field rule broken at `field` (relative to the model that checks it)."""
+@dataclasses.dataclass(frozen=True)
+class SpecProblem:
+    """A cross-field rule broken at `field` (dotted, relative to the model whose rule it is)."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+    field: str
+    message: str
 
 
 class InvalidSpec(ValueError):
@@ -83,10 +88,138 @@ class InvalidSpec(ValueError):
         self.problems = problems
 
 
+RULE_ERROR = "spec_rule"  # the pydantic error type of a broken cross-field rule
+
+
 class Strict(BaseModel):
-    """camelCase on the wire, snake_case in Python; unknown fields are errors."""
+    """camelCase on the wire, snake_case in Python; unknown fields are errors.
+
+    A model's cross-field rules (`rules`) read the raw input, so they run even when some of its
+    fields fail: every problem of a document comes out in one validation, not one per try.
+    """
 
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+    @classmethod
+    def rules(cls, data: Mapping[str, Any]) -> list[SpecProblem]:
+        """The cross-field problems of the raw input `data` (a mapping; its fields not yet validated)."""
+        return []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _fields_and_rules(cls, data: Any, handler: ModelWrapValidatorHandler["Strict"]) -> "Strict":
+        if not isinstance(data, Mapping):  # a model instance, or not a mapping at all: pydantic says which
+            return handler(data)
+        broken = [_rule_error(tuple(p for p in problem.field.split(".") if p), problem.message, data) for problem in cls.rules(data)]
+        try:
+            model = handler(data)
+        except ValidationError as err:
+            if not broken:
+                raise
+            raise ValidationError.from_exception_data(err.title, [*map(_reraisable, err.errors()), *broken]) from None
+        if broken:
+            raise ValidationError.from_exception_data(cls.__name__, broken)
+        return model
+
+
+def _rule_error(loc: tuple[Any, ...], message: str, data: Any) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError(RULE_ERROR, "{message}", {"message": message}), loc=loc, input=data)
+
+
+def _reraisable(error: Any) -> Any:
+    """A reported error as pydantic takes it back: a nested model's broken rule is rebuilt."""
+    return _rule_error(error["loc"], error["msg"], error["input"]) if error["type"] == RULE_ERROR else error
+
+
+def raw(data: Mapping[str, Any], name: str) -> Any:
+    """A field of raw input by its wire (camelCase) or Python name; None when not given."""
+    return data.get(to_camel(name), data.get(name))
+
+
+def given(data: Mapping[str, Any], name: str) -> bool:
+    return raw(data, name) is not None
+
+
+# --- free-form trees and secret-shaped values ------------------------------------------------------
+# YAML aliases share one object, so a few hundred bytes can stand for millions of values: a tree is
+# measured as it would be walked, every use of an alias counted, and the count stops at the bound.
+
+MAX_TREE_VALUES = 10_000
+MAX_TREE_DEPTH = 32
+MAX_TREE_TEXT = 1 << 20  # characters of keys and strings, with each use of an alias counted
+
+
+def tree_problem(value: Any) -> str | None:
+    """Why a parsed YAML/JSON tree is too large to walk, or None; costs at most the bounds, never the expansion."""
+    limits = (f"at most {MAX_TREE_VALUES} values (each use of a YAML alias counts), nested at most {MAX_TREE_DEPTH} deep, "
+              f"with at most {MAX_TREE_TEXT} characters of text")
+    stack, values, text = [(value, 1)], 1, 0
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            text += len(node)
+            if text > MAX_TREE_TEXT:
+                return f"too much text; {limits}"
+            continue
+        if not isinstance(node, (dict, list, tuple)):
+            continue
+        if depth > MAX_TREE_DEPTH:
+            return f"too deeply nested; {limits}"
+        values += 2 * len(node) if isinstance(node, dict) else len(node)
+        if values > MAX_TREE_VALUES:
+            return f"too many values; {limits}"
+        items = (part for pair in node.items() for part in pair) if isinstance(node, dict) else node
+        stack.extend((item, depth + 1) for item in items if isinstance(item, (dict, list, tuple, str)))
+    return None
+
+
+def _bounded(value: Any) -> Any:
+    problem = tree_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+# Known token prefixes (Hugging Face, AWS key ids, GitHub, OpenAI-style, Slack), then the shape of a
+# generated key: base64 characters unbroken by the separators names are made of, 32 or more of them,
+# or 16 with several digits among the letters or upper and lower case about evenly (CamelCase has
+# few capitals).
+_SECRET_PREFIX = re.compile(r"^(hf_|api_|AKIA|ASIA|ghp_|gho_|ghs_|github_pat_|sk-|xox[abposr]-)")
+_KEY_RUN = re.compile(r"[A-Za-z0-9+/=_.-]+")
+_KEY_WORD = re.compile(r"[A-Za-z0-9+/]{16,}")
+
+
+def secret_like(text: str) -> bool:
+    """Whether `text` holds something shaped like a token or key, so an error message must not repeat it."""
+    for run in _KEY_RUN.findall(text):
+        if _SECRET_PREFIX.match(run) and len(run) >= 12:
+            return True
+        for word in _KEY_WORD.findall(run):
+            digits, upper, lower = (sum(map(f, word)) for f in (str.isdigit, str.isupper, str.islower))
+            if len(word) >= 32 or (digits >= 3 and upper + lower >= 3) or min(upper, lower) >= 0.35 * len(word):
+                return True
+    return False
+
+
+HIDDEN = "a value shaped like a secret (not shown)"
+
+
+def shown(value: Any) -> str:
+    """A value as an error message may show it: scalars and short lists of them, never a secret-shaped one."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return HIDDEN if secret_like(value) else repr(value if len(value) <= 80 else value[:77] + "...")
+    if isinstance(value, (list, tuple)) and len(value) <= 16 and all(v is None or isinstance(v, (str, bool, int, float)) for v in value):
+        return f"[{', '.join(map(shown, value))}]"
+    return f"a {type(value).__name__}"
+
+
+def key_shown(key: Any) -> str:
+    """A mapping key or list index as a field path names it: plain text as it is, anything else in brackets."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key)
+    return key if isinstance(key, str) and key.isprintable() and shown(key) == repr(key) else f"[{shown(key)}]"
 
 
 # --- the pod: exit codes, paths, environment, connections, URIs --------------------------------------
@@ -180,8 +313,9 @@ Scheme = Literal["hf", "s3", "pvc", "local"]
 REMOTE_SCHEMES: tuple[Scheme, ...] = ("hf", "s3", "pvc")
 
 
-# The hub's repository ids: `name` or `org/name`, of letters, digits, `-`, `_` and `.`.
-HUB_REPO = re.compile(r"[\w.-]{1,96}(/[\w.-]{1,96})?")
+# The hub's repository ids: `name` or `org/name`, of letters, digits, `-`, `_` and `.`; S3 bucket names.
+HUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class UnsupportedScheme(ValueError):
@@ -207,29 +341,52 @@ class Uri:
 
 
 def parse_uri(text: str) -> Uri:
-    """`s3://bucket/a/b` -> Uri("s3", "bucket", "a/b"); text without `://` is a local path."""
+    """`s3://bucket/a/b` -> Uri("s3", "bucket", "a/b"); text without `://` is a local path.
+
+    A remote location stays inside its bucket, claim or repository: no `..` segment, and a claim
+    is a PVC name, so `pvc_mount(claim) / path` is always under the claim's mount.
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError("holds a control character; remove it")
     scheme, sep, rest = text.partition("://")
     if not sep:
         return Uri("local", "", text, text)
     if scheme not in REMOTE_SCHEMES:
-        raise UnsupportedScheme(f"unsupported scheme {scheme}://")
+        raise UnsupportedScheme(f"unsupported scheme {shown(scheme + '://')}")
     head, _, tail = rest.partition("/")
-    if not head:
+    if head in ("", "."):
         raise ValueError(f"{scheme}:// needs a name after it, as in {scheme}://name/path")
+    if ".." in rest.split("/"):
+        raise ValueError(f"{scheme}:// locations may not hold '..'; name the place inside the {_ROOT_NAMES[scheme]} itself")
     if scheme == "hf":
         repo = rest.rstrip("/")
-        if not HUB_REPO.fullmatch(repo) or ".." in repo or "--" in repo:
-            raise ValueError(f"hf://{repo} is not a hub repository id; use hf://org/name")
+        if not HUB_REPO.fullmatch(repo) or "--" in repo:
+            raise ValueError(f"{shown(repo)} is not a hub repository id; use hf://org/name")
         return Uri("hf", repo, "", text)
+    if scheme == "pvc" and not re.match(K8S_NAME, head):
+        raise ValueError("pvc:// needs a PVC name after it (lower-case letters, digits, '-' and '.'), as in pvc://claim/path")
+    if scheme == "s3" and not BUCKET.fullmatch(head):
+        raise ValueError(f"{shown(head)} is not an S3 bucket name (3-63 lower-case letters, digits, '-' and '.'); use s3://bucket/prefix")
     path = tail.strip("/")
-    if any(part in (".", "..") for part in path.split("/")):
-        raise ValueError(f"{scheme}:// paths may not hold '.' or '..' segments; name the folder itself")
+    if "." in path.split("/"):
+        raise ValueError(f"{scheme}:// locations may not hold '.' segments; name the place inside the {_ROOT_NAMES[scheme]} itself")
     return Uri(scheme, head, path, text)  # type: ignore[arg-type]
+
+
+_ROOT_NAMES = {"hf": "repository", "s3": "bucket", "pvc": "claim"}
 
 
 def scheme_of(text: str) -> Scheme:
     """The scheme of a URI the spec has already validated."""
     return parse_uri(text).scheme
+
+
+def raw_scheme(value: Any) -> Scheme | None:
+    """The scheme of a URI not yet validated; None when it is not one (its field says why)."""
+    try:
+        return parse_uri(value).scheme if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _check_uri(value: str, allowed: tuple[Scheme, ...]) -> str:
@@ -265,15 +422,12 @@ class ModelSource(Strict):
     token_secret: KeyRef | None = Field(None, description=f"Secret key holding {Env.HF_TOKEN} (hf:// only)")
     trust_remote_code: bool = Field(False, description="run the model repository's own Python code")
 
-    @model_validator(mode="after")
-    def _fits_scheme(self) -> "ModelSource":
-        if self.revision is not None and scheme_of(self.uri) != "hf":
-            raise SpecProblem("revision", "only applies to hf:// models; remove it")
-        if self.token_secret is not None and scheme_of(self.uri) != "hf":
-            raise SpecProblem("tokenSecret", "only applies to hf:// models; remove it")
-        if self.connection is not None and scheme_of(self.uri) != "s3":
-            raise SpecProblem("connection", "only applies to s3:// models; remove it")
-        return self
+    @classmethod
+    def rules(cls, data: Mapping[str, Any]) -> list[SpecProblem]:
+        scheme = raw_scheme(raw(data, "uri"))
+        return [SpecProblem(to_camel(name), f"only applies to {needs}:// models; remove it")
+                for name, needs in (("revision", "hf"), ("token_secret", "hf"), ("connection", "s3"))
+                if scheme is not None and given(data, name) and scheme != needs]
 
 
 # Quantization schemes, as compressed-tensors names them (INT8 is its alias of W8A8). The engine
@@ -297,27 +451,29 @@ class Recipe(Strict):
     ignore: Annotated[list[Short], Field(max_length=256)] = Field(
         default_factory=lambda: list(DEFAULT_IGNORE), description="modules left in full precision (names, re: patterns)"
     )
-    modifiers: Annotated[dict[str, Any], Field(max_length=32)] | None = Field(
+    modifiers: Annotated[dict[str, Any], Field(max_length=32), BeforeValidator(_bounded)] | None = Field(
         None, description="an llm-compressor recipe: stages of modifier groups"
     )
     config_map: KeyRef | None = Field(None, description="ConfigMap key holding a recipe YAML")
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "Recipe":
-        given = [n for n, v in (("preset", self.preset), ("modifiers", self.modifiers), ("configMap", self.config_map)) if v is not None]
-        if len(given) != 1:
-            found = f"found {', '.join(given)}" if given else "found none"
-            raise SpecProblem("", f"give exactly one of preset, modifiers or configMap ({found})")
-        if self.preset is None:
-            for name in sorted(self.model_fields_set & {"algorithm", "group_size", "ignore"}):
-                raise SpecProblem(to_camel(name), "only applies to a preset; set it inside the recipe instead")
-        return self
+    @classmethod
+    def rules(cls, data: Mapping[str, Any]) -> list[SpecProblem]:
+        kinds = [to_camel(n) for n in ("preset", "modifiers", "config_map") if given(data, n)]
+        if len(kinds) != 1:
+            return [SpecProblem("", f"give exactly one of preset, modifiers or configMap (found {', '.join(kinds) or 'none'})")]
+        return [SpecProblem(to_camel(n), "only applies to a preset; set it inside the recipe instead")
+                for n in ("algorithm", "group_size", "ignore") if kinds != ["preset"] and (to_camel(n) in data or n in data)]
 
     def needs_data(self) -> bool | None:
         """Whether the recipe reads calibration data; None when only the recipe itself can tell."""
-        if self.preset is None:
-            return None
-        return self.algorithm != "RTN" or self.preset in STATIC_ACTIVATION_PRESETS
+        return preset_needs_data(self.preset, self.algorithm)
+
+
+def preset_needs_data(preset: str | None, algorithm: str) -> bool | None:
+    """Whether a preset run by `algorithm` reads calibration data; None without a preset."""
+    if preset is None:
+        return None
+    return algorithm != "RTN" or preset in STATIC_ACTIVATION_PRESETS
 
 
 class Calibration(Strict):
@@ -352,11 +508,11 @@ class Evaluation(Strict):
         None, description="fail the job when compressed perplexity exceeds the original's by more than this percent"
     )
 
-    @model_validator(mode="after")
-    def _gate_needs_perplexity(self) -> "Evaluation":
-        if self.max_perplexity_increase is not None and self.perplexity is None:
-            raise SpecProblem("maxPerplexityIncrease", "needs evaluation.perplexity to measure; add it or remove the gate")
-        return self
+    @classmethod
+    def rules(cls, data: Mapping[str, Any]) -> list[SpecProblem]:
+        if given(data, "max_perplexity_increase") and not given(data, "perplexity"):
+            return [SpecProblem("maxPerplexityIncrease", "needs evaluation.perplexity to measure; add it or remove the gate")]
+        return []
 
 
 class Output(Strict):
@@ -364,11 +520,12 @@ class Output(Strict):
     connection: Name | None = Field(None, description="OpenShift AI S3 connection Secret (s3:// only)")
     overwrite: bool = Field(False, description="replace a model already at uri")
 
-    @model_validator(mode="after")
-    def _fits_scheme(self) -> "Output":
-        if self.connection is not None and scheme_of(self.uri) != "s3":
-            raise SpecProblem("connection", "only applies to s3:// outputs; remove it")
-        return self
+    @classmethod
+    def rules(cls, data: Mapping[str, Any]) -> list[SpecProblem]:
+        scheme = raw_scheme(raw(data, "uri"))
+        if given(data, "connection") and scheme is not None and scheme != "s3":
+            return [SpecProblem("connection", "only applies to s3:// outputs; remove it")]
+        return []
 
 
 class Toleration(Strict):
@@ -395,7 +552,9 @@ class Runtime(Strict):
     resources: Resources = Field(default_factory=Resources)
     node_selector: LabelMap | None = None
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
-    affinity: Annotated[dict[str, Any], Field(max_length=3)] | None = Field(None, description="a core/v1 Affinity")
+    affinity: Annotated[dict[str, Any], Field(max_length=3), BeforeValidator(_bounded)] | None = Field(
+        None, description="a core/v1 Affinity"
+    )
     priority_class_name: Name | None = None
     service_account_name: Name | None = None
     backoff_limit: Annotated[int, Field(ge=0, le=10)] = 0
@@ -412,15 +571,18 @@ class JobSpec(Strict):
     output: Output
     runtime: Runtime = Field(default_factory=Runtime)
 
-    @model_validator(mode="after")
-    def _cross_section(self) -> "JobSpec":
-        if self.recipe.needs_data() and self.calibration.dataset is None:
-            raise SpecProblem(
-                "calibration.dataset",
-                f"{self.recipe.algorithm} with {self.recipe.preset} needs calibration data; "
-                f"give a dataset or {SELF_GENERATED}",
-            )
-        return self
+    @classmethod
+    def rules(cls, data: Mapping[str, Any]) -> list[SpecProblem]:
+        recipe, calibration = raw(data, "recipe"), raw(data, "calibration") or {}
+        if not isinstance(recipe, Mapping) or not isinstance(calibration, Mapping):
+            return []
+        preset, algorithm = raw(recipe, "preset"), raw(recipe, "algorithm") or "GPTQ"
+        if preset not in PRESETS or algorithm not in ALGORITHMS or Recipe.rules(recipe):  # the recipe's own problems say why
+            return []
+        if preset_needs_data(preset, algorithm) and not given(calibration, "dataset"):
+            return [SpecProblem("calibration.dataset",
+                                f"{algorithm} with {preset} needs calibration data; give a dataset or {SELF_GENERATED}")]
+        return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,19 +638,14 @@ def parse_job(document: Any) -> CompressionJob:
 
 
 def describe(error: Any) -> str:
-    """One pydantic error as `field.path: what is wrong and how to fix it`."""
-    loc = [str(p) for p in error["loc"]]
-    cause = error.get("ctx", {}).get("error")
-    if isinstance(cause, SpecProblem):
-        loc += [p for p in cause.field.split(".") if p]
-        message = str(cause)
-    else:
-        message = _message(error)
-    return f"{'.'.join(loc) or '(document)'}: {message}"
+    """One pydantic error as `field.path: what is wrong and how to fix it`, never repeating a secret."""
+    message = error["msg"] if error["type"] == RULE_ERROR else _message(error)
+    return f"{'.'.join(map(key_shown, error['loc'])) or '(document)'}: {message}"
 
 
 def _message(error: Any) -> str:
-    kind, ctx = error["type"], error.get("ctx", {})
+    kind, ctx, value = error["type"], error.get("ctx", {}), error.get("input")
+    secret = isinstance(value, str) and secret_like(value)
     if kind == "missing":
         return "required; add it"
     if kind == "extra_forbidden":
@@ -496,11 +653,14 @@ def _message(error: Any) -> str:
     if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
         sign = {"greater_than_equal": "≥", "less_than_equal": "≤", "greater_than": ">", "less_than": "<"}[kind]
         bound = next(iter(ctx.values()))
-        return f"must be {sign} {bound} (got {error['input']!r})"
+        return f"must be {sign} {bound} (got {shown(value)})"
     if kind in ("enum", "literal_error"):
-        return f"must be one of {ctx.get('expected')} (got {error['input']!r})"
+        return f"must be one of {ctx.get('expected')} (got {shown(value)})"
     if kind == "string_pattern_mismatch":
-        return f"{error['input']!r} is not valid here; {_PATTERN_HINTS.get(ctx.get('pattern'), 'check its format')}"
+        hint = _PATTERN_HINTS.get(ctx.get("pattern"), "check its format")
+        if secret:
+            return f"{HIDDEN} is not valid here; {hint}, and give the name of the Secret that holds a key, never the key itself"
+        return f"{shown(value)} is not valid here; {hint}"
     if kind in ("string_too_long", "too_long"):
         return f"too long; at most {ctx.get('max_length')} {'characters' if kind.startswith('string') else 'entries'}"
     if kind in ("string_too_short", "too_short"):

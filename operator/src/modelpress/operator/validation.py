@@ -4,18 +4,12 @@ Pure functions: the handler looks the referenced objects up (keys only) and pass
 Every problem is one line naming the field and the fix.
 """
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from modelpress.operator.job_builder import configmap_refs, secret_refs
-from modelpress.contract import (API_VERSION, K8S_NAME, KIND, SELF_GENERATED, CompressionJob, InvalidSpec, connection_uses,
+from modelpress.contract import (API_VERSION, KIND, SELF_GENERATED, CompressionJob, InvalidSpec, connection_uses,
                                  parse_job, parse_uri)
-
-BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-CLAIM = re.compile(K8S_NAME)
-
 
 class SpecRejected(ValueError):
     """The CompressionJob can never run as written; the message names the field."""
@@ -35,18 +29,10 @@ def parse(body: Mapping[str, Any]) -> CompressionJob:
 
 
 def _uri_problem(field: str, text: str, connection: str | None, connection_field: str) -> list[str]:
+    """What the URI itself cannot say (the spec's parse already checked bucket, repository and claim names)."""
     uri = parse_uri(text)
-    if uri.scheme == "s3":
-        found = []
-        if not BUCKET.match(uri.root):
-            found.append(f"{field}: {uri.root!r} is not an S3 bucket name; use s3://bucket/prefix")
-        if connection is None:
-            found.append(f"{connection_field}: {uri} needs an S3 connection Secret; name one")
-        return found
-    if uri.scheme == "hf":
-        return [] if HUB_ID.match(uri.root) else [f"{field}: {uri.root!r} is not a hub id; use hf://org/name"]
-    if uri.scheme == "pvc":
-        return [] if CLAIM.match(uri.root) else [f"{field}: {uri.root!r} is not a PVC name; use pvc://claim/path"]
+    if uri.scheme == "s3" and connection is None:
+        return [f"{connection_field}: {uri} needs an S3 connection Secret; name one"]
     return []
 
 

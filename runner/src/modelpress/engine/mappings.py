@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from modelpress.contract import shown
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.experts import ExpertLinears
 from modelpress.engine.targets import is_matched
@@ -189,12 +190,12 @@ def resolve_mappings(
                 continue
             if len(smooth) > 1:
                 raise ModelPressError(
-                    f"{owner}.mappings[{k}]: smooth layer {spec.smooth!r} matches {len(smooth)} modules in one decoder layer "
+                    f"{owner}.mappings[{k}]: smooth layer {shown(spec.smooth)} matches {len(smooth)} modules in one decoder layer "
                     f"({smooth[:3]}); make the pattern name one, e.g. end it with '$'"
                 )
             balance = tuple(n for n, m in named if isinstance(m, torch.nn.Linear) and is_matched(n, m, list(spec.balance)))
             if not balance:
-                raise ModelPressError(f"{owner}.mappings[{k}]: balance layers {list(spec.balance)} match no Linear beside {smooth[0]}")
+                raise ModelPressError(f"{owner}.mappings[{k}]: balance layers {shown(list(spec.balance))} match no Linear beside {smooth[0]}")
             # a smooth layer outside a MoE block feeds the block's input, which its router reads too
             blocks = {n.rsplit(".experts.", 1)[0] for n in balance if ".experts." in n}
             feeding = sorted(b for b in blocks if not smooth[0].startswith(f"{b}."))
@@ -203,7 +204,7 @@ def resolve_mappings(
             mappings.append(mapping)
             found = True
         if not found:
-            raise ModelPressError(f"{owner}.mappings[{k}]: smooth layer {spec.smooth!r} matches no module in the decoder layers; check the name")
+            raise ModelPressError(f"{owner}.mappings[{k}]: smooth layer {shown(spec.smooth)} matches no module in the decoder layers; check the name")
     return mappings
 
 

@@ -19,6 +19,7 @@ import torch
 from compressed_tensors.quantization import QuantizationScheme
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from modelpress.contract import shown
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.layer_pass import GroupInput
 from modelpress.engine.quantize import QuantizedLinear
@@ -134,7 +135,7 @@ def describe_errors(cls: type[Modifier], err: ValidationError) -> str:
         where = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             valid = ", ".join(cls.model_fields)
-            problems.append(f"{cls.__name__}: unknown argument {where!r}; valid arguments: {valid}")
+            problems.append(f"{cls.__name__}: unknown argument {shown(where)}; valid arguments: {valid}")
         elif e["type"] == "value_error":
             problems.append(str(e["ctx"]["error"]))
         else:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from compressed_tensors.quantization import QuantizationScheme
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from modelpress.engine.calibration import CalibrationData, calibration_samples
 from modelpress.engine.checkpoint_writer import (
@@ -50,6 +50,7 @@ from modelpress.engine.weights import (
     build_skeleton,
     find_decoder_layers,
     load_config,
+    load_tokenizer,
     materialize,
     missing_weights,
     move_outside,
@@ -235,7 +236,7 @@ def calibrate(
     if not any(m.needs_data() for m in modifiers):
         return None, tokenizer, []
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(loaded.model_dir or model.name_or_path, trust_remote_code=samples.trust_remote_code)
+        tokenizer = load_tokenizer(loaded.model_dir or model.name_or_path, samples.trust_remote_code)
     ids = calibration_samples(
         samples.dataset, tokenizer, samples.num_samples, samples.max_seq_length, samples.seed, samples.text_field, samples.messages_field
     )

@@ -6,7 +6,8 @@ YAML shape, as llm-compressor writes it:
       quant_modifiers:
         QuantizationModifier: {scheme: W4A16, targets: [Linear], ignore: [lm_head]}
 
-Stages are flattened, in order, into one list of modifiers.
+Stages are flattened, in order, into one list of modifiers. A document is bounded
+(`tree_problem`) before it is walked, and every way it can be wrong is a ModelPressError.
 """
 
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from modelpress.contract import key_shown, shown, tree_problem
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.awq import AWQModifier
 from modelpress.engine.gptq import GPTQModifier
@@ -51,28 +53,32 @@ def load_recipe(recipe: RecipeInput) -> list[Modifier]:
         raise ModelPressError(f"recipe: unsupported type {type(recipe).__name__}")
     try:
         document = yaml.safe_load(recipe)
-    except yaml.YAMLError as err:
-        raise ModelPressError(f"recipe: not valid YAML ({err})") from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ModelPressError(f"recipe: not valid YAML ({str(err).splitlines()[0] if str(err) else 'nested too deeply'})") from None
     return parse_recipe(document)
 
 
 def parse_recipe(document: Any) -> list[Modifier]:
     """The modifiers of a parsed YAML document, stages flattened in order."""
+    problem = tree_problem(document)
+    if problem is not None:
+        raise ModelPressError(f"recipe: {problem}")
     if not isinstance(document, dict):
         raise ModelPressError("recipe: expected a mapping of stages (e.g. quant_stage: {quant_modifiers: {...}})")
     modifiers: list[Modifier] = []
     for stage_name, stage in document.items():
+        where = key_shown(stage_name)
         if stage_name == "args":
             continue
-        if stage_name.endswith("_modifiers"):  # a group given without a stage around it
-            modifiers += _parse_group(stage_name, stage)
+        if where.endswith("_modifiers"):  # a group given without a stage around it
+            modifiers += _parse_group(where, stage)
             continue
-        if not stage_name.endswith("_stage") or not isinstance(stage, dict):
-            raise ModelPressError(f"recipe.{stage_name}: expected a '<name>_stage' mapping of '<name>_modifiers' groups")
+        if not where.endswith("_stage") or not isinstance(stage, dict):
+            raise ModelPressError(f"recipe.{where}: expected a '<name>_stage' mapping of '<name>_modifiers' groups")
         for group_name, group in stage.items():
-            if not group_name.endswith("_modifiers"):
-                raise ModelPressError(f"recipe.{stage_name}.{group_name}: keys in a stage end in '_modifiers'")
-            modifiers += _parse_group(f"{stage_name}.{group_name}", group)
+            if not key_shown(group_name).endswith("_modifiers"):
+                raise ModelPressError(f"recipe.{where}.{key_shown(group_name)}: keys in a stage end in '_modifiers'")
+            modifiers += _parse_group(f"{where}.{key_shown(group_name)}", group)
     if not modifiers:
         raise ModelPressError("recipe: no modifiers found")
     return modifiers
@@ -84,10 +90,13 @@ def _parse_group(where: str, group: Any) -> list[Modifier]:
     modifiers = []
     for name, kwargs in group.items():
         if name not in MODIFIERS:
-            raise ModelPressError(f"recipe.{where}: unknown modifier {name!r}; valid modifiers: {', '.join(MODIFIERS)}")
+            raise ModelPressError(f"recipe.{where}: unknown modifier {shown(name)}; valid modifiers: {', '.join(MODIFIERS)}")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise ModelPressError(f"recipe.{where}.{name}: arguments must be a mapping")
         kwargs = dict(kwargs or {})
+        odd = [k for k in kwargs if not isinstance(k, str)]
+        if odd:
+            raise ModelPressError(f"recipe.{where}.{name}: argument names must be text, not {shown(odd[0])}")
         if name == "AWQModifier" and ("scheme" in kwargs or "config_groups" in kwargs):
             modifiers += _split_awq(kwargs)
             continue

@@ -11,6 +11,7 @@ import torch
 from compressed_tensors.quantization import QuantizationScheme
 from pydantic import PrivateAttr, model_validator
 
+from modelpress.contract import shown
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import LayerState, Modifier, Plan, frozen
 from modelpress.engine.quantize import (
@@ -74,10 +75,10 @@ class QuantizationModifier(Modifier):
         all_targets = [t for s in self._groups.values() for t in s.targets]
         missing = unused_patterns(model, all_targets)
         if missing:
-            raise ModelPressError(f"{name}.targets: {missing} match no module in the model; check the names")
+            raise ModelPressError(f"{name}.targets: {shown(missing)} match no module in the model; check the names")
         targeted = resolve_targets(model, self._groups, self.ignore)
         if not targeted:
-            raise ModelPressError(f"{name}: targets {all_targets} minus ignore {self.ignore} leave no Linear to quantize")
+            raise ModelPressError(f"{name}: targets {shown(all_targets)} minus ignore {shown(self.ignore)} leave no Linear to quantize")
         if not self.bypass_divisibility_checks:
             check_divisibility(model, targeted)
         return Plan(frozen(targeted), frozen(dict(self._groups)))

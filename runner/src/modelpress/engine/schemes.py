@@ -19,7 +19,7 @@ from compressed_tensors.quantization import (
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from pydantic import ValidationError
 
-from modelpress.contract import PRESETS
+from modelpress.contract import PRESETS, shown
 from modelpress.engine.errors import ModelPressError
 
 SUPPORTED_PRESETS = PRESETS  # the CompressionJob's list, so the spec and the engine accept the same names
@@ -98,7 +98,7 @@ def _preset(name: str, targets: list[str]) -> QuantizationScheme:
     if name.upper() not in SUPPORTED_PRESETS:
         known = ", ".join(SUPPORTED_PRESETS)
         hint = " (a compressed-tensors preset this engine does not write yet)" if name.upper() in PRESET_SCHEMES else ""
-        raise ModelPressError(f"scheme: unknown preset {name!r}{hint}; choose one of {known} or give config_groups")
+        raise ModelPressError(f"scheme: unknown preset {shown(name)}{hint}; choose one of {known} or give config_groups")
     return preset_name_to_scheme(name, targets)
 
 

@@ -2,23 +2,36 @@
 
 The model is built as a skeleton (parameters on the meta device, buffers real), so only the parts
 being worked on occupy memory: the embeddings and head, plus one decoder layer at a time.
+
+A model directory is checked before any work (`check_model_dir`): its config.json, every shard's
+header against the shard's size, and its tokenizer files, so a damaged or truncated download fails
+with the file's name instead of turning into weights read from beyond a file's end.
 """
 
 import ctypes
 import json
+import math
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+import transformers
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from modelpress.contract import shown
 from modelpress.engine.checkpoint_writer import SAFETENSORS_DTYPES
 from modelpress.engine.errors import ModelPressError
 from modelpress.paths import refuse_escaping_links
 
 SAFETENSORS_TO_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on a header
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
+REFETCH = "the file is damaged or incomplete; fetch the model again"
+
+Entry = tuple[str, list[int], int, int]  # dtype, shape, offset in the file, length in bytes
 
 
 def resolve_model_dir(model: str | Path, revision: str | None = None) -> Path:
@@ -51,20 +64,11 @@ class SafetensorsSource:
     """
 
     def __init__(self, model_dir: Path, rename: Callable[[str], str] = str) -> None:
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
-        else:
-            files = sorted(model_dir.glob("*.safetensors"))
+        files = shard_files(model_dir)
         self.entries: dict[str, tuple[Path, str, list[int], int, int]] = {}
         for file in files:
-            with file.open("rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size))
-            for name, meta in header.items():
-                if name != "__metadata__":
-                    begin, end = meta["data_offsets"]
-                    self.entries[rename(name)] = (file, meta["dtype"], meta["shape"], 8 + size + begin, end - begin)
+            for name, (dtype, shape, offset, length) in read_header(file).items():
+                self.entries[rename(name)] = (file, dtype, shape, offset, length)
         if not self.entries:
             raise ModelPressError(f"model: no safetensors weights in {model_dir}")
         self.files = files
@@ -75,17 +79,134 @@ class SafetensorsSource:
     def get(self, name: str) -> torch.Tensor:
         file, dtype, shape, offset, length = self.entries[name]
         buffer = torch.empty(length, dtype=torch.uint8)
+        view, got = memoryview(buffer.numpy()), 0
         with file.open("rb") as f:
             f.seek(offset)
-            f.readinto(buffer.numpy())
+            while got < length and (n := f.readinto(view[got:])):
+                got += n
+        if got != length:
+            raise ModelPressError(f"model: {file.name}: tensor {name} is cut short ({got} of {length} bytes); "
+                                  "the file changed or was truncated; fetch the model again")
         return buffer.view(SAFETENSORS_TO_TORCH[dtype]).reshape(shape)
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
 
+def shard_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model: those its index names, else every one in the directory."""
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(model_dir.glob("*.safetensors"))
+    try:
+        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise ModelPressError(f"model: {index.name} is not a safetensors index (JSON with a weight_map); {REFETCH}") from None
+    files = sorted(model_dir / str(n) for n in names)
+    missing = [f.name for f in files if not f.is_file() or f.parent != model_dir]
+    if missing:
+        raise ModelPressError(f"model: {index.name} names {missing[0]}, which is not in the model directory; fetch the model again")
+    return files
+
+
+def read_header(file: Path) -> dict[str, Entry]:
+    """A safetensors file's tensors, each checked against the header's own rules and the file's size."""
+    size = file.stat().st_size
+    where = f"model: {file.name}"
+    with file.open("rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or length > min(size - 8, MAX_HEADER_BYTES):
+            raise ModelPressError(f"{where}: its header claims {length} bytes but the file holds {size}; {REFETCH}")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ModelPressError(f"{where}: its header is not a JSON object of tensors; {REFETCH}")
+    data = size - 8 - length
+    entries: dict[str, Entry] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        entry = _entry(meta)
+        if entry is None:
+            raise ModelPressError(f"{where}: the header's entry for {shown(name)} is not a valid tensor; {REFETCH}")
+        dtype, shape, begin, end = entry
+        if end > data:
+            raise ModelPressError(f"{where}: holds {size} bytes but tensor {shown(name)} ends at byte {8 + length + end}; "
+                                  "the file is truncated; fetch the model again")
+        entries[name] = (dtype, shape, 8 + length + begin, end - begin)
+    described = max((offset + n for _, _, offset, n in entries.values()), default=8 + length)
+    if described != size:
+        raise ModelPressError(f"{where}: holds {size} bytes but its header describes {described}; {REFETCH}")
+    return entries
+
+
+def _entry(meta: Any) -> tuple[str, list[int], int, int] | None:
+    """(dtype, shape, begin, end) of one header entry, or None when it breaks the format."""
+    if not isinstance(meta, dict):
+        return None
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in SAFETENSORS_TO_TORCH or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        return None
+    if not all(type(v) is int and v >= 0 for v in (*shape, *offsets)):
+        return None
+    begin, end = offsets
+    if end - begin != math.prod(shape) * SAFETENSORS_TO_TORCH[dtype].itemsize:
+        return None
+    return dtype, shape, begin, end
+
+
 def load_config(model_dir: Path, trust_remote_code: bool = False) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    """The model's config; a config.json that transformers cannot use stops here, named with the fix."""
+    try:
+        body = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelPressError(f"model: {model_dir} has no config.json; point at a Hugging Face model directory") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelPressError(f"model: config.json is not valid JSON ({err}); fix it or fetch the model again") from None
+    model_type = body.get("model_type") if isinstance(body, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelPressError("model: config.json has no model_type; is it a transformers model's config?")
+    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in body):
+        raise ModelPressError(
+            f"model: config.json has model_type {shown(model_type)}, which transformers {transformers.__version__} does not "
+            "know; upgrade transformers, or trust the remote code of a model that brings its own"
+        )
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, KeyError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelPressError(f"model: config.json cannot be read by transformers ({reason}); fix it or fetch the model again") from None
+
+
+def load_tokenizer(model: Path | str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model directory (or hub id); missing or broken tokenizer files stop here, named with the fix."""
+    local = Path(model).is_dir()
+    if local:
+        require_tokenizer_files(Path(model))
+    try:
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        if not local or (isinstance(err, OSError) and err.errno is not None):  # the hub or the disk failed: worth a retry
+            raise
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelPressError(f"model: the tokenizer files cannot be loaded ({reason}); fix them or fetch the model again") from None
+
+
+def require_tokenizer_files(model_dir: Path) -> None:
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelPressError(
+            f"model: no tokenizer ({', '.join(TOKENIZER_FILES)}) beside config.json; add the base model's tokenizer files"
+        )
+
+
+def check_model_dir(model_dir: Path, trust_remote_code: bool = False) -> None:
+    """Everything about a model directory that can fail before any work: config, shards, tokenizer files."""
+    load_config(model_dir, trust_remote_code)
+    SafetensorsSource(model_dir)
+    require_tokenizer_files(model_dir)
 
 
 def build_skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> torch.nn.Module:

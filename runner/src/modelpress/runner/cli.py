@@ -2,7 +2,7 @@
 
 `modelpress run JOB.yaml` runs a job here exactly as a runner pod would; with no file it reads the
 job from the environment, as in the pod (`python -m modelpress.runner`). It exits with the
-contract's `ExitCode`; the last stderr line says why.
+contract's `ExitCode`; the last stderr line says why, and only `--debug` adds a traceback.
 """
 
 import argparse
@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from modelpress.contract import (DEFAULT_IGNORE, Env, ExitCode, FailureEvent, FailureReason, InvalidSpec, PodPath, ResultEvent,
-                                 RunReport, parse_job)
+                                 RunReport, parse_job, tree_problem)
 from modelpress.engine.errors import ModelPressError
 
 if TYPE_CHECKING:  # the engine imports torch; `modelpress compress` loads it only when it runs
     from modelpress.engine.pipeline import LayerProgress
+
+MAX_JOB_FILE_BYTES = 1 << 20  # a Kubernetes object is at most about this big
+DEBUG_HELP = "on failure, print the traceback too"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--num-samples", type=int, default=512, help="calibration samples (default 512)")
     compress.add_argument("--max-seq-length", type=int, default=2048, help="tokens per sample (default 2048)")
     compress.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    compress.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
     job = commands.add_parser("run", help=f"run a CompressionJob (a manifest, or {Env.SPEC} / {Env.SPEC_FILE})")
     job.add_argument("job", nargs="?", help="CompressionJob YAML; may also hold the Secrets and ConfigMaps it names")
@@ -47,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--termination-log", help=f"where the result goes (env {Env.TERMINATION_LOG}; default {PodPath.TERMINATION_LOG})")
     job.add_argument("--format", choices=["auto", "json", "text"], default="auto", help="stdout: JSON lines, or a summary for people (auto: text on a terminal)")
     job.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    job.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
     commands.add_parser("smollm2", help="write SmolLM2-135M-Instruct as a float model directory; print its path")
     return parser
@@ -116,17 +121,36 @@ def _progress_bar() -> Callable[["LayerProgress"], None]:
 
 
 def read_documents(path: str | None, env: dict[str, str]) -> list[Any]:
-    """The job file's documents, or the job the pod was given in its environment."""
+    """The job file's documents, or the job the pod was given in its environment, each bounded
+    (`tree_problem`) before anything walks it: YAML aliases can make a small file a huge tree."""
     try:
         if path:
-            return [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d is not None]
-        if env.get(Env.SPEC):
-            return [json.loads(env[Env.SPEC])]
-        if env.get(Env.SPEC_FILE):
-            return [d for d in yaml.safe_load_all(Path(env[Env.SPEC_FILE]).read_text(encoding="utf-8")) if d is not None]
-    except (OSError, yaml.YAMLError, json.JSONDecodeError) as err:
-        raise ModelPressError(f"job: cannot read it ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    raise ModelPressError(f"job: none given; pass JOB.yaml, or set {Env.SPEC} (JSON) or {Env.SPEC_FILE}")
+            documents = _yaml_documents(Path(path))
+        elif env.get(Env.SPEC):
+            documents = [json.loads(env[Env.SPEC])]
+        elif env.get(Env.SPEC_FILE):
+            documents = _yaml_documents(Path(env[Env.SPEC_FILE]))
+        else:
+            raise ModelPressError(f"job: none given; pass JOB.yaml, or set {Env.SPEC} (JSON) or {Env.SPEC_FILE}")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError, RecursionError) as err:
+        raise ModelPressError(f"job: cannot read it ({one_line(err)})") from None
+    for number, document in enumerate(documents, 1):
+        problem = tree_problem(document)
+        if problem is not None:
+            raise ModelPressError(f"job: document {number}: {problem}")
+    return documents
+
+
+def _yaml_documents(file: Path) -> list[Any]:
+    size = file.stat().st_size
+    if size > MAX_JOB_FILE_BYTES:
+        raise ModelPressError(f"job: {file} holds {size} bytes; a job file holds at most {MAX_JOB_FILE_BYTES} (1 MiB)")
+    return [d for d in yaml.safe_load_all(file.read_text(encoding="utf-8")) if d is not None]
+
+
+def one_line(err: BaseException) -> str:
+    """An unexpected error as one line: its type and the first line of its message."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err).strip() else 'no details'}"
 
 
 def pick_job(documents: list[Any]) -> Any:
@@ -174,6 +198,8 @@ def run_job_command(args: argparse.Namespace) -> int:
     def fail(code: ExitCode, reason: FailureReason, message: str, report: RunReport | None = None,
              problems: list[str] | None = None) -> int:
         """A FailureEvent carrying as much of the run's report as it got to (a failed gate's metrics)."""
+        if args.debug:
+            print(scrub(traceback.format_exc(), reporter.secrets), file=sys.stderr, end="")
         made = {name: getattr(report, name) for name in RunReport.model_fields} if report is not None else {}
         return finish(FailureEvent(**made, reason=reason, exit_code=code, message=scrub(message, reporter.secrets),
                                    problems=problems))
@@ -188,7 +214,7 @@ def run_job_command(args: argparse.Namespace) -> int:
         context = Context(env=env, objects=local_objects(documents + extra), scratch=scratch, reporter=reporter, device=args.device)
         return finish(run_job(job, context))
     except InvalidSpec as err:
-        for problem in err.problems:
+        for problem in err.problems if len(err.problems) > 1 else ():
             print(f"  {problem}", file=sys.stderr)
         return fail(ExitCode.INVALID_INPUT, "InvalidSpec", f"invalid CompressionJob: {err}", problems=err.problems)
     except ModelPressError as err:
@@ -196,9 +222,7 @@ def run_job_command(args: argparse.Namespace) -> int:
     except GateFailed as err:
         return fail(ExitCode.QUALITY_GATE_FAILED, "QualityGateFailed", str(err), err.result)
     except Exception as err:  # anything else may be transient: a retryable exit lets the Job retry
-        print(scrub(traceback.format_exc(), reporter.secrets), file=sys.stderr, end="")
-        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}"
-        return fail(ExitCode.RETRYABLE, "Error", why)
+        return fail(ExitCode.RETRYABLE, "Error", one_line(err))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,9 +238,18 @@ def main(argv: list[str] | None = None) -> int:
 
             print(smollm2_dir())
     except ModelPressError as err:
-        print(f"modelpress: error: {err}", file=sys.stderr)
-        return ExitCode.INVALID_INPUT
+        return _failed(args, ExitCode.INVALID_INPUT, str(err))
+    except Exception as err:  # unexpected, so perhaps transient
+        return _failed(args, ExitCode.RETRYABLE, one_line(err))
     return ExitCode.OK
+
+
+def _failed(args: argparse.Namespace, code: ExitCode, message: str) -> int:
+    """One line on stderr (after the traceback, with --debug) and the exit code."""
+    if getattr(args, "debug", False):
+        print(traceback.format_exc(), file=sys.stderr, end="")
+    print(f"modelpress: error: {message}", file=sys.stderr)
+    return code
 
 
 def run() -> None:

@@ -4,16 +4,20 @@ In a pod they arrive as env vars and files (`modelpress.contract` has the conven
 laptop the same names resolve from env vars, or from Secret and ConfigMap documents given next to
 the job (in the job file itself or in `--secrets FILE`), so one manifest runs in both places.
 Secret values never leave this module except inside a client; `secret_values` lists them so
-every line the runner prints can be scrubbed of them.
+every line the runner prints can be scrubbed of them. An S3 answer that no retry can change
+(wrong keys, a bucket that does not exist) is turned into a ModelPressError naming the spec
+field, by `refusing_permanently`, wherever the client is called.
 """
 
 import base64
+import binascii
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from modelpress.engine.errors import ModelPressError
-from modelpress.contract import ROLE, S3_IDENTITY_KEYS, S3_KEYS, Env, KeyRef, S3Key
+from modelpress.contract import (ROLE, S3_IDENTITY_KEYS, S3_KEYS, ConnectionUse, Env, JobSpec, KeyRef, S3Key, connection_uses,
+                                 parse_uri, shown)
 
 
 @dataclass(frozen=True)
@@ -44,16 +48,34 @@ def local_objects(documents: list[Any]) -> LocalObjects:
     for doc in documents:
         if not isinstance(doc, dict) or doc.get("kind") not in ("Secret", "ConfigMap"):
             continue
-        name = (doc.get("metadata") or {}).get("name")
-        if not name:
-            raise ModelPressError(f"{doc['kind']}: a document has no metadata.name; name it as the job refers to it")
-        if doc["kind"] == "Secret":
-            values = {k: base64.b64decode(v).decode() for k, v in (doc.get("data") or {}).items()}
-            values.update({k: str(v) for k, v in (doc.get("stringData") or {}).items()})
+        kind, meta = doc["kind"], doc.get("metadata")
+        name = meta.get("name") if isinstance(meta, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ModelPressError(f"{kind}: a document has no metadata.name; name it as the job refers to it")
+        if kind == "Secret":
+            values = {str(k): _decoded(name, str(k), v) for k, v in _section(doc, "data").items()}
+            values.update({str(k): str(v) for k, v in _section(doc, "stringData").items()})
             secrets[name] = values
         else:
-            config_maps[name] = {k: str(v) for k, v in (doc.get("data") or {}).items()}
+            config_maps[name] = {str(k): str(v) for k, v in _section(doc, "data").items()}
     return LocalObjects(secrets, config_maps)
+
+
+def _section(doc: dict[str, Any], key: str) -> Mapping[Any, Any]:
+    value = doc.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ModelPressError(f"{doc['kind']} {doc['metadata']['name']!r}: {key} must be a mapping of keys to values")
+    return value
+
+
+def _decoded(secret: str, key: str, value: Any) -> str:
+    """A Secret's `data` value: base64 of UTF-8 text, as Kubernetes keeps it; the value itself is never shown."""
+    try:
+        return base64.b64decode(value, validate=True).decode()
+    except (binascii.Error, ValueError, TypeError):
+        raise ModelPressError(
+            f"Secret {secret!r}: data.{shown(key)} is not base64 of text; encode the value (base64 -w0) or put it under stringData"
+        ) from None
 
 
 def s3_connection(role: str, name: str | None, env: Mapping[str, str], objects: LocalObjects, field_path: str) -> S3Connection:
@@ -123,3 +145,57 @@ def scrub(text: str, secrets: list[str]) -> str:
         text = text.replace(value, "***")
     return text
 
+
+# S3 error codes no retry can fix, with what each one means for the job; "connection" problems are the
+# Secret's, "uri" problems the location's. A HEAD request's error has no body, only its status.
+PERMANENT_S3_ERRORS: dict[str, tuple[str, str]] = {
+    "InvalidAccessKeyId": ("connection", "the endpoint does not know the access key; check AWS_ACCESS_KEY_ID in the Secret"),
+    "SignatureDoesNotMatch": ("connection",
+                              "the secret key does not belong to the access key; check AWS_SECRET_ACCESS_KEY in the Secret"),
+    "InvalidToken": ("connection", "the session token is not valid; renew the Secret's keys"),
+    "ExpiredToken": ("connection", "the session token has expired; renew the Secret's keys"),
+    "AuthorizationHeaderMalformed": ("connection", "the endpoint expects another region; check AWS_DEFAULT_REGION in the Secret"),
+    "403": ("connection", "the endpoint refused the keys (HTTP 403); check the Secret's keys and their access to the bucket"),
+    "AccessDenied": ("uri", "the connection's keys may not {operation} there; grant them access or choose another location"),
+    "AllAccessDisabled": ("uri", "all access to this bucket is disabled; choose another location"),
+    "NoSuchBucket": ("uri", "bucket {bucket} does not exist at {endpoint}; create it, or fix the bucket in the URI"),
+    "InvalidBucketName": ("uri", "{bucket} is not a valid bucket name; fix the URI"),
+    "PermanentRedirect": ("uri", "the bucket is served by another endpoint; check AWS_S3_ENDPOINT and AWS_DEFAULT_REGION"),
+}
+
+
+def s3_refusal(use: ConnectionUse, code: str, operation: str, bucket: str | None, endpoint: str) -> str | None:
+    """The one-line problem an S3 error code means for the job (naming its spec field), or None when a retry may help."""
+    if code not in PERMANENT_S3_ERRORS:
+        return None
+    kind, fix = PERMANENT_S3_ERRORS[code]
+    located = [f for f, uri in use.uris if parse_uri(uri).scheme == "s3" and parse_uri(uri).root == bucket]
+    where = located[0] if kind == "uri" and located else use.role.connection_field
+    message = fix.format(operation=operation, bucket=shown(bucket), endpoint=endpoint)
+    return f"{where}: S3 refused {operation} ({code}): {message}"
+
+
+def refusing_permanently(client: Any, spec: JobSpec, role: str) -> Any:
+    """`client`, made to raise ModelPressError (exit 2, no retry) on an S3 error that `s3_refusal` knows.
+
+    Every call of the client passes here, in whatever thread or library made it; errors a retry
+    may fix, and those the caller means to handle (a missing key), stay botocore's.
+    """
+    use = next(u for u in connection_uses(spec) if u.role.name == role)
+    endpoint = client.meta.endpoint_url
+
+    def remember_bucket(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        context["modelpress_bucket"] = params.get("Bucket")
+
+    def refuse(http_response: Any, parsed: dict[str, Any], model: Any, context: dict[str, Any], **_: Any) -> None:
+        if http_response.status_code < 300:
+            return
+        error = parsed.get("Error", {})
+        bucket = error.get("BucketName") or context.get("modelpress_bucket")
+        problem = s3_refusal(use, str(error.get("Code", "")), model.name, bucket, endpoint)
+        if problem is not None:
+            raise ModelPressError(problem)
+
+    client.meta.events.register("before-parameter-build.s3", remember_bucket)
+    client.meta.events.register("after-call.s3", refuse)
+    return client

@@ -25,7 +25,9 @@ from modelpress.contract import (SELF_GENERATED, CompressionJob, JobSpec, Recipe
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import Modifier
 from modelpress.engine.recipe import load_recipe, parse_recipe, recipe_yaml
-from modelpress.runner.connections import LocalObjects, S3Connection, hf_token, recipe_text, s3_connection, secret_values
+from modelpress.engine.weights import check_model_dir, load_tokenizer
+from modelpress.runner.connections import (LocalObjects, S3Connection, hf_token, recipe_text, refusing_permanently, s3_connection,
+                                           secret_values)
 from modelpress.runner.data import calibration_set, evaluation_text, open_dataset, self_generated
 from modelpress.runner.model_card import model_card
 from modelpress.runner.presets import preset_document
@@ -131,9 +133,7 @@ class State:
     def tokenizer(self) -> Any:
         """The model's tokenizer, loaded on first use."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.spec.model.trust_remote_code)
+            self._tokenizer = load_tokenizer(self.model_dir, self.spec.model.trust_remote_code)
         return self._tokenizer
 
 
@@ -175,7 +175,7 @@ def prepare(job: CompressionJob, ctx: Context) -> State:
     connections = _connections(spec, ctx)
     token = hf_token(spec.model.token_secret, env, ctx.objects)
     ctx.reporter.secrets = secret_values(list(connections.values()), token)
-    clients = {role: s3_client(conn) for role, conn in connections.items()}
+    clients = {role: refusing_permanently(s3_client(conn), spec, role) for role, conn in connections.items()}
     job_id = job_identity(job)
     output_uri = parse_uri(spec.output.uri)
     output = s3_output(clients["output"], spec.output.uri) if output_uri.scheme == "s3" else folder_output(
@@ -227,6 +227,15 @@ def fetch(state: State) -> None:
     state.resumed = marker.is_file() and marker.read_text() == reuse_key(spec, state.source) and state.staged.is_dir()
     state.samples = _kept(state, CALIBRATION) or []
     state.before = _kept(state, ORIGINAL_EVALUATION) or {}
+
+
+def check_source(state: State) -> None:
+    """A damaged or incomplete model stops here, before any compute: its config, every shard's header
+    against the shard's size, its tokenizer files."""
+    try:
+        check_model_dir(state.model_dir, state.spec.model.trust_remote_code)
+    except ModelPressError as err:
+        raise ModelPressError(f"spec.model.uri: {str(err).removeprefix('model: ')}") from None
 
 
 def load_evaluation_text(state: State) -> None:
@@ -350,6 +359,7 @@ def publish(state: State) -> None:
 
 STAGES = (
     Stage("fetch", fetch, clock="fetch"),
+    Stage("check source", check_source),
     Stage("evaluation text", load_evaluation_text, skip=lambda s: s.spec.evaluation.perplexity is None),
     Stage("calibration data", calibration_data, skip=lambda s: not s.calibrating or s.self_generating, clock="calibrate"),
     Stage("original model", load_original, skip=lambda s: not (s.calibrating and s.self_generating) and not s.evaluating_original),
