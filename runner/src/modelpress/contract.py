@@ -798,6 +798,7 @@ class RunReport(Wire):
     sizes: Sizes | None = None
     metrics: Metrics | None = None
     answers: list[Answer] | None = None
+    answers_skipped: str | None = Field(None, description="why the prompts were not answered (a model too big for the pod's memory)")
     resumed_compression: bool | None = None
     versions: dict[str, str] | None = None
     durations_s: dict[str, float] | None = Field(None, description="seconds by stage, and in all as `total`")

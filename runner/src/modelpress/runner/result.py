@@ -56,6 +56,7 @@ def build_result(job: CompressionJob, model_dir: Path, staged: Path, before: dic
             Answer(prompt=p, original=a, compressed=b)
             for p, a, b in zip(spec.evaluation.prompts, before.get("answers", []), after.get("answers", []))
         ],
+        answers_skipped=before.get("answers_skipped") or after.get("answers_skipped"),
         resumed_compression=resumed,
         versions=versions(),
     )

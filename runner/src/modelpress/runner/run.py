@@ -29,6 +29,8 @@ from modelpress.engine.weights import check_model_dir, load_tokenizer
 from modelpress.runner.connections import (LocalObjects, S3Connection, hf_token, recipe_text, refusing_permanently, s3_connection,
                                            secret_values)
 from modelpress.runner.data import calibration_set, evaluation_text, open_dataset, self_generated
+from modelpress.engine.checkpoint_writer import human_bytes, model_bytes
+from modelpress.runner.memory import memory_limit
 from modelpress.runner.model_card import model_card
 from modelpress.runner.presets import preset_document
 from modelpress.runner.progress import Reporter
@@ -49,6 +51,7 @@ from modelpress.runner.storage import (
 
 log = logging.getLogger(__name__)
 
+ANSWER_MEMORY_SHARE = 0.5  # of the memory limit, that a whole float model may take for the answers
 COMPRESSED_MARKER = "compressed.done"  # holds the reuse key (spec and source) the staged model was made for
 CALIBRATION = "calibration"  # the calibration samples, kept in scratch for a retry
 ORIGINAL_EVALUATION = "original-evaluation"  # the original model's perplexity and answers, likewise
@@ -261,7 +264,7 @@ def calibration_data(state: State) -> None:
 
 
 def load_original(state: State) -> None:
-    """The original model, kept for self-generated data and the original's evaluation."""
+    """The original model, for self-generated data (and then for the original's answers too)."""
     state.original = load_model(state.model_dir, state.device, state.spec.model.trust_remote_code)
 
 
@@ -275,7 +278,7 @@ def self_generated_data(state: State) -> None:
 
 def evaluate_original(state: State) -> None:
     state.ctx.reporter.stage("evaluate", model="original")
-    state.before = evaluate(state.original, state.tokenizer(), state.text, state.spec)
+    state.before = evaluate(state, state.model_dir, state.original)
     _keep(state, ORIGINAL_EVALUATION, state.before)
 
 
@@ -319,9 +322,7 @@ def compress(state: State) -> None:
 
 def evaluate_compressed(state: State) -> None:
     state.ctx.reporter.stage("evaluate", model="compressed")
-    compressed = load_model(state.staged, state.device, state.spec.model.trust_remote_code)
-    state.after = evaluate(compressed, state.tokenizer(), state.text, state.spec)
-    del compressed
+    state.after = evaluate(state, state.staged)
     gc.collect()
 
 
@@ -362,7 +363,7 @@ STAGES = (
     Stage("check source", check_source),
     Stage("evaluation text", load_evaluation_text, skip=lambda s: s.spec.evaluation.perplexity is None),
     Stage("calibration data", calibration_data, skip=lambda s: not s.calibrating or s.self_generating, clock="calibrate"),
-    Stage("original model", load_original, skip=lambda s: not (s.calibrating and s.self_generating) and not s.evaluating_original),
+    Stage("original model", load_original, skip=lambda s: not (s.calibrating and s.self_generating)),
     Stage("self-generated data", self_generated_data, skip=lambda s: not (s.calibrating and s.self_generating), clock="calibrate"),
     Stage("original evaluation", evaluate_original, skip=lambda s: not s.evaluating_original, clock="evaluate"),
     Stage("release original", release_original, skip=lambda s: s.original is None),
@@ -432,14 +433,30 @@ def load_model(path: Path, device: torch.device, trust_remote_code: bool) -> Any
     return model.to(device).eval()
 
 
-def evaluate(model: Any, tokenizer: Any, text: str | None, spec: JobSpec) -> dict[str, Any]:
-    """Perplexity on `text` (when given) and greedy answers to the spec's prompts."""
-    from modelpress.runner.evaluation import answer, perplexity
+def evaluate(state: State, model_dir: Path, loaded: Any = None) -> dict[str, Any]:
+    """Perplexity on the evaluation text, layer by layer from disk, and greedy answers to the spec's prompts.
 
+    Perplexity needs one decoder layer of memory whatever the model's size. Answers need the whole
+    model: they are given when its float weights fit in `ANSWER_MEMORY_SHARE` of the memory limit,
+    and otherwise skipped with the reason in the result.
+    """
+    from modelpress.engine.streamed_eval import streamed_perplexity
+    from modelpress.runner.evaluation import answer
+
+    spec, tokenizer = state.spec, state.tokenizer()
     out: dict[str, Any] = {}
-    if text is not None:
-        window = min(512, getattr(model.config, "max_position_embeddings", 512) or 512)
-        out["perplexity"] = perplexity(model, tokenizer, text, spec.evaluation.perplexity.max_tokens, window)
+    if state.text is not None:
+        ids = tokenizer(state.text, return_tensors="pt")["input_ids"][0][: spec.evaluation.perplexity.max_tokens]
+        positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings") or 512
+        out["perplexity"] = streamed_perplexity(model_dir, ids, min(512, positions), state.device, spec.model.trust_remote_code)
+    if not spec.evaluation.prompts:
+        return out
+    whole, limit = model_bytes(state.model_dir), memory_limit()
+    if loaded is None and limit is not None and whole > ANSWER_MEMORY_SHARE * limit:
+        out["answers_skipped"] = (f"answers need the whole model in memory, and its {human_bytes(whole)} of float weights "
+                                  f"are more than half the {human_bytes(limit)} this job may use")
+        return out
+    model = loaded if loaded is not None else load_model(model_dir, state.device, spec.model.trust_remote_code)
     out["answers"] = [answer(model, tokenizer, p, spec.evaluation.max_new_tokens) for p in spec.evaluation.prompts]
     return out
 
