@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from modelpress.contract import CompressionJob, ResultEvent, parse_uri
-
+from modelpress.engine.recipe import load_recipe
+from modelpress.engine.rtn import QuantizationModifier
 
 def model_card(job: CompressionJob, result: ResultEvent, recipe: str) -> str:
     """The model card, in the hub's format (YAML front matter, then Markdown)."""
@@ -11,11 +12,14 @@ def model_card(job: CompressionJob, result: ResultEvent, recipe: str) -> str:
     name = job.metadata.name
     output = parse_uri(spec.output.uri)
     if output.scheme == "s3":
-        serve = f"aws s3 sync {output} {name}   # with --endpoint-url for your S3 endpoint\nvllm serve {name}"
+        local = name
+        fetch = f"aws s3 sync {output} {name}   # with --endpoint-url for your S3 endpoint\n"
     elif output.scheme == "pvc":
-        serve = f"# mount the claim {output.root} and serve the directory {output.path or '/'} on it\nvllm serve /mnt/models"
+        local = "/mnt/models"
+        fetch = f"# mount the claim {output.root} and serve the directory {output.path or '/'} on it\n"
     else:
-        serve = f"vllm serve {Path(output.path).expanduser().resolve()}"
+        local, fetch = str(Path(output.path).expanduser().resolve()), ""
+    serve = f"{fetch}vllm serve {local}"
     model = parse_uri(spec.model.uri)
     sizes, metrics = result.sizes, result.metrics
     lines = [
@@ -35,6 +39,7 @@ def model_card(job: CompressionJob, result: ResultEvent, recipe: str) -> str:
         serve,
         "```",
         "",
+        *outside_vllm(recipe, local),
         "## Size and quality",
         "",
         "| | original | compressed |",
@@ -63,3 +68,28 @@ def model_card(job: CompressionJob, result: ResultEvent, recipe: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def outside_vllm(recipe: str, model_dir: str) -> list[str]:
+    """How transformers loads this output. Its compressed loader takes every scheme ModelPress writes
+    except asymmetric int4: compressed-tensors packs those zero points into int32 words along the
+    output rows, transformers 5.24 allocates them unpacked and stops at the size mismatch, and only
+    dequantizing while loading reads them (checked in tests/engine/test_vllm_compat.py)."""
+    schemes = [s for m in load_recipe(recipe) if isinstance(m, QuantizationModifier) for s in m.groups.values()]
+    load = f'model = AutoModelForCausalLM.from_pretrained("{model_dir}"'
+    dequantize = "quantization_config=CompressedTensorsConfig(dequantize=True)"
+    if not schemes:
+        code = ["from transformers import AutoModelForCausalLM", "", f"{load})"]
+        note = "The weights are plain floats (pruned, not quantized); transformers loads them like the original's."
+    elif any(s.weights.type == "int" and not s.weights.symmetric for s in schemes):
+        code = ["from transformers import AutoModelForCausalLM, CompressedTensorsConfig", "", f"{load}, {dequantize})"]
+        note = ("The int4 weights are asymmetric: their zero points are packed into int32 words, as compressed-tensors "
+                "writes them. transformers' compressed loader (checked with transformers 5.24) refuses them with a size "
+                "mismatch on `weight_zero_point`; `CompressedTensorsConfig(dequantize=True)` loads them, as float weights "
+                "the size of the original model's.")
+    else:
+        code = ["from transformers import AutoModelForCausalLM, CompressedTensorsConfig", "",
+                f"{load})  # needs the compressed-tensors package", f"# or, decompressed while loading: {load}, {dequantize})"]
+        note = ("transformers loads the layers as they are stored and decompresses each the first time it runs; with "
+                "`dequantize=True` it decompresses them while loading, to the size of the original model.")
+    return ["## Load it outside vLLM", "", "```python", *code, "```", "", note, ""]

@@ -1,0 +1,60 @@
+"""The model card says how to load each output outside vLLM, and the code it shows runs as written."""
+
+import re
+
+import pytest
+
+from modelpress.contract import CompressionJob, RecipeRef, ResultEvent, Sizes, Metrics
+from modelpress.engine.recipe import parse_recipe, recipe_yaml
+from modelpress.runner.model_card import model_card
+from modelpress.runner.presets import preset_document
+
+SPARSE_ONLY = {"sparsity_stage": {"sparsity_modifiers": {"SparseGPTModifier": {"sparsity": 0.5, "mask_structure": "2:4"}}}}
+
+
+def card(recipe: dict, output: str = "s3://models/m") -> str:
+    job = CompressionJob.model_validate({
+        "apiVersion": "modelpress.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "m"},
+        "spec": {"model": {"uri": "hf://org/model"}, "recipe": {"preset": "W4A16", "algorithm": "RTN"},
+                 "output": {"uri": output, "connection": "models"} if output.startswith("s3://") else {"uri": output}},
+    })
+    result = ResultEvent(recipe=RecipeRef(summary="a recipe", modifiers=[]), metrics=Metrics(), answers=[], versions={},
+                         sizes=Sizes(original_bytes=100, compressed_bytes=25, ratio=4.0))
+    return model_card(job, result, recipe_yaml(parse_recipe(recipe)))
+
+
+def python_block(text: str) -> str:
+    section = text.split("## Load it outside vLLM", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.parametrize("algorithm", ["RTN", "GPTQ", "AWQ"])
+def test_asymmetric_int4_is_loaded_dequantized(algorithm: str) -> None:
+    text = card(preset_document("W4A16_ASYM", algorithm, ["lm_head"]))
+    code = python_block(text)
+    assert 'from_pretrained("m", quantization_config=CompressedTensorsConfig(dequantize=True))' in code
+    assert code.count("from_pretrained(") == 1  # the compressed loader is not offered: it refuses these
+    assert "refuses them with a size mismatch on `weight_zero_point`" in text and "transformers 5.24" in text
+    compile(code, "card", "exec")
+
+
+@pytest.mark.parametrize("preset", ["W4A16", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC"])
+def test_other_schemes_load_compressed_or_dequantized(preset: str) -> None:
+    text = card(preset_document(preset, "RTN", ["lm_head"]))
+    code = python_block(text)
+    assert 'model = AutoModelForCausalLM.from_pretrained("m")  # needs the compressed-tensors package' in code
+    assert "dequantize=True" in code and "zero_point" not in text
+    compile(code, "card", "exec")
+
+
+def test_a_pruned_model_loads_as_plain_transformers() -> None:
+    code = python_block(card(SPARSE_ONLY))
+    assert code.strip().endswith('model = AutoModelForCausalLM.from_pretrained("m")')
+    assert "CompressedTensorsConfig" not in code
+
+
+def test_the_snippet_loads_the_directory_the_serve_command_serves(tmp_path) -> None:
+    for output, where in (("s3://models/m", "m"), ("pvc://claim/models/m", "/mnt/models"), (str(tmp_path / "out"), str(tmp_path / "out"))):
+        text = card(preset_document("W4A16", "RTN", ["lm_head"]), output)
+        assert f"vllm serve {where}\n" in text
+        assert f'from_pretrained("{where}")' in python_block(text)
