@@ -80,7 +80,9 @@ def test_moe_checkpoint_loads_back_as_the_engine_left_it(moe_dir: tuple[str, Pat
         for linear in (layout.gate, layout.up, layout.down):
             stem = f"model.layers.1.{block}.experts.{e}.{linear}"
             assert f"{stem}.weight_scale" in names
-    assert streamed.quantized_modules == 2 * (4 + 12 + (4 if arch == "qwen2_moe" else 0))
+    # qwen2_moe adds the shared expert's three Linears; its shared_expert_gate stays float, as vLLM builds it
+    assert streamed.quantized_modules == 2 * (4 + 12 + (3 if arch == "qwen2_moe" else 0))
+    assert not any(k.startswith("model.layers.1.mlp.shared_expert_gate.weight_") for k in safe_open(next((tmp_path / "out").glob("*.safetensors")), "pt").keys())
     for r in streamed.layers:  # every expert was fitted on the calibration tokens, routed to it or not
         expert_losses = [v for k, v in r.losses.items() if ".experts." in k]
         assert len(expert_losses) == 12 and all(v > 0 for v in expert_losses)
@@ -108,7 +110,10 @@ def test_moe_checkpoint_loads_back_as_the_engine_left_it(moe_dir: tuple[str, Pat
         experts = loaded.model.layers[i].mlp.experts
         gate_up = torch.stack([torch.cat([getattr(x, layout.gate).weight, getattr(x, layout.up).weight]) for x in layer.mlp.experts])
         down = torch.stack([getattr(x, layout.down).weight for x in layer.mlp.experts])
-        assert torch.equal(gate_up, experts.gate_up_proj) and torch.equal(down, experts.down_proj)
+        # the in-memory run is a second computation: its float noise may flip a rare rounding (a few in 10^4),
+        # where a loader that misplaced experts or scales would differ nearly everywhere
+        for got, want in ((gate_up, experts.gate_up_proj), (down, experts.down_proj)):
+            assert (got != want).float().mean().item() < 1e-3
 
 
 def test_explicit_moe_mappings_scale_the_router_only_for_the_block_input(tmp_path: Path, tokenizer_dir: Path) -> None:

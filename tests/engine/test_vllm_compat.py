@@ -62,9 +62,7 @@ GOOD = {
     "qwen2_moe-int4-g32": ("qwen2_moe", torch.float32, groups(g=G32)),
 }
 # Written by the engine today, refused by vLLM: a known gap (the module at fault, why), reported as xfail.
-KNOWN_GAPS = {
-    "qwen2_moe-int4-g32": ("mlp.shared_expert_gate", "the engine quantizes Qwen2-MoE's shared_expert_gate, which vLLM builds unquantized"),
-}
+KNOWN_GAPS: dict[str, tuple[str, str]] = {}
 # Recipes the engine accepts whose outputs vLLM refuses; the checker must say why.
 UNSERVABLE = {
     "qkv-mixed-schemes": ("llama", groups(k={"targets": ["re:.*k_proj$"], "weights": {"num_bits": 8, "strategy": "channel"}},

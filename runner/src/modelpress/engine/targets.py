@@ -14,6 +14,8 @@ from compressed_tensors.quantization import QuantizationScheme, QuantizationStra
 from modelpress.engine.errors import ModelPressError
 
 _EXACT, _REGEX, _CLASS = 3, 2, 1
+# Linears that only decide routing (one output feature): vLLM builds them unquantized, so they stay float
+ROUTING_GATES = ("shared_expert_gate",)
 
 
 def match_rank(name: str, module: torch.nn.Module, target: str) -> int:
@@ -44,7 +46,7 @@ def resolve_targets(
     """Map every Linear a group targets (and `ignore` spares) to that group's scheme."""
     resolved: dict[str, TargetedModule] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or is_matched(name, module, ignore):
+        if not isinstance(module, torch.nn.Linear) or is_matched(name, module, ignore) or name.rsplit(".", 1)[-1] in ROUTING_GATES:
             continue
         best_rank, best = 0, None
         for group, scheme in groups.items():
