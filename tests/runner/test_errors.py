@@ -206,7 +206,7 @@ def test_wrong_s3_keys_exit_2_naming_the_connection(
         exit_code, term = run_job(tmp_path, job_document(str(llama_dir), "s3://keys/tiny"))
     line = one_error_line(capsys)
     assert exit_code == 2 and term["reason"] == "InvalidInput"
-    assert line == f"spec.output.connection: S3 refused ListObjectsV2 ({code}): {fix}"
+    assert line == f"spec.output.connection: S3 refused PutObject ({code}): {fix}"  # the write probe, before any compute
     assert used_id not in json.dumps(term) + line and used_secret not in json.dumps(term) + line
 
 
@@ -220,7 +220,8 @@ def test_a_bucket_that_does_not_exist_exits_2_naming_the_uri(
     model, output = ("s3://there/models/tiny", "s3://nowhere/tiny") if role == "output" else ("s3://nowhere/models/tiny", "s3://there/out")
     code, term = run_job(tmp_path, job_document(model, output))
     line = one_error_line(capsys)
-    assert code == 2 and line == (f"spec.{role}.uri: S3 refused ListObjectsV2 (NoSuchBucket): bucket 'nowhere' does not exist at "
+    call = "PutObject" if role == "output" else "ListObjectsV2"  # the output's write probe comes first
+    assert code == 2 and line == (f"spec.{role}.uri: S3 refused {call} (NoSuchBucket): bucket 'nowhere' does not exist at "
                                   f"{s3_endpoint}; create it, or fix the bucket in the URI")
     assert "objects" not in json.dumps(term) and SECRET_KEY not in json.dumps(term)
 
