@@ -129,6 +129,7 @@ def registration(body: Mapping[str, Any], job: CompressionJob, result: Mapping[s
         "model_source_group": meta["namespace"],
         "model_source_name": meta["name"],
         "model_source_id": meta["uid"],
+        "state": "LIVE",
     }
     if uri.scheme == "s3" and connection:
         artifact.update(storage_key=connection, storage_path=uri.path)
