@@ -3,12 +3,15 @@
 import copy
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from modelpress.operator import serving
 from modelpress.operator.config import OperatorConfig
+from modelpress.operator.registry import registration
 from modelpress.operator.validation import parse
 from support.crd_schema import problems, with_defaults
 from support.delivery import (DELIVERY, RUNTIME_IMAGE, S3_KEYS, SPEC, TEMPLATE, condition, decoded, preload, set_isvc_status,
@@ -297,6 +300,24 @@ async def test_a_connection_published_before_by_modelpress_is_updated(kube) -> N
         await eventually(lambda: condition(kube, "Published").get("status") == "True")
     assert decoded(obj(kube, SECRETS, "shared"))["AWS_S3_BUCKET"] == "models"
     assert "(updated)" in condition(kube, "Published")["message"]
+
+
+def test_the_example_publishes_registers_and_serves(validator) -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "compress-register-serve.yaml"
+    cr = with_defaults(yaml.safe_load(example.read_text()))
+    assert problems(validator, cr) == []
+    cr["metadata"].update(namespace=NAMESPACE, uid=UID)
+    job = parse(cr)
+    source = {key: serving._b64(value) for key, value in S3_KEYS.items()}
+    secret = serving.published_connection(cr, job, source, "W4A16 GPTQ")
+    assert secret["metadata"]["name"] == serving.connection_name(cr, job) == "qwen2-5-7b-w4a16"
+    assert decoded(secret)["AWS_S3_BUCKET"] == "models"
+    isvc = serving.inference_service(cr, job, "openshift-ai", serving.isvc_name(cr, job), serving.connection_name(cr, job))
+    assert isvc["metadata"]["annotations"]["opendatahub.io/connections"] == "qwen2-5-7b-w4a16"
+    assert isvc["metadata"]["annotations"]["opendatahub.io/connection-path"] == "Qwen2.5-7B-Instruct-quantized.w4a16"
+    assert isvc["spec"]["predictor"]["model"]["args"] == ["--max-model-len=8192"]
+    reg = registration(cr, job, {}, "W4A16 GPTQ", "qwen2-5-7b-w4a16", S3_KEYS["AWS_S3_ENDPOINT"], None)
+    assert (reg.model_name, reg.version, reg.artifact["storage_key"]) == ("Qwen2.5-7B-Instruct-quantized.w4a16", "1", "qwen2-5-7b-w4a16")
 
 
 def test_the_platform_is_an_operator_setting() -> None:

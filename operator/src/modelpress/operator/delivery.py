@@ -29,7 +29,7 @@ from modelpress.operator import serving
 from modelpress.operator.config import OperatorConfig
 from modelpress.operator.crd import GROUP, PLURAL, VERSION
 from modelpress.operator.job_builder import recipe_summary
-from modelpress.operator.registry import RegistryRefused, RegistryRetry, register_version, registration
+from modelpress.operator.registry import RegistryRefused, RegistryRetry, error_message, register_version, registration
 from modelpress.operator.status import Condition, now, set_condition
 from modelpress.operator.validation import SpecRejected, parse
 
@@ -124,7 +124,7 @@ def delete_secret(api: client.ApiClient, namespace: str, name: str) -> None:
 
 
 def decoded(secret: Mapping[str, Any] | None, key: str) -> str | None:
-    """One value of a Secret, for the non-secret keys only (endpoint, region, bucket, a token sent to its server)."""
+    """One value of a Secret: an address (endpoint, region, bucket), or the registry token, sent only to the registry."""
     value = ((secret or {}).get("data") or {}).get(key)
     return base64.b64decode(value).decode() if value else None
 
@@ -191,17 +191,20 @@ async def publish(work: Delivery, job: CompressionJob) -> None:
 
 
 def connection_for(work: Delivery, job: CompressionJob) -> tuple[str | None, str | None]:
-    """(connection serving an S3 output, why there is none): the published one, else the output's own."""
+    """(connection serving an S3 output, why there can be none): the published one, else the output's own.
+
+    (None, None) while the published connection is still to come.
+    """
     if job.spec.output.publish_connection is not None:
         name = work.status["output"].get("connection")
-        if name:
+        if name or work.condition(PUBLISHED).get("reason") != "NameTaken":
             return name, None
-        reason = work.condition(PUBLISHED).get("reason")
-        return None, "waiting for the published connection" if reason != "NameTaken" else "the connection could not be published"
+        return None, "the connection could not be published (see the Published condition)"
     bucket, _ = serving.output_location(job)
     named = decoded(work.source, S3Key.BUCKET)
     if named != bucket:
-        return None, (f"connection {job.spec.output.connection!r} names bucket {named!r}, not the output's {bucket!r}; "
+        held = f"names bucket {named!r}" if named else f"has no {S3Key.BUCKET}"
+        return None, (f"connection {job.spec.output.connection!r} {held}, not the output's {bucket!r}; "
                       "set spec.output.publishConnection to publish one for the output")
     return job.spec.output.connection, None
 
@@ -217,10 +220,9 @@ async def serve(work: Delivery, job: CompressionJob) -> None:
         if spec.output.publish_connection is None:
             await work.output_connection(spec.output.connection)
         connection, problem = connection_for(work, job)
-        if connection is None:
-            if problem and problem.startswith("waiting"):
-                return
+        if problem is not None:
             work.report(SERVING, "False", "NoConnection", f"not served: {problem}")
+        if connection is None:
             return
     name = serving.isvc_name(work.body, job)
     runtime = spec.serve.runtime or config.serving_runtime
@@ -277,19 +279,12 @@ def serving_refused(work: Delivery, err: ApiException, namespace: str) -> None:
         work.report(SERVING, "False", "ServingUnavailable", "the cluster serves no KServe InferenceServices or "
                                                              "ServingRuntimes (serving.kserve.io); install KServe or remove spec.serve")
     elif err.status == 403:
-        work.report(SERVING, "False", "Forbidden", f"the operator may not create InferenceServices or ServingRuntimes in "
-                                                   f"{namespace}; grant it (deploy/base/rbac.yaml)")
+        work.report(SERVING, "False", "Forbidden", f"in {namespace}: {error_message(err, 1024)}; grant the operator what "
+                                                   "deploy/base/rbac.yaml lists")
     elif err.status in (400, 422):
-        work.report(SERVING, "False", "InferenceServiceRejected", f"the API server refused it: {_api_message(err)}")
+        work.report(SERVING, "False", "InferenceServiceRejected", f"the API server refused it: {error_message(err, 1024)}")
     else:
         work.report(SERVING, "Unknown", "Retrying", f"the API server answered {err.status}; trying again")
-
-
-def _api_message(err: ApiException) -> str:
-    try:
-        return str(json.loads(err.body).get("message"))[:1024]
-    except (TypeError, ValueError, AttributeError):
-        return str(err.reason)
 
 
 async def mirror(work: Delivery) -> None:
@@ -320,10 +315,9 @@ async def register(work: Delivery, job: CompressionJob) -> None:
     connection, endpoint, region = None, None, None
     if parse_uri(spec.output.uri).scheme == "s3":
         source = await work.output_connection(spec.output.connection)
-        if spec.output.publish_connection is not None and not work.status["output"].get("connection") \
-                and work.condition(PUBLISHED).get("reason") != "NameTaken":
+        connection, problem = connection_for(work, job)
+        if connection is None and problem is None:
             return  # registered with the published connection, once it is there
-        connection, _ = connection_for(work, job)
         endpoint, region = decoded(source, S3Key.ENDPOINT), decoded(source, S3Key.REGION)
     attempts = int(record.get("attempts") or 0) + 1
     reg = registration(work.body, job, work.body.get("status", {}).get("result") or {},

@@ -138,12 +138,13 @@ def registration(body: Mapping[str, Any], job: CompressionJob, result: Mapping[s
                         artifact=artifact, source_id=meta["uid"])
 
 
-def _said(err: Any) -> str:
-    """What an error answer says, briefly (its `message` when it is the registry's Error shape)."""
+def error_message(err: Any, limit: int = 300) -> str:
+    """What an HTTP error answer says, briefly: the `message` of its JSON body (the registry's Error,
+    a Kubernetes Status), else the HTTP reason. Both clients' exceptions carry `body` and `reason`."""
     try:
-        return str(json.loads(err.body).get("message") or "")[:300]
+        return str(json.loads(err.body).get("message") or "")[:limit]
     except (TypeError, ValueError, AttributeError):
-        return str(getattr(err, "reason", "") or "")[:300]
+        return str(getattr(err, "reason", "") or "")[:limit]
 
 
 async def _register(client: Any, reg: Registration) -> RegistryIds:
@@ -182,7 +183,7 @@ async def register_version(url: str, token: str | None, reg: Registration, timeo
     except (aiohttp.ClientError, OSError) as err:
         raise RegistryRetry("RegistryUnreachable", f"cannot reach the Model Registry at {url}: {type(err).__name__}") from None
     except ApiException as err:
-        said = _said(err)
+        said = error_message(err)
         detail = f"the Model Registry at {url} answered {err.status}" + (f": {said}" if said else "")
         if err.status in (401, 403):
             raise RegistryRetry("RegistryUnauthorized", f"{detail}; check spec.register.tokenSecret") from None
