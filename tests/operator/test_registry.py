@@ -1,12 +1,17 @@
 """Registering the output in the Model Registry, against a local registry that checks every request's shape."""
 
+import asyncio
 import copy
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
+from pydantic.alias_generators import to_camel
 
-from modelpress.operator.registry import RegistryRefused, RegistryRetry, register_version, registration
+from modelpress.contract import Metrics
+from modelpress.operator.registry import RESULT_METRICS, RegistryRefused, RegistryRetry, register_version, registration
 from modelpress.operator.validation import parse
 from support.crd_schema import problems, with_defaults
 from support.delivery import DELIVERY, RESULT, SPEC, condition, preload, status_of, succeed
@@ -75,6 +80,18 @@ async def test_a_new_model_is_created_with_its_first_version() -> None:
     assert version["customProperties"]["original_size_bytes"] == {"int_value": "4000", "metadataType": "MetadataIntValue"}
     assert artifact["modelFormatName"] == "vLLM" and artifact["storageKey"] == "tiny" and artifact["modelSourceKind"] == "compressionjob"
     assert (ids.model_version_id, ids.model_artifact_id) == (version["id"], artifact["id"])
+    assert not hasattr(asyncio, "_nest_patched") and not hasattr(asyncio.get_running_loop(), "_nest_patched"), \
+        "the event loop (kopf's, in the operator) is left as it is"
+
+
+def test_the_registry_reads_the_metric_names_status_result_carries() -> None:
+    assert set(RESULT_METRICS) <= {field.alias or to_camel(name) for name, field in Metrics.model_fields.items()}
+
+
+def test_the_operator_imports_the_registry_client_only_when_it_registers() -> None:
+    # The client package configures the root logger when imported; the operator's own logging comes first.
+    code = "import sys, modelpress.operator.__main__; assert 'model_registry' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.asyncio
