@@ -31,6 +31,8 @@ from modelpress.operator import handlers
 NAMESPACE = "ml"
 CR = f"{GROUP}/{VERSION}/{PLURAL}"
 JOBS, PODS, SECRETS, CONFIGMAPS, EVENTS = "batch/v1/jobs", "v1/pods", "v1/secrets", "v1/configmaps", "v1/events"
+ISVCS, RUNTIMES = "serving.kserve.io/v1beta1/inferenceservices", "serving.kserve.io/v1alpha1/servingruntimes"
+TEMPLATES = "template.openshift.io/v1/templates"
 FAST = OperatorConfig(runner_image="registry.example/modelpress/runner@sha256:" + "0" * 64,
                       sync_interval=0.1, retry_delay=0.2, metrics_port=0)
 
@@ -46,6 +48,12 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
     for plural, kind in (("pods", "Pod"), ("secrets", "Secret"), ("configmaps", "ConfigMap"), ("events", "Event")):
         emulator.resources[f"v1/{plural}"] = info(kind=kind, singular=plural[:-1], namespaced=True,
                                                   verbs={"list", "watch", "get", "patch", "create", "delete"})
+    emulator.resources[ISVCS] = info(kind="InferenceService", singular="inferenceservice", namespaced=True,
+                                     subresources={"status"}, verbs={"list", "watch", "get", "patch", "create", "delete"})
+    emulator.resources[RUNTIMES] = info(kind="ServingRuntime", singular="servingruntime", namespaced=True,
+                                        verbs={"list", "watch", "get", "patch", "create", "delete"})
+    emulator.resources[TEMPLATES] = info(kind="Template", singular="template", namespaced=True,
+                                         verbs={"list", "watch", "get", "patch", "create", "delete"})
     emulator.resources["v1/namespaces"] = info(kind="Namespace", singular="namespace", namespaced=False,
                                                verbs={"list", "watch", "get"})
 

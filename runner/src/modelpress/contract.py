@@ -515,17 +515,29 @@ class Evaluation(Strict):
         return []
 
 
+class PublishConnection(Strict):
+    """An OpenShift AI connection for the output, written by the operator once the job succeeds.
+
+    It holds the output connection's keys with the output's bucket, so the dashboard, a workbench or
+    an InferenceService reaches the model by the connection and the output's path alone.
+    """
+
+    name: Name | None = Field(None, description="the connection Secret's name (default: the CompressionJob's name)")
+    display_name: Short | None = Field(None, description="the name the dashboard shows (default: the output's last path segment)")
+    delete_with_job: bool = Field(False, description="delete the connection with the CompressionJob (by default it outlives the job)")
+
+
 class Output(Strict):
     uri: OutputUri = Field(description="s3://bucket/prefix, pvc://claim/path, or a local path")
     connection: Name | None = Field(None, description="OpenShift AI S3 connection Secret (s3:// only)")
     overwrite: bool = Field(False, description="replace a model already at uri")
+    publish_connection: PublishConnection | None = Field(None, description="after success, a connection for the output (s3:// only)")
 
     @classmethod
     def rules(cls, data: Mapping[str, Any]) -> list[SpecProblem]:
         scheme = raw_scheme(raw(data, "uri"))
-        if given(data, "connection") and scheme is not None and scheme != "s3":
-            return [SpecProblem("connection", "only applies to s3:// outputs; remove it")]
-        return []
+        return [SpecProblem(to_camel(name), "only applies to s3:// outputs; remove it")
+                for name in ("connection", "publish_connection") if given(data, name) and scheme is not None and scheme != "s3"]
 
 
 class Toleration(Strict):
@@ -563,6 +575,52 @@ class Runtime(Strict):
     suspend: bool = False
 
 
+# An InferenceService name (a DNS-1035 label: it becomes a Service's name).
+DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Flags the vLLM ServingRuntime sets itself: given again they would point vLLM elsewhere.
+RUNTIME_FLAGS = ("--model", "--port", "--served-model-name")
+REGISTRY_URL = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
+
+
+class ServeResources(Strict):
+    cpu: Quantity = "4"
+    memory: Quantity = "16Gi"
+    gpus: Annotated[int, Field(ge=0, le=16)] = 1
+    gpu_resource: Annotated[str, Field(max_length=253)] = "nvidia.com/gpu"
+
+
+class Serve(Strict):
+    """After success, a KServe InferenceService serving the output with vLLM (the operator makes it)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)] | None = Field(
+        None, description="the InferenceService's name (default: from the CompressionJob's name)")
+    runtime: Name | None = Field(None, description="a ServingRuntime in the namespace (default: one made from the platform's vLLM template)")
+    resources: ServeResources = Field(default_factory=ServeResources)
+    args: Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(max_length=32)] = Field(
+        default_factory=list, description="extra vLLM arguments, e.g. --max-model-len=8192")
+    replicas: Annotated[int, Field(ge=1, le=16)] = 1
+    deployment_mode: Literal["RawDeployment", "Serverless"] = "RawDeployment"
+    service_account_name: Name | None = Field(None, description="the predictor's ServiceAccount (plain KServe: the one holding S3 credentials)")
+    delete_with_job: bool = Field(False, description="delete the InferenceService with the CompressionJob (by default it outlives the job)")
+
+    @classmethod
+    def rules(cls, data: Mapping[str, Any]) -> list[SpecProblem]:
+        args = raw(data, "args")
+        return [SpecProblem(f"args.{index}", f"{shown(arg)} is set by the ServingRuntime; remove it")
+                for index, arg in enumerate(args if isinstance(args, list) else [])
+                if isinstance(arg, str) and arg.split("=", 1)[0] in RUNTIME_FLAGS]
+
+
+class Register(Strict):
+    """After success, the output as a new version in a Model Registry, with its lineage and its figures."""
+
+    registry: Annotated[str, Field(min_length=1, max_length=1024, pattern=REGISTRY_URL)] = Field(
+        description="the registry's REST address, e.g. https://my-registry-rest.apps.example.com")
+    model_name: Short | None = Field(None, description="the registered model (default: the output's last path segment)")
+    version: Short | None = Field(None, description="the new version's name (default: the CompressionJob's name)")
+    token_secret: KeyRef | None = Field(None, description="Secret key holding a bearer token for the registry")
+
+
 class JobSpec(Strict):
     model: ModelSource
     recipe: Recipe
@@ -570,6 +628,10 @@ class JobSpec(Strict):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     output: Output
     runtime: Runtime = Field(default_factory=Runtime)
+    serve: Serve | None = Field(None, description="serve the output once the job succeeds (the operator; the runner ignores it)")
+    # `register` on the wire; the Python name keeps clear of the class method every pydantic model has
+    registration: Register | None = Field(None, alias="register",
+                                          description="register the output once the job succeeds (the operator; the runner ignores it)")
 
     @classmethod
     def rules(cls, data: Mapping[str, Any]) -> list[SpecProblem]:
@@ -674,6 +736,8 @@ _PATTERN_HINTS = {
     K8S_NAME: "use a Kubernetes name (lower-case letters, digits, '-' and '.')",
     SECRET_KEY: "use letters, digits, '-', '_' and '.'",
     QUANTITY: "use a Kubernetes quantity such as 4, 500m, 16Gi",
+    DNS_LABEL: "use lower-case letters, digits and '-', starting with a letter",
+    REGISTRY_URL: "use the registry's REST address, as in https://host[:port]",
 }
 
 

@@ -3,8 +3,11 @@
 import os
 import shlex
 from dataclasses import dataclass, field
+from typing import Literal, cast, get_args
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+ServingPlatform = Literal["openshift-ai", "kserve"]
+SERVING_PLATFORMS: tuple[str, ...] = get_args(ServingPlatform)
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -30,6 +33,16 @@ class OperatorConfig:
     log_tail_lines: int = 50
     metrics_port: int = 8000
     proxy_env: dict[str, str] = field(default_factory=dict)
+    # Where spec.serve deploys: "openshift-ai" (connection annotations, a runtime from the platform's
+    # vLLM template) or "kserve" (plain KServe: storageUri, the runtime named here or auto-selected).
+    serving_platform: ServingPlatform = "openshift-ai"
+    serving_runtime: str | None = None
+    serving_runtime_template: str = "vllm-cuda-runtime-template"
+    serving_template_namespace: str = "redhat-ods-applications"
+    # Model Registry: seconds before the first retry (doubling up to the cap), and per attempt.
+    registry_retry_delay: float = 10.0
+    registry_retry_max: float = 300.0
+    registry_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "OperatorConfig":
@@ -39,6 +52,9 @@ class OperatorConfig:
         scratch = env.get("MODELPRESS_SCRATCH_VOLUME", defaults.scratch_volume)
         if scratch not in ("ephemeral", "emptyDir"):
             raise ValueError(f"MODELPRESS_SCRATCH_VOLUME: must be ephemeral or emptyDir (got {scratch!r})")
+        platform = env.get("MODELPRESS_SERVING_PLATFORM", defaults.serving_platform)
+        if platform not in SERVING_PLATFORMS:
+            raise ValueError(f"MODELPRESS_SERVING_PLATFORM: must be {' or '.join(SERVING_PLATFORMS)} (got {platform!r})")
         return cls(
             runner_image=env.get("MODELPRESS_RUNNER_IMAGE", defaults.runner_image),
             runner_command=tuple(shlex.split(env.get("MODELPRESS_RUNNER_COMMAND", ""))) or defaults.runner_command,
@@ -51,4 +67,11 @@ class OperatorConfig:
             log_tail_lines=int(env.get("MODELPRESS_LOG_TAIL_LINES", defaults.log_tail_lines)),
             metrics_port=int(env.get("MODELPRESS_METRICS_PORT", defaults.metrics_port)),
             proxy_env={key: env[key] for key in PROXY_VARIABLES if env.get(key)},
+            serving_platform=cast(ServingPlatform, platform),
+            serving_runtime=env.get("MODELPRESS_SERVING_RUNTIME") or None,
+            serving_runtime_template=env.get("MODELPRESS_SERVING_RUNTIME_TEMPLATE", defaults.serving_runtime_template),
+            serving_template_namespace=env.get("MODELPRESS_SERVING_TEMPLATE_NAMESPACE", defaults.serving_template_namespace),
+            registry_retry_delay=float(env.get("MODELPRESS_REGISTRY_RETRY_DELAY", defaults.registry_retry_delay)),
+            registry_retry_max=float(env.get("MODELPRESS_REGISTRY_RETRY_MAX", defaults.registry_retry_max)),
+            registry_timeout=float(env.get("MODELPRESS_REGISTRY_TIMEOUT", defaults.registry_timeout)),
         )

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel
 
 from modelpress.operator.status import Status
-from modelpress.contract import API_VERSION, KIND, STATIC_ACTIVATION_PRESETS, JobSpec
+from modelpress.contract import API_VERSION, KIND, RUNTIME_FLAGS, STATIC_ACTIVATION_PRESETS, JobSpec
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "compressionjobs"
@@ -46,6 +46,12 @@ RULES: dict[str, list[dict[str, str]]] = {
     ],
     "Output": [
         {"rule": "!has(self.connection) || self.uri.startsWith('s3://')", "message": "connection only applies to s3:// outputs"},
+        {"rule": "!has(self.publishConnection) || self.uri.startsWith('s3://')",
+         "message": "publishConnection only applies to s3:// outputs"},
+    ],
+    "Serve": [
+        {"rule": "self.args.all(a, " + " && ".join(f"a != '{flag}' && !a.startsWith('{flag}=')" for flag in RUNTIME_FLAGS) + ")",
+         "message": f"the ServingRuntime sets {', '.join(RUNTIME_FLAGS)} itself; remove them from args"},
     ],
     "Evaluation": [
         {"rule": "!has(self.maxPerplexityIncrease) || has(self.perplexity)",
@@ -164,6 +170,7 @@ def build_crd() -> dict[str, Any]:
         ("Ratio", "number", ".status.result.ratio", 0),
         ("Output", "string", ".spec.output.uri", 1),
         ("Reason", "string", ".status.failure.reason", 1),
+        ("Endpoint", "string", ".status.serving.url", 1),
         ("Age", "date", ".metadata.creationTimestamp", 0),
     ]
     return {

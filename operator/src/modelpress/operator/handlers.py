@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from modelpress.operator import kube, metrics
+from modelpress.operator import delivery, kube, metrics
 from modelpress.operator.config import OperatorConfig
 from modelpress.operator.crd import GROUP, PLURAL, VERSION
 from modelpress.operator.job_builder import (CONTAINER, build_job, configmap_refs, is_kueue_managed, job_name,
@@ -163,4 +163,5 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> kopf.Op
     kopf.on.field(*RESOURCE, field="spec.runtime.suspend", registry=registry, id="suspend")(suspend)
     kopf.timer(*RESOURCE, interval=config.sync_interval, registry=registry, id="sync")(sync)
     kopf.on.delete(*RESOURCE, registry=registry, id="cleanup")(cleanup)
+    delivery.register_handlers(registry, config)
     return registry

@@ -76,6 +76,35 @@ class Failure(Wire):
     time: Time | None = None
 
 
+class OutputStatus(Wire):
+    """The connection published for the output: the dashboard and InferenceServices reach it as connection + path."""
+
+    uri: Text | None = None
+    connection: Text | None = None
+    path: Text | None = None
+
+
+class ServingStatus(Wire):
+    """The InferenceService serving the output, as of the last look at it."""
+
+    name: Text | None = None
+    runtime: Text | None = None
+    url: Text | None = None
+    ready: bool | None = None
+
+
+class RegistryStatus(Wire):
+    """Where the output is registered, or how registering it goes (attempts, next try)."""
+
+    model_name: Text | None = None
+    version: Text | None = None
+    registered_model_id: Text | None = None
+    model_version_id: Text | None = None
+    model_artifact_id: Text | None = None
+    attempts: Count | None = None
+    next_attempt_time: Time | None = None
+
+
 class Status(Wire):
     phase: Phase | None = None
     observed_generation: Count | None = None
@@ -83,10 +112,13 @@ class Status(Wire):
     recipe: Text | None = Field(None, description="the recipe in a few words, for the printer column")
     start_time: Time | None = None
     completion_time: Time | None = None
-    conditions: Annotated[list[Condition], Field(max_length=8)] = Field(default_factory=list)
+    conditions: Annotated[list[Condition], Field(max_length=16)] = Field(default_factory=list)
     progress: Progress | None = None
     result: Result | None = None
     failure: Failure | None = None
+    output: OutputStatus | None = None
+    serving: ServingStatus | None = None
+    registry: RegistryStatus | None = None
 
 
 def now() -> str:
