@@ -1,6 +1,9 @@
-# Two images from one file, both on UBI 9 Python, non-root, group-0 writable (OpenShift's arbitrary UID):
+# The images from one file, all on UBI 9 Python, non-root, group-0 writable (OpenShift's arbitrary UID);
+# `make images` builds the three the OperatorHub bundle lists:
 #   docker build --target operator -t quay.io/modelpress/operator:0.1.0 .
-#   docker build --target runner   -t quay.io/modelpress/runner:0.1.0 .
+#   docker build --target runner   -t quay.io/modelpress/runner:0.1.0 .          # CPU torch
+#   docker build --target runner --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
+#                -t quay.io/modelpress/runner-cuda:0.1.0 .                        # CUDA torch, for GPU nodes
 # Nothing secret is baked in: credentials reach pods only as Secret references at run time.
 FROM registry.access.redhat.com/ubi9/python-311:latest AS base
 USER 1001
@@ -26,8 +29,9 @@ USER 1001
 ENTRYPOINT ["modelpress-operator"]
 CMD ["--all-namespaces"]
 
-# The runner: torch first from the chosen index (CPU by default; a CUDA index for GPU nodes),
-# then the project and its pinned stack. Everything is installed now: clusters may be disconnected.
+# The runner: torch first from the chosen index (CPU by default; PyPI, whose Linux x86_64 torch wheels
+# are the CUDA builds with the CUDA libraries as nvidia-* wheels, for GPU nodes), then the project and
+# its pinned stack. Everything is installed now: clusters may be disconnected.
 FROM base AS runner
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

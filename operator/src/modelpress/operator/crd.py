@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from modelpress.operator.conditions import UNOBSERVED
 from modelpress.operator.status import Status
 from modelpress.contract import API_VERSION, KIND, RUNTIME_FLAGS, STATIC_ACTIVATION_PRESETS, JobSpec
 
@@ -160,6 +161,7 @@ def build_crd() -> dict[str, Any]:
     spec = openapi_schema(JobSpec)
     spec["x-kubernetes-validations"] = spec.get("x-kubernetes-validations", []) + _immutability_rules(spec)
     status = openapi_schema(Status)
+    status["default"] = dict(UNOBSERVED)
     status["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
     status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
     columns = [

@@ -13,6 +13,7 @@ from typing import Any
 import kopf
 
 from modelpress.operator import delivery, kube, metrics
+from modelpress.operator.conditions import observed
 from modelpress.operator.config import OperatorConfig
 from modelpress.operator.crd import GROUP, PLURAL, VERSION
 from modelpress.operator.job_builder import (CONTAINER, build_job, configmap_refs, is_kueue_managed, job_name,
@@ -94,7 +95,10 @@ def sync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Mirror the Job, its pods and the runner's progress into status; post an event on each transition."""
     status = body.get("status") or {}
     name = status.get("jobName")
-    if not name or status.get("phase") in TERMINAL_PHASES:
+    if status.get("phase") in TERMINAL_PHASES:
+        patch.status.update(observed(status, body["metadata"].get("generation", 1)))
+        return
+    if not name:
         return
     namespace, config = body["metadata"]["namespace"], memo.config
     job = kube.read_job(memo.api, namespace, name)

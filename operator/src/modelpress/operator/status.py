@@ -2,7 +2,7 @@
 
 Everything here is a pure function of plain dicts (the Job, its pods, the log tail), so the
 whole lifecycle is tested without an API server. Users read `phase`; tools read the `Succeeded`
-condition (Unknown while running, True or False at the end).
+condition (Unknown while running, True or False at the end) and the kstatus set (conditions.py).
 """
 
 import datetime
@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from modelpress.contract import EXIT_REASONS, PERMANENT_EXIT_CODES, ExitCode, FailureEvent, ProgressEvent, ResultEvent, parse_event
+from modelpress.operator.conditions import kstatus_conditions
 
 Phase = Literal["Pending", "Queued", "Suspended", "Running", "Succeeded", "Failed"]
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -107,7 +108,7 @@ class RegistryStatus(Wire):
 
 class Status(Wire):
     phase: Phase | None = None
-    observed_generation: Count | None = None
+    observed_generation: Annotated[int, Field(ge=-1)] | None = Field(None, description="-1 until the operator has seen the job")
     job_name: Text | None = None
     recipe: Text | None = Field(None, description="the recipe in a few words, for the printer column")
     start_time: Time | None = None
@@ -303,10 +304,13 @@ def status_patch(previous: Mapping[str, Any], generation: int, observation: Obse
                  progress: Progress | None) -> dict[str, Any]:
     """The status fields to write for `observation` (a merge patch over `previous`)."""
     cond = succeeded_condition(observation.phase, observation.reason, observation.message, generation)
+    conditions = set_condition(previous.get("conditions") or [], cond)
+    for kstatus in kstatus_conditions(observation.phase):
+        conditions = set_condition(conditions, cond.model_copy(update={"type": kstatus.type, "status": kstatus.status}))
     patch: dict[str, Any] = {
         "phase": observation.phase,
         "observedGeneration": generation,
-        "conditions": set_condition(previous.get("conditions") or [], cond),
+        "conditions": conditions,
     }
     if observation.start_time:
         patch["startTime"] = observation.start_time
