@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--format", choices=["auto", "json", "text"], default="auto", help="stdout: JSON lines, or a summary for people (auto: text on a terminal)")
     job.add_argument("--device", help="cpu or cuda (default: cuda when present)")
 
-    commands.add_parser("smollm2", help="write SmolLM2-135M-Instruct as a float model directory; print its path")
+    smollm2 = commands.add_parser("smollm2", help="write SmolLM2-135M-Instruct as a float model directory; print its path")
+    smollm2.add_argument("--progress", action="store_true", help="show the GGUF conversion's per-tensor bars")
     return parser
 
 
@@ -148,12 +149,13 @@ def run_job_command(args: argparse.Namespace) -> int:
     reporter = Reporter(json_lines=not text, bars=sys.stderr.isatty())
     for handler in logging.getLogger().handlers:
         handler.addFilter(ScrubFilter(reporter))
-    if not sys.stderr.isatty():  # library progress bars would flood a pod log
-        from huggingface_hub.utils import disable_progress_bars
-        from transformers.utils.logging import disable_progress_bar
+    from transformers.utils.logging import disable_progress_bar
 
-        disable_progress_bars()
-        disable_progress_bar()
+    disable_progress_bar()  # transformers' bars count tensors as a model loads: nothing a user waits for
+    if sys.stderr.isatty():  # the hub's download bars (stopped above too) say how far a download is; a pod log gets none
+        from huggingface_hub.utils import enable_progress_bars
+
+        enable_progress_bars()
     explicit_log = args.termination_log or env.get(Env.TERMINATION_LOG)
 
     def finish(event: ResultEvent | FailureEvent) -> int:
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from modelpress.runner.smollm2 import smollm2_dir
 
-            print(smollm2_dir())
+            print(smollm2_dir(progress=args.progress))
     except ModelPressError as err:
         print(f"modelpress: error: {err}", file=sys.stderr)
         return ExitCode.INVALID_INPUT
