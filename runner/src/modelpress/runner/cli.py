@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     job.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
-    commands.add_parser("smollm2", help="write SmolLM2-135M-Instruct as a float model directory; print its path")
+    smollm2 = commands.add_parser("smollm2", help="write SmolLM2-135M-Instruct as a float model directory; print its path")
+    smollm2.add_argument("--progress", action="store_true", help="show the GGUF conversion's per-tensor bars")
     return parser
 
 
@@ -172,12 +173,13 @@ def run_job_command(args: argparse.Namespace) -> int:
     reporter = Reporter(json_lines=not text, bars=sys.stderr.isatty())
     for handler in logging.getLogger().handlers:
         handler.addFilter(ScrubFilter(reporter))
-    if not sys.stderr.isatty():  # library progress bars would flood a pod log
-        from huggingface_hub.utils import disable_progress_bars
-        from transformers.utils.logging import disable_progress_bar
+    from transformers.utils.logging import disable_progress_bar
 
-        disable_progress_bars()
-        disable_progress_bar()
+    disable_progress_bar()  # transformers' bars count tensors as a model loads: nothing a user waits for
+    if sys.stderr.isatty():  # the hub's download bars (stopped above too) say how far a download is; a pod log gets none
+        from huggingface_hub.utils import enable_progress_bars
+
+        enable_progress_bars()
     explicit_log = args.termination_log or env.get(Env.TERMINATION_LOG)
 
     def finish(event: ResultEvent | FailureEvent) -> int:
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from modelpress.runner.smollm2 import smollm2_dir
 
-            print(smollm2_dir())
+            print(smollm2_dir(progress=args.progress))
     except ModelPressError as err:
         return _failed(args, ExitCode.INVALID_INPUT, str(err))
     except Exception as err:  # unexpected, so perhaps transient

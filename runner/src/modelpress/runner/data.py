@@ -15,10 +15,10 @@ import torch
 from modelpress.contract import parse_uri
 from modelpress.engine.calibration import CalibrationData, calibration_samples
 from modelpress.engine.errors import ModelPressError
+from modelpress.runner.sampling import Rate, generate
 
 FILE_TYPES = (".jsonl", ".parquet", ".txt")
 SELF_GENERATED_MAX_LENGTH = 512  # tokens per self-generated sample: the generation budget
-SELF_GENERATED_BATCH = 16
 
 
 def open_dataset(
@@ -83,37 +83,14 @@ def evaluation_text(data: CalibrationData, text_field: str, max_chars: int) -> s
     return "\n\n".join(parts)[:max_chars]
 
 
-@torch.no_grad()
-def self_generated(model: Any, tokenizer: Any, num_samples: int, max_len: int, seed: int) -> list[torch.Tensor]:
-    """Samples the model writes itself, starting from its BOS token alone, at temperature 1.
+def self_generated(model: Any, tokenizer: Any, num_samples: int, max_len: int, seed: int,
+                   on_progress: Callable[[Rate], None] | None = None) -> list[torch.Tensor]:
+    """Samples the model writes itself (`sampling.generate`), starting from its BOS token alone.
 
     Every sample has the same length, min(maxSequenceLength, SELF_GENERATED_MAX_LENGTH), so the
-    budget is fixed up front: num_samples x length generated tokens, in batches.
+    budget is fixed up front: num_samples x length tokens.
     """
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ModelPressError("spec.calibration.dataset: self-generated needs a tokenizer with a BOS or EOS token; give a dataset")
-    length = min(max_len, SELF_GENERATED_MAX_LENGTH)
-    device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    samples: list[torch.Tensor] = []
-    try:
-        for first in range(0, num_samples, SELF_GENERATED_BATCH):
-            batch = min(SELF_GENERATED_BATCH, num_samples - first)
-            ids = torch.full((batch, 1), start, dtype=torch.long, device=device)
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=0.95,
-                max_new_tokens=length - 1,
-                min_new_tokens=length - 1,
-                pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start,
-            )
-            samples += [row.unsqueeze(0).cpu() for row in out]
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return samples
+    return generate(model, start, num_samples, min(max_len, SELF_GENERATED_MAX_LENGTH), seed, on_progress)

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 from modelpress.contract import FailureEvent, ProgressEvent, ResultEvent, StageEvent, Wire
 from modelpress.runner.connections import scrub
 
-if TYPE_CHECKING:  # the engine imports torch; reporting needs only its progress type's fields
+if TYPE_CHECKING:  # the engine and the sampler import torch; reporting needs only their progress types' fields
     from modelpress.engine.pipeline import LayerProgress
+    from modelpress.runner.sampling import Rate
 
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
 
@@ -51,7 +52,7 @@ class Reporter:
         if stage in self._finished:
             return
         if self.bars:
-            self._bar(stage, event.percent)
+            self._bar(stage, event.percent, f"{event.tokens_per_second:.0f} tokens/s" if event.tokens_per_second else "")
         if event.percent >= 100:
             self._finished.add(stage)
         if stage in self._finished or now - self._last.get(stage, -self.interval) >= self.interval:
@@ -76,12 +77,25 @@ class Reporter:
 
         return count
 
-    def _bar(self, stage: str, percent: float) -> None:
+    def token_counter(self, stage: str) -> Callable[["Rate"], None]:
+        """A callback for self-generation: tokens so far -> progress events with tokens/s and ETA."""
+
+        def count(rate: "Rate") -> None:
+            self.progress(ProgressEvent(stage=stage, percent=round(100 * rate.tokens / rate.total, 1), tokens=rate.tokens,
+                                        total_tokens=rate.total, tokens_per_second=round(rate.per_second, 1),
+                                        eta_seconds=rate.eta_seconds))
+
+        return count
+
+    def _bar(self, stage: str, percent: float, note: str) -> None:
         from tqdm import tqdm
 
         bar = self._bars.get(stage)
         if bar is None:
-            bar = self._bars[stage] = tqdm(total=100, desc=stage, unit="%", bar_format="{desc:<10} {bar} {n:.0f}% [{elapsed}<{remaining}]")
+            bar = self._bars[stage] = tqdm(total=100, desc=stage, unit="%",  # one bar width, so the stages line up
+                                           bar_format="{desc:<10} {bar:40} {n:3.0f}% [{elapsed}<{remaining}{postfix}]")
+        if note:
+            bar.set_postfix_str(note, refresh=False)
         bar.update(percent - bar.n)
         if percent >= 100:
             bar.close()

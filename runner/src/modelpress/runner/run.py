@@ -271,8 +271,10 @@ def load_original(state: State) -> None:
 def self_generated_data(state: State) -> None:
     """Calibration samples the original model writes itself, for clusters with no dataset to read."""
     calib = state.spec.calibration
-    state.ctx.reporter.stage("calibrate", dataset=SELF_GENERATED)
-    state.samples = self_generated(state.original, state.tokenizer(), calib.num_samples, calib.max_sequence_length, calib.seed)
+    report = state.ctx.reporter
+    report.stage("calibrate", dataset=SELF_GENERATED)
+    state.samples = self_generated(state.original, state.tokenizer(), calib.num_samples, calib.max_sequence_length, calib.seed,
+                                   report.token_counter("calibrate"))
     _keep(state, CALIBRATION, state.samples)
 
 

