@@ -21,6 +21,8 @@ RESULT = {"event": "result", "status": "Succeeded", "output": {"uri": "s3://mode
           "sizes": {"originalBytes": 1000, "compressedBytes": 400, "ratio": 2.5}}
 # Condition times have whole seconds, so a stall can look up to a second older than it is.
 STALLS_FAST = dataclasses.replace(FAST, stall_timeout=1.5)
+# Two syncs of this interval leave the launch (a few API calls) ample time on a busy machine.
+LAUNCH_PACED = dataclasses.replace(FAST, sync_interval=0.5)
 
 
 def status_of(kube: Any, name: str = "tiny") -> dict[str, Any]:
@@ -82,7 +84,7 @@ async def test_a_refused_job_create_ends_failed_or_pending_with_the_servers_word
         kube, validator, status: int, reason: str, message: str, phase: str, expected: str) -> None:
     await create_secret(kube, "models-s3", S3)
     kube.refuse("jobs", status, reason, message)
-    async with operator_running() as calls:
+    async with operator_running(LAUNCH_PACED) as calls:
         await create_cr(kube, "tiny", SPEC)
         await in_two_syncs(calls)
         assert status_of(kube)["phase"] == phase
@@ -90,7 +92,7 @@ async def test_a_refused_job_create_ends_failed_or_pending_with_the_servers_word
         if phase == "Failed":
             assert status_of(kube)["failure"]["reason"] == expected and warnings(kube, expected)
             launches = calls.count["launch"]
-            await calls.wait("sync", 5)
+            await calls.wait("sync", 3)
             assert calls.count["launch"] == launches, "a refused Job is not retried"
         else:  # a full quota is retried, and the Job is made once there is room
             kube.refusals.clear()
@@ -103,7 +105,7 @@ async def test_a_refused_job_create_ends_failed_or_pending_with_the_servers_word
 async def test_a_refused_scratch_claim_fails_the_run_before_any_job(kube) -> None:
     await create_secret(kube, "models-s3", S3)
     kube.refuse("persistentvolumeclaims", 422, "Invalid", 'spec.storageClassName: storageclass "gold" is not allowed here')
-    async with operator_running() as calls:
+    async with operator_running(LAUNCH_PACED) as calls:
         await create_cr(kube, "tiny", SPEC)
         await in_two_syncs(calls)
         assert status_of(kube)["phase"] == "Failed"

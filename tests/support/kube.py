@@ -33,8 +33,10 @@ NAMESPACE = "ml"
 CR = f"{GROUP}/{VERSION}/{PLURAL}"
 JOBS, PODS, SECRETS, CONFIGMAPS, EVENTS = "batch/v1/jobs", "v1/pods", "v1/secrets", "v1/configmaps", "v1/events"
 CLAIMS = "v1/persistentvolumeclaims"
+# api_timeout: stopping kopf cancels the emulator's tasks started while it ran, which can leave a
+# handler thread of the stopped operator waiting on a request no one will answer.
 FAST = OperatorConfig(runner_image="registry.example/modelpress/runner@sha256:" + "0" * 64,
-                      sync_interval=0.1, retry_delay=0.2, metrics_port=0)
+                      sync_interval=0.1, retry_delay=0.2, metrics_port=0, api_timeout=3.0)
 
 
 def declare_resources(emulator: kmock.KubernetesEmulator) -> None:

@@ -48,6 +48,8 @@ class OperatorConfig:
     # Seconds between syncs of a running job's status, and before retrying a missing Secret.
     sync_interval: float = 10.0
     retry_delay: float = 30.0
+    # Seconds an API call may take before it is given up (and retried by the next sync).
+    api_timeout: float = 60.0
     log_tail_lines: int = 50
     metrics_port: int = 8000
     proxy_env: dict[str, str] = field(default_factory=dict)
@@ -71,6 +73,7 @@ class OperatorConfig:
             stall_timeout=float(env.get("MODELPRESS_STALL_TIMEOUT", defaults.stall_timeout)),
             sync_interval=float(env.get("MODELPRESS_SYNC_INTERVAL", defaults.sync_interval)),
             retry_delay=float(env.get("MODELPRESS_RETRY_DELAY", defaults.retry_delay)),
+            api_timeout=float(env.get("MODELPRESS_API_TIMEOUT", defaults.api_timeout)),
             log_tail_lines=int(env.get("MODELPRESS_LOG_TAIL_LINES", defaults.log_tail_lines)),
             metrics_port=int(env.get("MODELPRESS_METRICS_PORT", defaults.metrics_port)),
             proxy_env={key: env[key] for key in PROXY_VARIABLES if env.get(key)},

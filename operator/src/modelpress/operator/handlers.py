@@ -41,7 +41,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.connect_timeout = 10
-    memo.api = kube.load_client()
+    memo.api = kube.load_client(memo.config.api_timeout)
     metrics.serve(memo.config.metrics_port)
 
 
