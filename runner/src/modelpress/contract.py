@@ -37,6 +37,7 @@ How the runner pod is given the job (the operator builds the pod this way):
 - PVCs named by `pvc://claim/path` are mounted at `pvc_mount(claim)` under `Env.PVC_ROOT`,
   read-only for the model and read-write for the output.
 - The last event goes to the termination-message path named by `Env.TERMINATION_LOG`.
+- A pod given GPUs gets their number in `Env.GPUS`; the runner refuses a torch that cannot use them.
 
 Progress is one event per line on stdout; the last line, also written to the termination
 message, is a `ResultEvent` or a `FailureEvent`.
