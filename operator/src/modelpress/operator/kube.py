@@ -205,3 +205,78 @@ def delete_job(api: Api, namespace: str, name: str) -> None:
     except ApiException as err:
         if not _absent(err):
             raise
+
+
+Resource = tuple[str, str, str]  # (group, version, plural)
+
+
+def read_secret(api: Api, namespace: str, name: str) -> dict[str, Any] | None:
+    """The Secret itself (values included, base64): only ever copied into another Secret or decoded for an address."""
+    try:
+        return _raw(api.core().read_namespaced_secret(name, namespace, _preload_content=False, _request_timeout=api.timeout))
+    except ApiException as err:
+        if _absent(err):
+            return None
+        raise
+
+
+def create_secret(api: Api, manifest: Mapping[str, Any]) -> bool:
+    """Create a Secret. -> False when one of its name already exists."""
+    try:
+        api.core().create_namespaced_secret(manifest["metadata"]["namespace"], manifest, _preload_content=False,
+                                            _request_timeout=api.timeout)
+    except ApiException as err:
+        if err.status != 409:
+            raise
+        return False
+    return True
+
+
+def patch_secret(api: Api, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+    api.core().patch_namespaced_secret(name, namespace, dict(patch), _preload_content=False, _request_timeout=api.timeout)
+
+
+def delete_secret(api: Api, namespace: str, name: str) -> None:
+    """An absent Secret is done."""
+    try:
+        api.core().delete_namespaced_secret(name, namespace, _request_timeout=api.timeout)
+    except ApiException as err:
+        if not _absent(err):
+            raise
+
+
+def read_object(api: Api, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+    group, version, plural = resource
+    try:
+        return _raw(api.custom().get_namespaced_custom_object(
+            group, version, namespace, plural, name, _preload_content=False, _request_timeout=api.timeout))
+    except ApiException as err:
+        if _absent(err):
+            return None
+        raise
+
+
+def create_object(api: Api, resource: Resource, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Create the object; when one of its name exists, return that one (the caller decides whose it is)."""
+    group, version, plural = resource
+    meta = manifest["metadata"]
+    try:
+        return _raw(api.custom().create_namespaced_custom_object(
+            group, version, meta["namespace"], plural, manifest, _preload_content=False, _request_timeout=api.timeout))
+    except ApiException as err:
+        if err.status != 409:
+            raise
+    existing = read_object(api, resource, meta["namespace"], meta["name"])
+    if existing is None:
+        raise RuntimeError(f"{manifest['kind']} {meta['name']} vanished while being adopted")
+    return existing
+
+
+def delete_object(api: Api, resource: Resource, namespace: str, name: str) -> None:
+    """An absent object is done."""
+    group, version, plural = resource
+    try:
+        api.custom().delete_namespaced_custom_object(group, version, namespace, plural, name, _request_timeout=api.timeout)
+    except ApiException as err:
+        if not _absent(err):
+            raise
