@@ -147,12 +147,17 @@ def test_stalled_and_reconciling_follow_the_run(validator: Any) -> None:
                                    "output": {"uri": "s3://models/x", "connection": "c"}}})
     stalled = status_patch({}, 1, Observation(phase="Pending", reason="ImagePullBackOff", message="no", stalled=True), None)
     conditions = {c["type"]: c for c in stalled["conditions"]}
-    assert conditions["Stalled"]["status"] == "True" and conditions["Reconciling"]["status"] == "True"
+    assert conditions["Stalled"]["status"] == "True" and conditions["Reconciling"]["status"] == "False"
     running = status_patch(stalled, 1, Observation(phase="Running", reason="Running"), None)
-    assert {c["type"]: c["status"] for c in running["conditions"]}["Stalled"] == "False"
+    assert {c["type"]: c["status"] for c in running["conditions"]} == {
+        "Succeeded": "Unknown", "Ready": "False", "Reconciling": "True", "Stalled": "False"}
     done = status_patch(running, 1, Observation(phase="Succeeded", reason="Succeeded"), None)
     assert reconciling(done) and {c["type"]: c["reason"] for c in done["conditions"]}["Reconciling"] == "Finishing"
     final = {**done, **finished_patch(done, 1)}
     assert not reconciling(final) and {c["type"]: c["status"] for c in final["conditions"]} == {
-        "Succeeded": "True", "Stalled": "False", "Reconciling": "False"}
+        "Succeeded": "True", "Ready": "True", "Stalled": "False", "Reconciling": "False"}
+    failed = status_patch(running, 1, Observation(phase="Failed", reason="OOMKilled", message="out of memory"), None)
+    assert {c["type"]: c["status"] for c in failed["conditions"]}["Stalled"] == "False" and reconciling(failed)
+    settled = {c["type"]: c for c in finished_patch(failed, 1)["conditions"]}
+    assert (settled["Stalled"]["status"], settled["Stalled"]["reason"], settled["Reconciling"]["status"]) == ("True", "OOMKilled", "False")
     assert problems(validator, {**body, "status": final}) == []

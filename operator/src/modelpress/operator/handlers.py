@@ -56,9 +56,11 @@ def _generation(body: kopf.Body) -> int:
 
 
 def _fail(body: kopf.Body, patch: kopf.Patch, reason: str, problem: str) -> None:
-    """End the run before any Job exists: Failed with `reason`, one Warning event."""
+    """End the run before any Job exists: Failed with `reason`, one Warning event; with no pod to
+    release, the operator is done with it at once."""
     observation = Observation(phase="Failed", reason=reason, message=problem)
-    patch.status.update(status_patch(body.get("status") or {}, _generation(body), observation, None))
+    update = status_patch(body.get("status") or {}, _generation(body), observation, None)
+    patch.status.update({**update, **finished_patch(update, _generation(body))})
     kopf.event(body, type="Warning", reason=reason, message=problem)
     metrics.PHASES.labels("Failed", reason).inc()
 

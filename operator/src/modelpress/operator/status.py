@@ -15,10 +15,9 @@ from pydantic.alias_generators import to_camel
 
 from modelpress.operator.faults import Blocker, creation_blocker, parse_time, pod_blocker
 from modelpress.contract import EXIT_REASONS, PERMANENT_EXIT_CODES, ExitCode, FailureEvent, ProgressEvent, ResultEvent, parse_event
-from modelpress.operator.conditions import READY, kstatus_conditions
+from modelpress.operator.conditions import RECONCILING, TERMINAL_PHASES, kstatus_conditions
 
 Phase = Literal["Pending", "Queued", "Suspended", "Running", "Succeeded", "Failed"]
-TERMINAL_PHASES = ("Succeeded", "Failed")
 REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 Text = Annotated[str, Field(max_length=1024)]
 Time = Annotated[str, Field(max_length=64, json_schema_extra={"format": "date-time"})]
@@ -401,28 +400,30 @@ def succeeded_condition(phase: Phase, reason: str, message: str, generation: int
     return _condition("Succeeded", {"Succeeded": "True", "Failed": "False"}.get(phase, "Unknown"), reason, message, generation)
 
 
-def _flag(value: bool) -> str:
-    return "True" if value else "False"
+def _kstatus(conditions: list[dict[str, Any]], phase: str, blocked: bool, released: bool, reason: str, message: str,
+             generation: int) -> list[dict[str, Any]]:
+    """`conditions` with Ready, Reconciling and Stalled as conditions.py rules them; after the outcome,
+    Reconciling says what the operator is still doing, or that it is done."""
+    for kstatus in kstatus_conditions(phase, blocked, released):
+        why, text = reason, message
+        if kstatus.type == RECONCILING and phase in TERMINAL_PHASES:
+            why, text = ("Finishing", "releasing what the run held") if kstatus.status == "True" else (
+                phase, "the operator is done with this run")
+        conditions = set_condition(conditions, _condition(kstatus.type, kstatus.status, why, text, generation))
+    return conditions
 
 
 def status_patch(previous: Mapping[str, Any], generation: int, observation: Observation,
                  progress: Progress | None) -> dict[str, Any]:
     """The status fields to write for `observation` (a merge patch over `previous`).
 
-    Besides `Succeeded`, the kstatus pair that Flux and Argo CD read: `Stalled` (True while blocked on
-    something a person must fix, and after a failure) and `Reconciling` (True until the operator has
-    finished with the run: its pods released, its scratch claim deleted when asked; `finished_patch`).
+    Besides `Succeeded`, Ready and the kstatus pair that Flux and Argo CD read (conditions.py): after
+    the outcome Reconciling stays True until the operator has finished with the run (its pods
+    released, its scratch claim deleted when asked: `finished_patch`).
     """
     cond = succeeded_condition(observation.phase, observation.reason, observation.message, generation)
-    terminal = observation.phase in TERMINAL_PHASES
     conditions = set_condition(previous.get("conditions") or [], cond)
-    ready = next(k.status for k in kstatus_conditions(observation.phase) if k.type == READY)
-    conditions = set_condition(conditions, cond.model_copy(update={"type": READY, "status": ready}))
-    conditions = set_condition(conditions, _condition(
-        "Stalled", _flag(observation.stalled or observation.phase == "Failed"), cond.reason, observation.message, generation))
-    conditions = set_condition(conditions, _condition(
-        "Reconciling", "True", "Finishing" if terminal else cond.reason,
-        "releasing what the run held" if terminal else observation.message, generation))
+    conditions = _kstatus(conditions, observation.phase, observation.stalled, False, cond.reason, observation.message, generation)
     patch: dict[str, Any] = {
         "phase": observation.phase,
         "observedGeneration": generation,
@@ -451,6 +452,9 @@ def reconciling(status: Mapping[str, Any]) -> bool:
 
 
 def finished_patch(previous: Mapping[str, Any], generation: int) -> dict[str, Any]:
-    """Reconciling turns False: nothing of the finished run is held any more."""
-    cond = _condition("Reconciling", "False", previous.get("phase") or "Unknown", "the operator is done with this run", generation)
-    return {"conditions": set_condition(previous.get("conditions") or [], cond)}
+    """Reconciling turns False (and Stalled True after a failure): nothing of the finished run is held any more."""
+    conditions = [dict(c) for c in previous.get("conditions") or []]
+    outcome = next((c for c in conditions if c.get("type") == "Succeeded"), {})
+    phase = previous.get("phase") or "Unknown"
+    return {"conditions": _kstatus(conditions, phase, False, True, outcome.get("reason") or phase,
+                                   outcome.get("message") or "", generation)}
