@@ -60,6 +60,9 @@ def model_refuses(spec: dict[str, Any]) -> bool:
     ("output.uri", "pvc://out/tiny", "connection only applies to s3:// outputs"),
     ("evaluation.perplexity", None, "maxPerplexityIncrease needs evaluation.perplexity to measure"),
     ("calibration.dataset", None, "this recipe needs calibration data"),
+    ("output", {"uri": "pvc://out/tiny", "publishConnection": {}}, "publishConnection only applies to s3:// outputs"),
+    ("serve", {"args": ["--max-model-len=4096", "--port=9000"]}, "remove them from args"),
+    ("serve", {"args": ["--served-model-name"]}, "remove them from args"),
 ])
 def test_a_rule_refuses_what_the_model_refuses(path: str, value: Any, message: str) -> None:
     spec = changed(path, value)
@@ -75,7 +78,8 @@ def test_a_rule_refuses_what_the_model_refuses(path: str, value: Any, message: s
     {**BASE, "recipe": {"modifiers": {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {"scheme": "W8A16"}}}}}},
     {**BASE, "recipe": {"configMap": {"name": "recipes", "key": "gptq.yaml"}}},
     {**BASE, "output": {"uri": "pvc://out/tiny"}},
-], ids=["hub-to-s3", "rtn-without-data", "s3-source", "modifiers", "configmap", "pvc-output"])
+    {**BASE, "serve": {"args": ["--max-model-len=4096", "--portable"]}},
+], ids=["hub-to-s3", "rtn-without-data", "s3-source", "modifiers", "configmap", "pvc-output", "serve-args"])
 def test_what_the_model_accepts_passes_every_rule(spec: dict[str, Any]) -> None:
     assert not model_refuses(spec)
     assert violations(SCHEMA, document(spec)) == []

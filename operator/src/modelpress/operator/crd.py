@@ -51,7 +51,7 @@ RULES: dict[str, list[dict[str, str]]] = {
                     _only_for("connection", "s3", "models")],
     "Output": [_only_for("connection", "s3", "outputs"), _only_for("publishConnection", "s3", "outputs")],
     "Serve": [
-        {"rule": "self.args.all(a, " + " && ".join(f"a != '{flag}' && !a.startsWith('{flag}=')" for flag in RUNTIME_FLAGS) + ")",
+        {"rule": "self.args.all(a, !a.matches('^(" + "|".join(RUNTIME_FLAGS) + ")(=|$)'))",
          "message": f"the ServingRuntime sets {', '.join(RUNTIME_FLAGS)} itself; remove them from args"},
     ],
     "Evaluation": [
