@@ -1,14 +1,17 @@
 """The ClusterRole in deploy/ against the calls the operator makes: every kmock test already fails on
 a call the role does not allow (see the `kube` fixture); here one tour through every handler shows
-that the role grants nothing the operator does not use, but for the few grants named below."""
+that the role grants nothing the operator does not use, but for the few grants named below; a
+second job, run to success, publishes its connection over one ModelPress wrote before, is served
+on OpenShift AI from the platform's template, and takes both along when deleted."""
 
 import json
 from typing import Any
 
 import pytest
 
-from support.kube import (CLAIMS, CR, JOBS, NAMESPACE, PODS, api, cr_path, create_cr, create_secret, eventually, obj,
-                          operator_running, pod_of, put_pod, set_job_status)
+from support.delivery import DELIVERY, preload, status_of, succeed
+from support.kube import (CLAIMS, CR, ISVCS, JOBS, NAMESPACE, PODS, SECRETS, api, cr_path, create_cr, eventually,
+                          obj, operator_running, pod_of, put_pod, set_job_status)
 from support.rbac import grants, operator_calls, operator_rules
 
 # Grants no test can exercise, and why they are there.
@@ -20,7 +23,6 @@ UNEXERCISED = {
     ("", "namespaces", "list"): "kopf's cluster-wide scan (off in the tests)",
     ("", "namespaces", "watch"): "kopf's cluster-wide scan (off in the tests)",
 }
-S3 = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_S3_ENDPOINT": "https://s3.example.internal"}
 SPEC: dict[str, Any] = {
     "model": {"uri": "hf://acme/tiny-llama"},
     "recipe": {"configMap": {"name": "recipes", "key": "rtn.yaml"}},
@@ -35,10 +37,13 @@ async def create_configmap(kube: Any, name: str, data: dict[str, str]) -> None:
 
 @pytest.mark.asyncio
 async def test_the_role_grants_only_what_the_operator_uses(kube) -> None:
-    await create_secret(kube, "models-s3", S3)
+    await preload(kube)
     await create_configmap(kube, "recipes", {"rtn.yaml": "quant_stage: {}"})
     await create_configmap(kube, "odh-trusted-ca-bundle", {"ca-bundle.crt": "ROOTS"})
-    async with operator_running():
+    earlier = {"apiVersion": "v1", "kind": "Secret", "data": {},
+               "metadata": {"name": "shared", "namespace": NAMESPACE, "labels": {"app.kubernetes.io/managed-by": "modelpress-operator"}}}
+    await api(kube, "POST", f"/api/v1/namespaces/{NAMESPACE}/secrets", earlier)
+    async with operator_running(DELIVERY):
         await create_cr(kube, "tiny", SPEC)
         await eventually(lambda: (obj(kube, CR, "tiny").get("status") or {}).get("jobName"))
         job = obj(kube, JOBS, "tiny-runner")
@@ -57,6 +62,14 @@ async def test_the_role_grants_only_what_the_operator_uses(kube) -> None:
         await api(kube, "DELETE", cr_path("tiny"))
         await eventually(lambda: obj(kube, CR, "tiny") is None)
         assert obj(kube, CLAIMS, "tiny-scratch") is None
+        served = {**SPEC, "output": {**SPEC["output"], "publishConnection": {"name": "shared", "deleteWithJob": True}},
+                  "serve": {"deleteWithJob": True}}
+        await create_cr(kube, "served", served)
+        await succeed(kube, "served")
+        await eventually(lambda: status_of(kube, "served").get("serving", {}).get("name"))
+        await api(kube, "DELETE", cr_path("served"))
+        await eventually(lambda: obj(kube, CR, "served") is None)
+        assert obj(kube, SECRETS, "shared") is None and obj(kube, ISVCS, "served") is None
     used = operator_calls(kube._requests)
     granted = grants(operator_rules())
     assert set(UNEXERCISED) <= granted
