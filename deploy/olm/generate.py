@@ -26,8 +26,6 @@ PACKAGE = "modelpress"
 CHANNEL = "alpha"
 CSV_NAME = f"{PACKAGE}.v{__version__}"
 REPOSITORY = "https://github.com/modelpress/modelpress"
-# The CUDA build of the runner (Makefile `images`); the operator starts it for GPU jobs.
-RUNNER_CUDA_IMAGE = "quay.io/modelpress/runner-cuda:0.1.0"
 
 ANNOTATIONS = {
     "operators.operatorframework.io.bundle.mediatype.v1": "registry+v1",
@@ -183,18 +181,18 @@ def owned_crd(crd: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def image_name(env_name: str) -> str:
-    """MODELPRESS_RUNNER_IMAGE -> runner: the relatedImages name of an image setting."""
-    return env_name.removeprefix("MODELPRESS_").removesuffix("_IMAGE").lower().replace("_", "-")
+def image_name(image: str) -> str:
+    """quay.io/modelpress/runner-cuda:0.1.0 -> runner-cuda: the relatedImages name, the image's own
+    (the name Makefile `images` builds it under)."""
+    return image.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0]
 
 
 def related_images(deployment: dict[str, Any]) -> list[dict[str, str]]:
-    """Every image the operator runs or starts: its containers' and every `*_IMAGE` setting's, and the CUDA runner."""
+    """Every image the operator runs or starts: its containers' and every `*_IMAGE` setting's (the CPU and CUDA runners)."""
     found: list[tuple[str, str]] = []
     for container in deployment["spec"]["template"]["spec"]["containers"]:
-        found.append((container["name"], container["image"]))
-        found += [(image_name(e["name"]), e["value"]) for e in container.get("env", []) if e["name"].endswith("_IMAGE") and "value" in e]
-    found.append(("runner-cuda", RUNNER_CUDA_IMAGE))
+        found.append((image_name(container["image"]), container["image"]))
+        found += [(image_name(e["value"]), e["value"]) for e in container.get("env", []) if e["name"].endswith("_IMAGE") and "value" in e]
     unique: dict[str, str] = {}
     for name, image in found:
         if image not in unique.values():

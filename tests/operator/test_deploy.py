@@ -13,35 +13,16 @@ import pytest
 import yaml
 
 from support.crd_schema import problems, with_defaults
+from support.deploy import DEPLOY, REPO, documents, rendered
+from support.rbac import operator_rules
 from modelpress.operator.config import OperatorConfig
 from modelpress.operator.job_builder import build_job
 from modelpress.operator.validation import parse
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
 # Argo CD's health-check test list and OLM's bundle metadata are YAML but not Kubernetes objects.
 NOT_OBJECTS = ("health_test.yaml", "annotations.yaml")
 YAML_FILES = sorted(p for p in [*DEPLOY.rglob("*.yaml"), *(REPO / "crds").glob("*.yaml")] if p.name not in NOT_OBJECTS)
 EXAMPLES = sorted((DEPLOY / "examples").glob("*.yaml"))
-
-
-def documents(path: Path) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def rendered(root: Path) -> list[dict[str, Any]]:
-    """The objects a kustomization yields: its resources (recursively) with strategic patches merged by name."""
-    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
-    objects: list[dict[str, Any]] = []
-    for entry in kustomization.get("resources", []):
-        target = (root / entry).resolve()
-        assert target.exists(), f"{root}/kustomization.yaml: {entry} does not exist"
-        objects += rendered(target) if target.is_dir() else documents(target)
-    for patch in kustomization.get("patches", []):
-        body = yaml.safe_load((root / patch["path"]).read_text())
-        matches = [o for o in objects if o["kind"] == body["kind"] and o["metadata"]["name"] == body["metadata"]["name"]]
-        assert len(matches) == 1, f"{patch['path']} patches nothing"
-    return objects
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(REPO)))
@@ -56,28 +37,8 @@ def test_kustomizations_resolve(root: Path) -> None:
     assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Namespace"} <= kinds
 
 
-def rules() -> list[dict[str, Any]]:
-    role = next(d for d in documents(DEPLOY / "base" / "rbac.yaml") if d["metadata"]["name"] == "modelpress-operator")
-    return role["rules"]
-
-
-@pytest.mark.parametrize("group, resource, verb", [
-    ("modelpress.dev", "compressionjobs", "watch"), ("modelpress.dev", "compressionjobs", "patch"),
-    ("modelpress.dev", "compressionjobs/status", "patch"), ("modelpress.dev", "compressionjobs/finalizers", "update"),
-    ("batch", "jobs", "create"), ("batch", "jobs", "get"), ("batch", "jobs", "patch"), ("batch", "jobs", "delete"),
-    ("", "pods", "list"), ("", "pods/log", "get"), ("", "secrets", "get"), ("", "configmaps", "get"), ("", "events", "create"),
-    ("", "secrets", "create"), ("", "secrets", "patch"), ("", "secrets", "delete"),
-    ("serving.kserve.io", "inferenceservices", "create"), ("serving.kserve.io", "inferenceservices", "get"),
-    ("serving.kserve.io", "inferenceservices", "delete"), ("serving.kserve.io", "servingruntimes", "create"),
-    ("serving.kserve.io", "servingruntimes", "get"), ("serving.kserve.io", "servingruntimes", "delete"),
-    ("template.openshift.io", "templates", "get"),
-])
-def test_rbac_allows_every_call_the_operator_makes(group: str, resource: str, verb: str) -> None:
-    assert any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules())
-
-
 def test_rbac_is_least_privilege() -> None:
-    for rule in rules():
+    for rule in operator_rules():
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
         if "secrets" in rule["resources"]:
             assert not {"list", "watch"} & set(rule["verbs"]), "Secrets are read one by one; never listed or watched"

@@ -79,3 +79,39 @@ async def test_pod_logs_are_served_as_text_with_a_tail(kube) -> None:
     kube.pod_logs[(NAMESPACE, "p")] = "one\ntwo\nthree\n"
     async with kube.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods/p/log?tailLines=2") as response:
         assert response.status == 200 and await response.text() == "two\nthree\n"
+
+
+def job_manifest(name: str) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"template": {"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}}
+
+
+@pytest.mark.asyncio
+async def test_names_and_labels_are_checked_as_the_api_server_checks_them(kube) -> None:
+    jobs = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs"
+    created = await api(kube, "POST", jobs, job_manifest("a" * 63))
+    labels = created["spec"]["template"]["metadata"]["labels"]
+    assert labels["batch.kubernetes.io/job-name"] == "a" * 63 and labels["controller-uid"] == created["metadata"]["uid"]
+    async with kube.request("POST", jobs, data=json.dumps(job_manifest("a" * 64))) as response:
+        assert response.status == 422 and "63 characters" in (await response.json())["message"]
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": NAMESPACE, "labels": {"k": "x" * 64}}}
+    async with kube.request("POST", f"/api/v1/namespaces/{NAMESPACE}/secrets", data=json.dumps(secret)) as response:
+        assert response.status == 422
+
+
+@pytest.mark.asyncio
+async def test_creates_can_be_refused_as_a_quota_would(kube) -> None:
+    jobs = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs"
+    kube.refuse("jobs", 403, "Forbidden", "exceeded quota: jobs", times=1)
+    async with kube.request("POST", jobs, data=json.dumps(job_manifest("q"))) as response:
+        assert response.status == 403 and (await response.json())["message"] == "exceeded quota: jobs"
+    assert obj(kube, "batch/v1/jobs", "q") is None
+    await api(kube, "POST", jobs, job_manifest("q"))  # refused once only
+    assert obj(kube, "batch/v1/jobs", "q") is not None
+
+
+@pytest.mark.asyncio
+async def test_lists_come_in_name_order(kube) -> None:
+    for name in ("m", "z", "a"):
+        await create_cr(kube, name, SPEC)
+    assert [item["metadata"]["name"] for item in (await api(kube, "GET", cr_path()))["items"]] == ["a", "m", "z"]

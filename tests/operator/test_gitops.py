@@ -28,7 +28,7 @@ ARGO_STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "
 # What Argo CD shows for each state the operator writes.
 EXPECTED = {
     "new": "Progressing", "waiting-for-reference": "Progressing", "pending": "Progressing",
-    "pending-image-pull": "Progressing", "queued": "Progressing", "suspended": "Suspended",
+    "pending-image-pull": "Degraded", "queued": "Progressing", "suspended": "Suspended",
     "running": "Progressing", "succeeded": "Healthy", "succeeded-spec-changed": "Progressing",
     **{f"failed-{reason}": "Degraded" for reason in FAILURES},
 }

@@ -1,15 +1,18 @@
 """The pure Job builder and the status mapping, without any server."""
 
 import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from support.crd_schema import problems, with_defaults
-from modelpress.contract import ROLES, S3_KEYS, S3_REQUIRED_KEYS
+from support.k8s_names import job_with_server_labels, object_problems
+from modelpress.contract import GPU_IMAGE_SETTING, PERMANENT_EXIT_CODES, ROLES, S3_KEYS, S3_REQUIRED_KEYS, Env
 from modelpress.operator.config import OperatorConfig
-from modelpress.operator.job_builder import build_job, job_name
-from modelpress.operator.status import Observation, observe, parse_progress, set_condition, status_patch, succeeded_condition
+from modelpress.operator.job_builder import CA_MOUNTS, OUTCOME_FINALIZER, build_claim, build_job, job_name, label_value
+from modelpress.operator.status import Observation, parse_progress, set_condition, status_patch, succeeded_condition
 from modelpress.operator.validation import SpecRejected, parse
 
 
@@ -62,9 +65,65 @@ def test_cpu_job_has_no_gpu_and_scratch_holds_every_cache() -> None:
         assert env[name]["value"].startswith("/scratch/")
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
-    assert volumes["scratch"]["ephemeral"]["volumeClaimTemplate"]["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert volumes["scratch"] == {"name": "scratch", "persistentVolumeClaim": {"claimName": "job-scratch"}}
     assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
-    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in job["spec"]["podFailurePolicy"]["rules"]
+    assert Env.GPUS not in env and pod["containers"][0]["image"] == OperatorConfig().runner_image
+
+
+def test_the_scratch_claim_is_the_jobs_own_sized_by_the_spec() -> None:
+    body = cr(BASE)
+    claim = build_claim(body, parse(body), OperatorConfig())
+    assert claim["metadata"]["name"] == "job-scratch" and claim["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "50Gi"}}}
+    assert claim["metadata"]["labels"]["modelpress.dev/compressionjob-uid"] == "u-1"
+    configured = OperatorConfig(scratch_storage_class="fast-ssd", scratch_access_mode="ReadWriteOncePod")
+    assert build_claim(body, parse(body), configured)["spec"] == {
+        "accessModes": ["ReadWriteOncePod"], "resources": {"requests": {"storage": "50Gi"}}, "storageClassName": "fast-ssd"}
+    spec = {**BASE, "runtime": {"resources": {"scratch": "200Gi"},
+                                "scratchVolume": {"storageClassName": "nfs", "accessMode": "ReadWriteMany"}}}
+    body = cr(spec)
+    assert build_claim(body, parse(body), configured)["spec"] == {
+        "accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "200Gi"}}, "storageClassName": "nfs"}
+
+
+def test_every_pod_is_held_for_its_outcome_and_evictions_never_count() -> None:
+    job = build(BASE)
+    assert job["spec"]["template"]["metadata"]["finalizers"] == [OUTCOME_FINALIZER]
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    # the first matching rule decides: an evicted pod is ignored whatever its exit code
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [int(c) for c in PERMANENT_EXIT_CODES]
+    assert 137 not in rules[1]["onExitCodes"]["values"]  # an OOM kill counts against backoffLimit
+
+
+def test_a_default_deadline_bounds_every_run_unless_the_spec_sets_one() -> None:
+    assert build(BASE)["spec"]["activeDeadlineSeconds"] == OperatorConfig().active_deadline_seconds
+    assert build(BASE, OperatorConfig(active_deadline_seconds=7200))["spec"]["activeDeadlineSeconds"] == 7200
+    assert "activeDeadlineSeconds" not in build(BASE, OperatorConfig(active_deadline_seconds=None))["spec"]
+    own = {**BASE, "runtime": {"activeDeadlineSeconds": 600}}
+    assert build(own, OperatorConfig(active_deadline_seconds=7200))["spec"]["activeDeadlineSeconds"] == 600
+
+
+def test_gpu_jobs_run_the_gpu_image_and_tell_the_runner() -> None:
+    config = OperatorConfig(runner_image="cpu:1", gpu_runner_image="cuda:1")
+    gpu = build({**BASE, "runtime": {"resources": {"gpus": 2}}}, config)
+    container = gpu["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "cuda:1" and env_of(gpu)[Env.GPUS]["value"] == "2"
+    assert build(BASE, config)["spec"]["template"]["spec"]["containers"][0]["image"] == "cpu:1"
+    own = build({**BASE, "runtime": {"image": "mine:2", "resources": {"gpus": 1}}}, config)
+    assert own["spec"]["template"]["spec"]["containers"][0]["image"] == "mine:2"
+
+
+def test_settings_come_from_the_environment_and_bad_ones_are_named() -> None:
+    config = OperatorConfig.from_env({GPU_IMAGE_SETTING: "cuda:2", "MODELPRESS_SCRATCH_ACCESS_MODE": "ReadWriteMany",
+                                      "MODELPRESS_ACTIVE_DEADLINE_SECONDS": "0", "MODELPRESS_STALL_TIMEOUT": "60"})
+    assert config.gpu_runner_image == "cuda:2" and config.scratch_access_mode == "ReadWriteMany"
+    assert config.active_deadline_seconds is None and config.stall_timeout == 60
+    assert OperatorConfig.from_env({}).scratch_volume == "persistentVolumeClaim"
+    with pytest.raises(ValueError, match="MODELPRESS_SCRATCH_VOLUME: must be one of persistentVolumeClaim, emptyDir"):
+        OperatorConfig.from_env({"MODELPRESS_SCRATCH_VOLUME": "ephemeral"})
+    with pytest.raises(ValueError, match="MODELPRESS_SCRATCH_ACCESS_MODE"):
+        OperatorConfig.from_env({"MODELPRESS_SCRATCH_ACCESS_MODE": "ReadOnlyMany"})
 
 
 def test_empty_dir_scratch_asks_for_ephemeral_storage() -> None:
@@ -104,9 +163,41 @@ def test_pvcs_recipe_configmap_ca_bundle_and_proxy() -> None:
     assert volumes["recipe"]["configMap"] == {"name": "recipes", "items": [{"key": "gptq.yaml", "path": "recipe.yaml"}]}
     env = env_of(job)
     assert env["MODELPRESS_RECIPE_FILE"]["value"] == "/etc/modelpress/recipe/recipe.yaml"
-    assert env["SSL_CERT_FILE"]["value"] == env["AWS_CA_BUNDLE"]["value"] == "/etc/pki/tls/certs/odh-trusted-ca-bundle.crt"
     assert env["HTTPS_PROXY"]["value"] == "http://proxy:3128" and env["NO_PROXY"]["value"] == ".svc,.cluster.local"
     assert json.loads(env["MODELPRESS_SPEC"]["value"])["metadata"] == {"name": "job", "namespace": "ml", "uid": "u-1"}
+
+
+def ca_variables(job: dict[str, Any]) -> set[str]:
+    env = env_of(job)
+    return {env[name]["value"] for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE")}
+
+
+def test_with_both_bundles_the_ca_variables_name_one_file_holding_the_custom_cas_too(tmp_path: Path) -> None:
+    body = cr(BASE)
+    job = build_job(body, parse(body), OperatorConfig(), {"ca-bundle.crt", "odh-ca-bundle.crt"})
+    pod = job["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (bundle,) = ca_variables(job)
+    assert bundle == f"{init['volumeMounts'][-1]['mountPath']}/ca-bundle.pem"
+    assert {m["mountPath"]: m.get("readOnly") for m in pod["containers"][0]["volumeMounts"]}[init["volumeMounts"][-1]["mountPath"]]
+    assert init["securityContext"] == pod["containers"][0]["securityContext"] and init["image"] == pod["containers"][0]["image"]
+    # Run the init container's command with its mounts mapped to local files: the bundle holds both.
+    cluster, custom = tmp_path / "cluster.pem", tmp_path / "custom.pem"
+    cluster.write_text("PUBLIC ROOTS\n")
+    custom.write_text("CUSTOM CA\n")
+    local = {CA_MOUNTS["ca-bundle.crt"]: str(cluster), CA_MOUNTS["odh-ca-bundle.crt"]: str(custom), bundle: str(tmp_path / "out.pem")}
+    command = [local.get(part, part).replace(bundle, local[bundle]) for part in init["command"]]
+    subprocess.run(command, check=True)
+    assert (tmp_path / "out.pem").read_text() == "PUBLIC ROOTS\nCUSTOM CA\n"
+
+
+@pytest.mark.parametrize("key", ["ca-bundle.crt", "odh-ca-bundle.crt"])
+def test_with_one_bundle_the_ca_variables_name_it(key: str) -> None:
+    body = cr(BASE)
+    job = build_job(body, parse(body), OperatorConfig(), {key})
+    assert ca_variables(job) == {CA_MOUNTS[key]} and "initContainers" not in job["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts[CA_MOUNTS[key]]["subPath"] == key
 
 
 def test_without_a_ca_bundle_nothing_points_at_one() -> None:
@@ -118,6 +209,19 @@ def test_long_names_are_shortened_deterministically() -> None:
     long = "a" * 60
     assert job_name("tiny") == "tiny-runner"
     assert len(job_name(long)) == 63 and job_name(long) == job_name(long) != job_name(long + "b")
+    assert label_value("tiny") == "tiny" and label_value(long + "." * 10 + "b") != label_value(long + "." * 10 + "c")
+    assert len(label_value("a" * 253)) == 63
+
+
+@pytest.mark.parametrize("name", ["a" * 120, "model." * 20 + "x", "m-" * 60 + "z", "a" * 253])
+def test_a_name_of_any_length_makes_objects_the_api_server_accepts(name: str) -> None:
+    body = cr(BASE, name=name)
+    job, claim = build_job(body, parse(body), OperatorConfig()), build_claim(body, parse(body), OperatorConfig())
+    stored = job_with_server_labels({**job, "metadata": {**job["metadata"], "uid": "j-1"}})
+    assert object_problems(stored) == [] and object_problems(claim) == []
+    for made in (job, claim, job["spec"]["template"]):
+        assert made["metadata"]["annotations"]["modelpress.dev/compressionjob-name"] == name
+    assert job["metadata"]["name"] != claim["metadata"]["name"]
 
 
 @pytest.mark.parametrize("spec_change, problem", [
@@ -153,14 +257,6 @@ def test_condition_transition_time_moves_only_when_status_flips() -> None:
     assert flipped[0]["status"] == "True" and flipped[0]["lastTransitionTime"] != "2026-01-01T00:00:00Z"
 
 
-def test_pending_pod_reports_why() -> None:
-    job = {"spec": {}, "status": {"active": 1}}
-    pod = {"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [
-        {"name": "runner", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]}}
-    assert observe(job, [pod], kueue=False) == Observation(phase="Pending", reason="ImagePullBackOff", message="no such image")
-    unschedulable = {"metadata": {"name": "p"}, "status": {"phase": "Pending", "conditions": [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes have nvidia.com/gpu"}]}}
-    assert observe(job, [unschedulable], kueue=False).reason == "Unschedulable"
 
 
 def test_status_patch_validates_against_the_crd(validator: Any) -> None:

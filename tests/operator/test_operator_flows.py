@@ -103,7 +103,7 @@ async def test_create_runs_progresses_and_succeeds_with_the_result(kube, validat
         assert env["OUTPUT_AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "models-s3", "key": "AWS_SECRET_ACCESS_KEY"}
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
         assert json.loads(env["MODELPRESS_SPEC"]["value"])["spec"] == cr["spec"]
-        assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2, 3]
+        assert job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["values"] == [2, 3]
         await eventually(lambda: status_of(kube).get("jobName") == "tiny-runner")
         assert status_of(kube)["recipe"] == "W4A16 GPTQ g64"
         await eventually(lambda: events(kube, "JobCreated"))

@@ -1,7 +1,8 @@
 """CompressionJobs as the operator leaves them, state by state, for the GitOps health tests.
 
 Each state is a Job (and pods) as the Job controller and the kubelet report it, reduced by the
-operator's own `observe` and `status_patch`, the way the sync handler does; the states the
+operator's own `observe` and `status_patch`, and for a finished run `finished_patch` (the pods
+released), the way the sync handler does; the states the
 handlers write without a Job (InvalidSpec, WaitingForReference, JobDeleted) use the handlers'
 observations. Times are fixed so the samples stay byte-stable.
 """
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from modelpress.operator.conditions import UNOBSERVED
-from modelpress.operator.status import Observation, Progress, observe, parse_progress, status_patch
+from modelpress.operator.status import TERMINAL_PHASES, Observation, Progress, finished_patch, observe, parse_progress, status_patch
 
 START = "2026-01-01T10:00:00Z"
 END = "2026-01-01T10:20:00Z"
@@ -67,7 +68,10 @@ def with_status(status: dict[str, Any], generation: int = 1) -> dict[str, Any]:
 def compression_job(observation: Observation, progress: Progress | None = None, generation: int = 1,
                     observed: int | None = None) -> dict[str, Any]:
     """The CompressionJob with the status the operator writes for `observation` at `observed` (default: generation)."""
-    status = status_patch({}, generation if observed is None else observed, observation, progress)
+    seen_at = generation if observed is None else observed
+    status = status_patch({}, seen_at, observation, progress)
+    if observation.phase in TERMINAL_PHASES:
+        status.update(finished_patch(status, seen_at))
     status["jobName"] = "smollm2-w4a16-runner"
     return with_status(_fixed(status), generation)
 

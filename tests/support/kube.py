@@ -24,6 +24,7 @@ import yaml
 
 from support.crd_schema import crd_validator, problems, with_defaults
 from support.kube_emulator import KubeEmulator
+from support.rbac import TEST_AGENT, operator_calls, unauthorized
 from modelpress.operator.config import OperatorConfig
 from modelpress.operator.crd import GROUP, PLURAL, VERSION
 from modelpress.operator import handlers
@@ -33,8 +34,11 @@ CR = f"{GROUP}/{VERSION}/{PLURAL}"
 JOBS, PODS, SECRETS, CONFIGMAPS, EVENTS = "batch/v1/jobs", "v1/pods", "v1/secrets", "v1/configmaps", "v1/events"
 ISVCS, RUNTIMES = "serving.kserve.io/v1beta1/inferenceservices", "serving.kserve.io/v1alpha1/servingruntimes"
 TEMPLATES = "template.openshift.io/v1/templates"
+CLAIMS = "v1/persistentvolumeclaims"
+# api_timeout: stopping kopf cancels the emulator's tasks started while it ran, which can leave a
+# handler thread of the stopped operator waiting on a request no one will answer.
 FAST = OperatorConfig(runner_image="registry.example/modelpress/runner@sha256:" + "0" * 64,
-                      sync_interval=0.1, retry_delay=0.2, metrics_port=0)
+                      sync_interval=0.1, retry_delay=0.2, metrics_port=0, api_timeout=3.0)
 
 
 def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
@@ -45,8 +49,9 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
                                   shortnames={"cjob"}, categories={"modelpress"}, subresources={"status"})
     emulator.resources[JOBS] = info(kind="Job", singular="job", namespaced=True, subresources={"status"},
                                     verbs={"list", "watch", "get", "patch", "create", "delete"})
-    for plural, kind in (("pods", "Pod"), ("secrets", "Secret"), ("configmaps", "ConfigMap"), ("events", "Event")):
-        emulator.resources[f"v1/{plural}"] = info(kind=kind, singular=plural[:-1], namespaced=True,
+    for plural, kind in (("pods", "Pod"), ("secrets", "Secret"), ("configmaps", "ConfigMap"), ("events", "Event"),
+                         ("persistentvolumeclaims", "PersistentVolumeClaim")):
+        emulator.resources[f"v1/{plural}"] = info(kind=kind, singular=kind.lower(), namespaced=True,
                                                   verbs={"list", "watch", "get", "patch", "create", "delete"})
     emulator.resources[ISVCS] = info(kind="InferenceService", singular="inferenceservice", namespaced=True,
                                      subresources={"status"}, verbs={"list", "watch", "get", "patch", "create", "delete"})
@@ -65,12 +70,13 @@ def validator() -> Any:
 
 @pytest_asyncio.fixture()
 async def kube(validator: Any) -> AsyncIterator[KubeEmulator]:
-    """The emulated API server, with a kubeconfig pointing at it."""
+    """The emulated API server, with a kubeconfig pointing at it. Afterwards, every API call the
+    operator made must be one its ClusterRole in deploy/ allows."""
     def check(obj: dict[str, Any]) -> str | None:
         found = problems(validator, obj)
         return "; ".join(found) if found else None
 
-    async with KubeEmulator(cr_validator=check) as emulator, kmock.Server(emulator):
+    async with KubeEmulator(cr_validator=check) as emulator, kmock.Server(emulator, user_agent=TEST_AGENT):
         declare_resources(emulator)
         Path(os.environ["KUBECONFIG"]).write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
@@ -79,6 +85,49 @@ async def kube(validator: Any) -> AsyncIterator[KubeEmulator]:
             "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": NAMESPACE}}],
         }))
         yield emulator
+        calls = operator_calls(emulator._requests)
+    denied = unauthorized(calls)
+    assert not denied, f"deploy/base/rbac.yaml does not allow these calls the operator made: {denied}"
+
+
+def pod_of(job: dict[str, Any], suffix: str, status: dict[str, Any]) -> dict[str, Any]:
+    """A pod of `job` as the Job controller makes it: the template's labels, annotations, finalizers
+    and spec, owned by the Job, named `<job>-<suffix>`."""
+    template = job["spec"]["template"]
+    meta = template.get("metadata") or {}
+    pod = {"apiVersion": "v1", "kind": "Pod", "status": status, "spec": template["spec"],
+           "metadata": {"name": f"{job['metadata']['name']}-{suffix}", "namespace": job["metadata"]["namespace"],
+                        "labels": dict(meta.get("labels") or {}), "annotations": dict(meta.get("annotations") or {}),
+                        "finalizers": list(meta.get("finalizers") or []),
+                        "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+                                             "uid": job["metadata"]["uid"], "controller": True}]}}
+    return pod
+
+
+async def put_pod(emulator: KubeEmulator, pod: dict[str, Any], log: str = "") -> dict[str, Any]:
+    """Create the pod, or set the status of the one of that name, as the kubelet reports it; serve `log`."""
+    meta = pod["metadata"]
+    path = f"/api/v1/namespaces/{meta['namespace']}/pods"
+    emulator.pod_logs[(meta["namespace"], meta["name"])] = log
+    if obj(emulator, PODS, meta["name"], meta["namespace"]) is None:
+        return await api(emulator, "POST", path, pod)
+    return await api(emulator, "PATCH", f"{path}/{meta['name']}", {"status": pod["status"]})
+
+
+async def set_job_status(emulator: KubeEmulator, name: str, status: dict[str, Any]) -> None:
+    await api(emulator, "PATCH", f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{name}/status", {"status": status})
+
+
+def claims_of(pod: dict[str, Any]) -> set[str]:
+    """The PersistentVolumeClaims a pod mounts, named as Kubernetes names them (a generic ephemeral
+    volume's claim is `<pod>-<volume>`, made anew for every pod)."""
+    found = set()
+    for volume in pod["spec"].get("volumes") or []:
+        if "persistentVolumeClaim" in volume:
+            found.add(volume["persistentVolumeClaim"]["claimName"])
+        elif "ephemeral" in volume:
+            found.add(f"{pod['metadata']['name']}-{volume['name']}")
+    return found
 
 
 class Calls:
@@ -152,9 +201,12 @@ def obj(emulator: KubeEmulator, resource: str, name: str, namespace: str = NAMES
 
 
 async def api(emulator: KubeEmulator, method: str, path: str, body: Any = None) -> Any:
-    """One HTTP call to the emulator, as a client would make it; returns the decoded JSON."""
+    """One HTTP call to the emulator, as a client would make it; returns the decoded JSON.
+
+    A fresh connection each time: stopping kopf cancels the server's tasks started while it ran,
+    which would leave a kept-alive connection without anyone serving it."""
     async with emulator.request(method, path, data=None if body is None else json.dumps(body),
-                                headers={"Content-Type": "application/json"}) as response:
+                                headers={"Content-Type": "application/json", "Connection": "close"}) as response:
         payload = await response.json(content_type=None)
         if response.status >= 400:
             raise AssertionError(f"{method} {path} -> {response.status}: {payload}")

@@ -2,8 +2,10 @@
 
 Stock kmock stores objects as plain JSON and misses what kopf needs to run (uids, resource
 versions, generations, the status subresource, 422 on a failed JSON-patch test). This subclass
-adds them, serves pod logs from `pod_logs`, and validates ModelPress's own objects against the
-CRD schema on every write, answering 422 as a real API server would.
+adds them, serves pod logs from `pod_logs`, validates ModelPress's own objects against the
+CRD schema on every write and every created object's names and labels, answering 422 as a real
+API server would, lists objects in name order as etcd does, and refuses creates on request
+(`refuse`), as a quota or an admission webhook would.
 """
 
 import datetime
@@ -18,7 +20,18 @@ import jsonpatch
 import kmock
 from kmock._internal import enums, rendering
 
+from support.k8s_names import job_with_server_labels, object_problems
+
 CRD_PLURAL = "compressionjobs"
+
+
+@attrs.define
+class Refusal:
+    """Answer creates of `plural` with `error`, `times` times (None: until removed)."""
+
+    plural: str
+    error: kmock.KubernetesError
+    times: int | None = None
 
 
 @attrs.define(kw_only=True)
@@ -29,6 +42,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     cr_validator: Callable[[dict[str, Any]], str | None] | None = None
     # (namespace, pod name) -> the pod's log text, served at .../pods/<name>/log.
     pod_logs: dict[tuple[str, str], str] = attrs.field(factory=dict)
+    refusals: list[Refusal] = attrs.field(factory=list)
     _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
     _current_version: int = attrs.field(default=0, init=False)
 
@@ -45,7 +59,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if request.action == enums.action.FETCH and request.subresource == "log":
             return self._serve_log(request)
         if request.action == enums.action.CREATE:
+            self._refuse_if_asked(request)
             request = self._replace(request, self._stamped(request))
+            if problems := object_problems(request.data):
+                raise kmock.KubernetesError(status=422, reason="Invalid", message="; ".join(problems))
         elif request.action == enums.action.UPDATE and request.name is not None:
             request = self._replace(request, self._versioned_patch(request))
         elif request.action == enums.action.DELETE and request.name is not None:
@@ -57,6 +74,19 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed as exc:
             raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from None
+
+    def refuse(self, plural: str, status: int, reason: str, message: str, times: int | None = None) -> Refusal:
+        """Refuse creates of `plural` as the API server would (a quota, an admission webhook)."""
+        refusal = Refusal(plural, kmock.KubernetesError(status=status, reason=reason, message=message), times)
+        self.refusals.append(refusal)
+        return refusal
+
+    def _refuse_if_asked(self, request: rendering.Request) -> None:
+        for refusal in self.refusals:
+            if refusal.plural == request.resource.plural and refusal.times != 0:
+                if refusal.times is not None:
+                    refusal.times -= 1
+                raise refusal.error
 
     def _replace(self, request: rendering.Request, data: Any) -> rendering.Request:
         """The request with new data; kmock matches reactions against its own list of requests."""
@@ -83,7 +113,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         data["metadata"] = meta
         if self._has_status(request.resource):
             data.pop("status", None)
-        return data
+        return job_with_server_labels(data) if data.get("kind") == "Job" else data
 
     def _versioned_patch(self, request: rendering.Request) -> Any:
         """Restrict the patch to its endpoint's part, bump generation on spec changes, bump the version."""
@@ -142,6 +172,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         listing = dict(await super()._serve_list(request))
         listing["metadata"] = {"resourceVersion": str(self._current_version)}
+        listing["items"] = sorted(listing["items"], key=lambda item: (item["metadata"].get("namespace") or "", item["metadata"]["name"]))
         return listing
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:

@@ -39,6 +39,7 @@ How the runner pod is given the job (the operator builds the pod this way):
 - PVCs named by `pvc://claim/path` are mounted at `pvc_mount(claim)` under `Env.PVC_ROOT`,
   read-only for the model and read-write for the output.
 - The last event goes to the termination-message path named by `Env.TERMINATION_LOG`.
+- A pod given GPUs gets their number in `Env.GPUS`; the runner refuses a torch that cannot use them.
 
 Progress is one event per line on stdout; the last line, also written to the termination
 message, is a `ResultEvent` or a `FailureEvent`.
@@ -258,6 +259,12 @@ class Env:
     TERMINATION_LOG = "MODELPRESS_TERMINATION_LOG"
     RECIPE_FILE = "MODELPRESS_RECIPE_FILE"
     HF_TOKEN = "HF_TOKEN"
+    GPUS = "MODELPRESS_GPUS"  # the GPUs the pod was given: the runner then refuses a CPU-only torch
+
+
+# The operator's setting naming the runner image of jobs that ask for GPUs; the runner names it when
+# a GPU job finds a CPU-only torch, since that setting (or spec.runtime.image) is the fix.
+GPU_IMAGE_SETTING = "MODELPRESS_GPU_RUNNER_IMAGE"
 
 
 def pvc_mount(claim: str, pvc_root: str = PodPath.PVC_ROOT) -> str:
@@ -340,6 +347,11 @@ class Uri:
         return self.text
 
 
+def uri_prefix(scheme: Scheme) -> str:
+    """What a URI of `scheme` starts with: `s3://`."""
+    return f"{scheme}://"
+
+
 def parse_uri(text: str) -> Uri:
     """`s3://bucket/a/b` -> Uri("s3", "bucket", "a/b"); text without `://` is a local path.
 
@@ -391,7 +403,7 @@ def raw_scheme(value: Any) -> Scheme | None:
 
 def _check_uri(value: str, allowed: tuple[Scheme, ...]) -> str:
     """The spec's check of a URI: it parses, with a scheme this field takes."""
-    hint = ", ".join(f"{s}://…" for s in allowed if s != "local")
+    hint = ", ".join(f"{uri_prefix(s)}…" for s in allowed if s != "local")
     try:
         scheme = parse_uri(value).scheme
     except UnsupportedScheme:
@@ -557,11 +569,23 @@ class Resources(Strict):
     shm: Quantity = Field("2Gi", description="size of /dev/shm")
 
 
+AccessMode = Literal["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"]
+
+
+class ScratchVolume(Strict):
+    """The job's scratch claim: one for all its pod retries, so a retry resumes where the last pod stopped."""
+
+    storage_class_name: Name | None = Field(None, description="storage class of the claim (default: the operator's, else the cluster's)")
+    access_mode: AccessMode | None = Field(None, description="access mode of the claim (default: the operator's, else ReadWriteOnce)")
+    delete_on_success: bool = Field(False, description="delete the claim once the job succeeded (it always goes with the CompressionJob)")
+
+
 class Runtime(Strict):
     """How the operator runs the pod; the runner itself reads none of it."""
 
-    image: Annotated[str, Field(max_length=512)] | None = Field(None, description="runner image (default: the operator's)")
+    image: Annotated[str, Field(max_length=512)] | None = Field(None, description="runner image (default: the operator's, its GPU image for a job with gpus)")
     resources: Resources = Field(default_factory=Resources)
+    scratch_volume: ScratchVolume = Field(default_factory=ScratchVolume)
     node_selector: LabelMap | None = None
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
     affinity: Annotated[dict[str, Any], Field(max_length=3), BeforeValidator(_bounded)] | None = Field(
@@ -570,7 +594,7 @@ class Runtime(Strict):
     priority_class_name: Name | None = None
     service_account_name: Name | None = None
     backoff_limit: Annotated[int, Field(ge=0, le=10)] = 0
-    active_deadline_seconds: Annotated[int, Field(ge=60)] | None = None
+    active_deadline_seconds: Annotated[int, Field(ge=60)] | None = Field(None, description="wall-clock cap of the run, retries included (default: the operator's)")
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
     suspend: bool = False
 
@@ -689,6 +713,8 @@ class CompressionJob(Strict):
     kind: Literal["CompressionJob"]
     metadata: ObjectMeta
     spec: JobSpec
+    # what the operator wrote: a job read back from the cluster (`kubectl get -o yaml`) still runs
+    status: dict[str, Any] | None = Field(None, exclude=True)
 
 
 def parse_job(document: Any) -> CompressionJob:

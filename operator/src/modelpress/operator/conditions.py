@@ -3,14 +3,19 @@
 kstatus (Flux's health checks, `kstatus` and cli-utils) reads three things: `observedGeneration`,
 and the two "abnormal-true" conditions, `Reconciling` (work is under way: InProgress) and
 `Stalled` (it cannot go on without help: Failed); with neither True and the generation observed,
-the object is Current. `Ready` is the positive condition people and Argo CD look for. A
-CompressionJob runs to completion, so:
+the object is Current. `Ready` is the positive condition people and Argo CD look for. The two
+abnormal-true conditions are never True together (Flux's convention; kstatus reads whichever comes
+first). A CompressionJob runs to completion, and the operator still has work after the outcome
+(releasing the runner pods, deleting the scratch claim), so:
 
-| phase                                  | Ready | Reconciling | Stalled |
-|----------------------------------------|-------|-------------|---------|
-| Pending, Queued, Suspended, Running    | False | True        | False   |
-| Succeeded                              | True  | False       | False   |
-| Failed                                 | False | False       | True    |
+| phase                                  | operator            | Ready | Reconciling | Stalled |
+|----------------------------------------|---------------------|-------|-------------|---------|
+| Pending, Queued, Suspended, Running    | going on            | False | True        | False   |
+| Pending, Queued, Suspended, Running    | blocked on a person | False | False       | True    |
+| Succeeded                              | releasing           | True  | True        | False   |
+| Succeeded                              | released            | True  | False       | False   |
+| Failed                                 | releasing           | False | True        | False   |
+| Failed                                 | released            | False | False       | True    |
 
 A suspended job counts as in progress: it has not produced its model, and a health check that
 waits for it must keep waiting, not report it done. Every condition carries the phase's reason
@@ -31,15 +36,7 @@ READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
 UNOBSERVED = {"observedGeneration": -1}
 ConditionStatus = Literal["True", "False"]
 
-# phase -> (Ready, Reconciling, Stalled)
-_RULES: dict[str, tuple[ConditionStatus, ConditionStatus, ConditionStatus]] = {
-    "Pending": ("False", "True", "False"),
-    "Queued": ("False", "True", "False"),
-    "Suspended": ("False", "True", "False"),
-    "Running": ("False", "True", "False"),
-    "Succeeded": ("True", "False", "False"),
-    "Failed": ("False", "False", "True"),
-}
+TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
@@ -50,10 +47,20 @@ class KstatusCondition:
     status: ConditionStatus
 
 
-def kstatus_conditions(phase: str) -> list[KstatusCondition]:
-    """Ready, Reconciling and Stalled for a phase (an unknown phase counts as still in progress)."""
-    ready, reconciling, stalled = _RULES.get(phase, _RULES["Pending"])
-    return [KstatusCondition(READY, ready), KstatusCondition(RECONCILING, reconciling), KstatusCondition(STALLED, stalled)]
+def _flag(value: bool) -> ConditionStatus:
+    return "True" if value else "False"
+
+
+def kstatus_conditions(phase: str, blocked: bool = False, released: bool = False) -> list[KstatusCondition]:
+    """Ready, Reconciling and Stalled for a phase (an unknown phase counts as still in progress).
+
+    `blocked`: the run cannot go on until a person acts; `released`: the operator holds nothing of a
+    finished run any more."""
+    terminal = phase in TERMINAL_PHASES
+    stalled = (blocked and not terminal) or (phase == "Failed" and released)
+    reconciling = not stalled and not (terminal and released)
+    return [KstatusCondition(READY, _flag(phase == "Succeeded")), KstatusCondition(RECONCILING, _flag(reconciling)),
+            KstatusCondition(STALLED, _flag(stalled))]
 
 
 def observed(status: Mapping[str, Any], generation: int) -> dict[str, Any]:

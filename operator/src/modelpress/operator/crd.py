@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from modelpress.operator.conditions import UNOBSERVED
 from modelpress.operator.status import Status
-from modelpress.contract import API_VERSION, KIND, RUNTIME_FLAGS, STATIC_ACTIVATION_PRESETS, JobSpec
+from modelpress.contract import API_VERSION, KIND, RUNTIME_FLAGS, STATIC_ACTIVATION_PRESETS, JobSpec, Scheme, uri_prefix
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "compressionjobs"
@@ -32,6 +32,13 @@ NO_SERVER_DEFAULT = {("Recipe", "algorithm"), ("Recipe", "ignore")}
 
 _NEEDS_NO_DATA = " && ".join(f"self.recipe.preset != '{p}'" for p in sorted(STATIC_ACTIVATION_PRESETS))
 
+
+def _only_for(field: str, scheme: Scheme, what: str) -> dict[str, str]:
+    """`field` may be set only when self.uri has `scheme` (the contract's spelling of its prefix)."""
+    prefix = uri_prefix(scheme)
+    return {"rule": f"!has(self.{field}) || self.uri.startsWith('{prefix}')", "message": f"{field} only applies to {prefix} {what}"}
+
+
 # CEL rules per model (by class name), restating the model's validators.
 RULES: dict[str, list[dict[str, str]]] = {
     "Recipe": [
@@ -40,18 +47,11 @@ RULES: dict[str, list[dict[str, str]]] = {
         {"rule": "has(self.preset) || !(has(self.algorithm) || has(self.groupSize) || has(self.ignore))",
          "message": "algorithm, groupSize and ignore only apply to a preset; set them inside the recipe instead"},
     ],
-    "ModelSource": [
-        {"rule": "!has(self.revision) || self.uri.startsWith('hf://')", "message": "revision only applies to hf:// models"},
-        {"rule": "!has(self.tokenSecret) || self.uri.startsWith('hf://')", "message": "tokenSecret only applies to hf:// models"},
-        {"rule": "!has(self.connection) || self.uri.startsWith('s3://')", "message": "connection only applies to s3:// models"},
-    ],
-    "Output": [
-        {"rule": "!has(self.connection) || self.uri.startsWith('s3://')", "message": "connection only applies to s3:// outputs"},
-        {"rule": "!has(self.publishConnection) || self.uri.startsWith('s3://')",
-         "message": "publishConnection only applies to s3:// outputs"},
-    ],
+    "ModelSource": [_only_for("revision", "hf", "models"), _only_for("tokenSecret", "hf", "models"),
+                    _only_for("connection", "s3", "models")],
+    "Output": [_only_for("connection", "s3", "outputs"), _only_for("publishConnection", "s3", "outputs")],
     "Serve": [
-        {"rule": "self.args.all(a, " + " && ".join(f"a != '{flag}' && !a.startsWith('{flag}=')" for flag in RUNTIME_FLAGS) + ")",
+        {"rule": "self.args.all(a, !a.matches('^(" + "|".join(RUNTIME_FLAGS) + ")(=|$)'))",
          "message": f"the ServingRuntime sets {', '.join(RUNTIME_FLAGS)} itself; remove them from args"},
     ],
     "Evaluation": [

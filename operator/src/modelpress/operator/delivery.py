@@ -14,18 +14,16 @@ job is done, the connection and the served model are the user's.
 import asyncio
 import base64
 import datetime
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
-from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from modelpress.contract import CompressionJob, S3Key, parse_uri
-from modelpress.operator import serving
+from modelpress.operator import kube, serving
 from modelpress.operator.config import OperatorConfig
 from modelpress.operator.crd import GROUP, PLURAL, VERSION
 from modelpress.operator.job_builder import recipe_summary
@@ -38,89 +36,22 @@ PUBLISHED, SERVING, REGISTERED = "Published", "Serving", "Registered"
 # Registration outcomes no retry can change: only a new CompressionJob (another version name) can.
 FINAL_REGISTRY_REASONS = ("VersionExists", "RegistryRefused")
 
-Resource = tuple[str, str, str]
-
-
-# --- the API calls (run in a worker thread: the Kubernetes client blocks) ---------------------------------
-
-
-def _raw(response: Any) -> dict[str, Any]:
-    return json.loads(response.data)
-
-
-def read_secret(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
-    """The Secret itself (values included, base64): only ever copied into another Secret or decoded for an address."""
-    try:
-        return _raw(client.CoreV1Api(api).read_namespaced_secret(name, namespace, _preload_content=False))
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
-
-
-def write_connection(api: client.ApiClient, manifest: Mapping[str, Any]) -> str:
-    """Create the connection, or update one ModelPress wrote before. -> "created", "updated" or "taken"."""
-    core, meta = client.CoreV1Api(api), manifest["metadata"]
-    try:
-        core.create_namespaced_secret(meta["namespace"], manifest, _preload_content=False)
-        return "created"
-    except ApiException as err:
-        if err.status != 409:
-            raise
-    existing = read_secret(api, meta["namespace"], meta["name"])
-    if existing is None or not serving.made_by_operator(existing):
-        return "taken"
-    core.patch_namespaced_secret(meta["name"], meta["namespace"], {"metadata": {
-        "labels": meta["labels"], "annotations": meta["annotations"], "ownerReferences": meta.get("ownerReferences")},
-        "data": manifest["data"]}, _preload_content=False)
-    return "updated"
-
-
-def read_object(api: client.ApiClient, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
-    group, version, plural = resource
-    try:
-        return _raw(client.CustomObjectsApi(api).get_namespaced_custom_object(
-            group, version, namespace, plural, name, _preload_content=False))
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
-
-
-def create_object(api: client.ApiClient, resource: Resource, manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """Create the object; when one of its name exists, return that one (the caller decides whose it is)."""
-    group, version, plural = resource
-    meta = manifest["metadata"]
-    try:
-        return _raw(client.CustomObjectsApi(api).create_namespaced_custom_object(
-            group, version, meta["namespace"], plural, manifest, _preload_content=False))
-    except ApiException as err:
-        if err.status != 409:
-            raise
-    existing = read_object(api, resource, meta["namespace"], meta["name"])
-    if existing is None:
-        raise RuntimeError(f"{manifest['kind']} {meta['name']} vanished while being adopted")
-    return existing
-
-
-def delete_object(api: client.ApiClient, resource: Resource, namespace: str, name: str) -> None:
-    group, version, plural = resource
-    try:
-        client.CustomObjectsApi(api).delete_namespaced_custom_object(group, version, namespace, plural, name)
-    except ApiException as err:
-        if err.status != 404:
-            raise
-
-
-def delete_secret(api: client.ApiClient, namespace: str, name: str) -> None:
-    try:
-        client.CoreV1Api(api).delete_namespaced_secret(name, namespace)
-    except ApiException as err:
-        if err.status != 404:
-            raise
-
 
 # --- the steps ---------------------------------------------------------------------------------------------
+
+
+def write_connection(api: kube.Api, manifest: Mapping[str, Any]) -> str:
+    """Create the connection, or update one ModelPress wrote before. -> "created", "updated" or "taken"."""
+    meta = manifest["metadata"]
+    if kube.create_secret(api, manifest):
+        return "created"
+    existing = kube.read_secret(api, meta["namespace"], meta["name"])
+    if existing is None or not serving.made_by_operator(existing):
+        return "taken"
+    kube.patch_secret(api, meta["namespace"], meta["name"], {"metadata": {
+        "labels": meta["labels"], "annotations": meta["annotations"], "ownerReferences": meta.get("ownerReferences")},
+        "data": manifest["data"]})
+    return "updated"
 
 
 def decoded(secret: Mapping[str, Any] | None, key: str) -> str | None:
@@ -134,7 +65,7 @@ class Delivery:
     """One pass over the steps for one CompressionJob: what it read, and the status it will write."""
 
     body: Mapping[str, Any]
-    api: client.ApiClient
+    api: kube.Api
     config: OperatorConfig
     status: dict[str, Any] = field(init=False)
     conditions: list[dict[str, Any]] = field(init=False)
@@ -161,7 +92,7 @@ class Delivery:
 
     async def output_connection(self, name: str) -> dict[str, Any] | None:
         if self.source is None:
-            self.source = await asyncio.to_thread(read_secret, self.api, self.body["metadata"]["namespace"], name)
+            self.source = await asyncio.to_thread(kube.read_secret, self.api, self.body["metadata"]["namespace"], name)
         return self.source
 
 
@@ -232,7 +163,7 @@ async def serve(work: Delivery, job: CompressionJob) -> None:
             if not await ensure_runtime(work, job, name):
                 return
         manifest = serving.inference_service(work.body, job, config.serving_platform, runtime, connection)
-        isvc = await asyncio.to_thread(create_object, work.api, serving.ISVC, manifest)
+        isvc = await asyncio.to_thread(kube.create_object, work.api, serving.ISVC, manifest)
     except ApiException as err:
         serving_refused(work, err, namespace)
         return
@@ -247,14 +178,14 @@ async def serve(work: Delivery, job: CompressionJob) -> None:
 async def ensure_runtime(work: Delivery, job: CompressionJob, name: str) -> bool:
     """A ServingRuntime of the job's own from the platform's vLLM template; False (reported) when there can be none."""
     config, namespace = work.config, work.body["metadata"]["namespace"]
-    existing = await asyncio.to_thread(read_object, work.api, serving.RUNTIME, namespace, name)
+    existing = await asyncio.to_thread(kube.read_object, work.api, serving.RUNTIME, namespace, name)
     if existing is not None:
         if serving.made_for(existing, work.body):
             return True
         work.report(SERVING, "False", "NameTaken", f"spec.serve.name: ServingRuntime {name!r} exists and belongs to "
                                                    "something else; name another, or give spec.serve.runtime")
         return False
-    template = await asyncio.to_thread(read_object, work.api, serving.TEMPLATE, config.serving_template_namespace,
+    template = await asyncio.to_thread(kube.read_object, work.api, serving.TEMPLATE, config.serving_template_namespace,
                                        config.serving_runtime_template)
     if template is None:
         work.report(SERVING, "False", "RuntimeTemplateNotFound",
@@ -266,7 +197,7 @@ async def ensure_runtime(work: Delivery, job: CompressionJob, name: str) -> bool
     except serving.TemplateUnusable as err:
         work.report(SERVING, "False", "RuntimeTemplateUnusable", str(err))
         return False
-    made = await asyncio.to_thread(create_object, work.api, serving.RUNTIME, manifest)
+    made = await asyncio.to_thread(kube.create_object, work.api, serving.RUNTIME, manifest)
     if not serving.made_for(made, work.body):
         work.report(SERVING, "False", "NameTaken", f"ServingRuntime {name!r} appeared and belongs to something else")
         return False
@@ -292,7 +223,7 @@ async def mirror(work: Delivery) -> None:
     name = work.status["serving"].get("name")
     if not name:
         return
-    isvc = await asyncio.to_thread(read_object, work.api, serving.ISVC, work.body["metadata"]["namespace"], name)
+    isvc = await asyncio.to_thread(kube.read_object, work.api, serving.ISVC, work.body["metadata"]["namespace"], name)
     state = serving.serving_state(isvc, name)
     work.status["serving"] = {**work.status["serving"], "url": state.url, "ready": state.ready}
     work.report(SERVING, state.status, state.reason, state.message)
@@ -346,7 +277,7 @@ async def registry_token(work: Delivery, job: CompressionJob) -> str | None:
     ref = job.spec.registration.token_secret
     if ref is None:
         return None
-    secret = await asyncio.to_thread(read_secret, work.api, work.body["metadata"]["namespace"], ref.name)
+    secret = await asyncio.to_thread(kube.read_secret, work.api, work.body["metadata"]["namespace"], ref.name)
     token = decoded(secret, ref.key)
     if not token:
         raise RegistryRetry("WaitingForReference", f"spec.register.tokenSecret: Secret {ref.name!r} with key {ref.key!r} "
@@ -402,15 +333,15 @@ async def undeliver(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     serve_spec, publish_spec = job.spec.serve, job.spec.output.publish_connection
     name = (status.get("serving") or {}).get("name")
     if serve_spec is not None and serve_spec.delete_with_job and name:
-        await asyncio.to_thread(delete_object, memo.api, serving.ISVC, namespace, name)
-        runtime = await asyncio.to_thread(read_object, memo.api, serving.RUNTIME, namespace, name)
+        await asyncio.to_thread(kube.delete_object, memo.api, serving.ISVC, namespace, name)
+        runtime = await asyncio.to_thread(kube.read_object, memo.api, serving.RUNTIME, namespace, name)
         if runtime is not None and serving.made_for(runtime, body):
-            await asyncio.to_thread(delete_object, memo.api, serving.RUNTIME, namespace, name)
+            await asyncio.to_thread(kube.delete_object, memo.api, serving.RUNTIME, namespace, name)
     connection = (status.get("output") or {}).get("connection")
     if publish_spec is not None and publish_spec.delete_with_job and connection:
-        secret = await asyncio.to_thread(read_secret, memo.api, namespace, connection)
+        secret = await asyncio.to_thread(kube.read_secret, memo.api, namespace, connection)
         if secret is not None and serving.made_for(secret, body):
-            await asyncio.to_thread(delete_secret, memo.api, namespace, connection)
+            await asyncio.to_thread(kube.delete_secret, memo.api, namespace, connection)
 
 
 def register_handlers(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:

@@ -1,9 +1,14 @@
-"""The runner Job for a CompressionJob, built by pure functions from the resource and the settings.
+"""The runner Job and its scratch claim for a CompressionJob, built by pure functions from the resource and the settings.
 
 The pod follows the runner's contract (see `modelpress.contract`): the job document as JSON in
 `Env.SPEC`, each S3 connection's keys as `secretKeyRef` env prefixed by the connection's
 role, the hub token as `Env.HF_TOKEN`, scratch space and caches on one volume, the result in the
 termination message. Secret values never appear in the manifest, only references to them.
+
+The scratch volume is one PersistentVolumeClaim per CompressionJob, owned by it, so every pod retry
+mounts what the last pod left there. Each pod carries `OUTCOME_FINALIZER` from the template: it
+stays readable (exit code, termination message) until the operator has copied its outcome into
+the status, even when the Job is deleted by its TTL or by hand.
 """
 
 import hashlib
@@ -12,13 +17,18 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from modelpress.operator.config import OperatorConfig
+from modelpress.operator.crd import GROUP
 from modelpress.contract import (API_VERSION, KIND, PERMANENT_EXIT_CODES, S3_KEYS, S3_REQUIRED_KEYS, CompressionJob, Env,
                                  PodPath, S3Key, connection_uses, parse_uri, pvc_mount)
 
 CONTAINER = "runner"
-LABEL_JOB = "modelpress.dev/compressionjob-name"
+# The CompressionJob's name as a label (shortened when it would not fit) and in full as an annotation.
+LABEL_JOB = f"{GROUP}/compressionjob-name"
+ANNOTATION_JOB = LABEL_JOB
+LABEL_UID = f"{GROUP}/compressionjob-uid"
+OUTCOME_FINALIZER = f"{GROUP}/runner-outcome"
 KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
-MAX_NAME = 63  # a Job's name becomes a pod label value
+MAX_NAME = 63  # a label value's limit; a Job's name becomes one on its pods
 
 # Where each cache lives on the scratch volume: the image filesystem is not writable under restricted-v2.
 CACHE_ENV = {
@@ -31,21 +41,48 @@ CACHE_ENV = {
     "MPLCONFIGDIR": f"{PodPath.SCRATCH}/cache/matplotlib",
 }
 
-# The injected bundle (system roots plus cluster CAs) and where OpenShift AI's convention mounts each key.
+# The injected bundle (system roots plus cluster CAs), the custom CAs, and where OpenShift AI's
+# convention mounts each key.
+CLUSTER_CA, CUSTOM_CA = "ca-bundle.crt", "odh-ca-bundle.crt"
 CA_MOUNTS = {
-    "ca-bundle.crt": "/etc/pki/tls/certs/odh-trusted-ca-bundle.crt",
-    "odh-ca-bundle.crt": "/etc/ssl/certs/odh-ca-bundle.crt",
+    CLUSTER_CA: "/etc/pki/tls/certs/odh-trusted-ca-bundle.crt",
+    CUSTOM_CA: "/etc/ssl/certs/odh-ca-bundle.crt",
 }
+# With both keys, an init container joins them here: each CA variable replaces the default trust
+# store, so it must name one file holding the public roots, the cluster's CAs and the custom ones.
+TRUST_DIR = "/etc/modelpress/trust"
+TRUST_BUNDLE = f"{TRUST_DIR}/ca-bundle.pem"
+CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", S3Key.CA_BUNDLE)
+
+
+def _digest(text: str, length: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def child_name(cr_name: str, suffix: str) -> str:
+    """`<name>-<suffix>`, shortened with a hash of the name when it would pass 63 characters."""
+    name = f"{cr_name}-{suffix}"
+    if len(name) <= MAX_NAME:
+        return name
+    digest = _digest(cr_name, 8)
+    keep = MAX_NAME - len(digest) - len(suffix) - 2
+    return f"{cr_name[:keep].rstrip('-.')}-{digest}-{suffix}"
 
 
 def job_name(cr_name: str) -> str:
-    """`<name>-runner`, shortened with a hash when it would pass 63 characters."""
-    name = f"{cr_name}-runner"
-    if len(name) <= MAX_NAME:
-        return name
-    digest = hashlib.sha256(cr_name.encode()).hexdigest()[:8]
-    keep = MAX_NAME - len(digest) - len("--runner")
-    return f"{cr_name[:keep].rstrip('-.')}-{digest}-runner"
+    return child_name(cr_name, "runner")
+
+
+def claim_name(cr_name: str) -> str:
+    return child_name(cr_name, "scratch")
+
+
+def label_value(text: str) -> str:
+    """`text` as a label value: itself up to 63 characters, else a prefix and a hash of the whole."""
+    if len(text) <= MAX_NAME:
+        return text
+    digest = _digest(text, 10)
+    return f"{text[:MAX_NAME - len(digest) - 1].rstrip('-._')}-{digest}"
 
 
 def connection_roles(job: CompressionJob) -> dict[str, str]:
@@ -89,12 +126,36 @@ def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def labels(body: Mapping[str, Any]) -> dict[str, str]:
     """Labels of every object made for a CompressionJob (never Argo CD's tracking label)."""
+    meta = body["metadata"]
     return {
         "app.kubernetes.io/name": "modelpress-runner",
         "app.kubernetes.io/managed-by": "modelpress-operator",
         "app.kubernetes.io/part-of": "modelpress",
-        LABEL_JOB: body["metadata"]["name"],
+        LABEL_JOB: label_value(meta["name"]),
+        LABEL_UID: meta["uid"],
     }
+
+
+def annotations(body: Mapping[str, Any]) -> dict[str, str]:
+    """The CompressionJob's full name, which its label may only abbreviate."""
+    return {ANNOTATION_JOB: body["metadata"]["name"]}
+
+
+def _child_meta(body: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return {"name": name, "namespace": body["metadata"]["namespace"], "labels": labels(body),
+            "annotations": annotations(body), "ownerReferences": [owner_reference(body)]}
+
+
+def build_claim(body: Mapping[str, Any], job: CompressionJob, config: OperatorConfig) -> dict[str, Any]:
+    """The CompressionJob's scratch PersistentVolumeClaim: sized by the spec, outliving every pod."""
+    scratch = job.spec.runtime.scratch_volume
+    spec: dict[str, Any] = {"accessModes": [scratch.access_mode or config.scratch_access_mode],
+                            "resources": {"requests": {"storage": job.spec.runtime.resources.scratch}}}
+    storage_class = scratch.storage_class_name or config.scratch_storage_class
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _child_meta(body, claim_name(body["metadata"]["name"])), "spec": spec}
 
 
 def runner_document(body: Mapping[str, Any]) -> str:
@@ -143,14 +204,32 @@ def build_env(body: Mapping[str, Any], job: CompressionJob, config: OperatorConf
         env.append(_secret_env(Env.HF_TOKEN, ref.name, ref.key, optional=False))
     if job.spec.recipe.config_map is not None:
         env.append({"name": Env.RECIPE_FILE, "value": PodPath.RECIPE_FILE})
-    if "ca-bundle.crt" in ca_bundle_keys:
-        bundle = CA_MOUNTS["ca-bundle.crt"]
-        env += [{"name": name, "value": bundle} for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", S3Key.CA_BUNDLE)]
+    if job.spec.runtime.resources.gpus:
+        env.append({"name": Env.GPUS, "value": str(job.spec.runtime.resources.gpus)})
+    bundle = trust_bundle(ca_bundle_keys)
+    if bundle is not None:
+        env += [{"name": name, "value": bundle} for name in CA_VARIABLES]
     env += [{"name": key, "value": value} for key, value in sorted(config.proxy_env.items())]
     return env
 
 
-def build_volumes(job: CompressionJob, config: OperatorConfig,
+def _ca_keys(ca_bundle_keys: Collection[str]) -> list[str]:
+    return [key for key in CA_MOUNTS if key in ca_bundle_keys]
+
+
+def trust_bundle(ca_bundle_keys: Collection[str]) -> str | None:
+    """The file the CA variables name: the one bundle mounted, or the two joined; None without any."""
+    keys = _ca_keys(ca_bundle_keys)
+    if len(keys) > 1:
+        return TRUST_BUNDLE
+    return CA_MOUNTS[keys[0]] if keys else None
+
+
+def _ca_mounts(keys: list[str]) -> list[dict[str, Any]]:
+    return [{"name": "trusted-ca", "mountPath": CA_MOUNTS[key], "subPath": key, "readOnly": True} for key in keys]
+
+
+def build_volumes(cr_name: str, job: CompressionJob, config: OperatorConfig,
                   ca_bundle_keys: Collection[str] = ()) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The pod's volumes and the runner container's mounts."""
     resources = job.spec.runtime.resources
@@ -159,24 +238,41 @@ def build_volumes(job: CompressionJob, config: OperatorConfig,
     if config.scratch_volume == "emptyDir":
         volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": resources.scratch}})
     else:
-        claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": resources.scratch}}}
-        if config.scratch_storage_class:
-            claim["storageClassName"] = config.scratch_storage_class
-        volumes.append({"name": "scratch", "ephemeral": {"volumeClaimTemplate": {
-            "metadata": {"labels": {"app.kubernetes.io/part-of": "modelpress"}}, "spec": claim}}})
+        volumes.append({"name": "scratch", "persistentVolumeClaim": {"claimName": claim_name(cr_name)}})
     if job.spec.recipe.config_map is not None:
         ref = job.spec.recipe.config_map
         volumes.append({"name": "recipe", "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": PodPath.RECIPE_NAME}]}})
         mounts.append({"name": "recipe", "mountPath": PodPath.RECIPE_DIR, "readOnly": True})
-    for index, (claim_name, read_only) in enumerate(sorted(_pvc_claims(job).items())):
-        volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim_name, "readOnly": read_only}})
-        mounts.append({"name": f"pvc-{index}", "mountPath": pvc_mount(claim_name), "readOnly": read_only})
-    keys = [key for key in CA_MOUNTS if key in ca_bundle_keys]
+    for index, (claim, read_only) in enumerate(sorted(_pvc_claims(job).items())):
+        volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+        mounts.append({"name": f"pvc-{index}", "mountPath": pvc_mount(claim), "readOnly": read_only})
+    keys = _ca_keys(ca_bundle_keys)
     if keys:
         volumes.append({"name": "trusted-ca", "configMap": {
             "name": config.ca_bundle_configmap, "optional": True, "items": [{"key": key, "path": key} for key in keys]}})
-        mounts += [{"name": "trusted-ca", "mountPath": CA_MOUNTS[key], "subPath": key, "readOnly": True} for key in keys]
+        mounts += _ca_mounts(keys)
+    if trust_bundle(ca_bundle_keys) == TRUST_BUNDLE:
+        volumes.append({"name": "trust", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}})
+        mounts.append({"name": "trust", "mountPath": TRUST_DIR, "readOnly": True})
     return volumes, mounts
+
+
+def _security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+
+
+def trust_container(image: str, ca_bundle_keys: Collection[str]) -> dict[str, Any]:
+    """Joins the mounted bundles into TRUST_BUNDLE before the runner starts."""
+    paths = [CA_MOUNTS[key] for key in _ca_keys(ca_bundle_keys)]
+    return {
+        "name": "trust-bundle",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["sh", "-c", f'cat "$@" > {TRUST_BUNDLE}', "sh", *paths],
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
+        "volumeMounts": [*_ca_mounts(_ca_keys(ca_bundle_keys)), {"name": "trust", "mountPath": TRUST_DIR}],
+        "securityContext": _security_context(),
+    }
 
 
 def build_resources(job: CompressionJob, config: OperatorConfig) -> dict[str, Any]:
@@ -201,12 +297,19 @@ def build_tolerations(job: CompressionJob) -> list[dict[str, Any]]:
     return tolerations
 
 
+def runner_image(job: CompressionJob, config: OperatorConfig) -> str:
+    """The spec's image, else the operator's GPU image for a job with GPUs, else its CPU image."""
+    return job.spec.runtime.image or (config.gpu_runner_image if job.spec.runtime.resources.gpus else config.runner_image)
+
+
 def pod_failure_policy() -> dict[str, Any]:
-    """Invalid input and a failed quality gate fail the Job at once; evictions do not count as retries."""
+    """Evictions and preemptions never count as retries (checked first: a pod stopped that way may
+    exit with any code); invalid input and a failed quality gate fail the Job at once; anything
+    else, an OOM kill included, counts against backoffLimit."""
     return {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                               "values": [int(code) for code in PERMANENT_EXIT_CODES]}},
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
 
 
@@ -217,10 +320,11 @@ def build_job(body: Mapping[str, Any], job: CompressionJob, config: OperatorConf
     meta = body["metadata"]
     cr_labels = meta.get("labels") or {}
     pod_labels = labels(body)
-    volumes, mounts = build_volumes(job, config, ca_bundle_keys)
+    image = runner_image(job, config)
+    volumes, mounts = build_volumes(meta["name"], job, config, ca_bundle_keys)
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": runtime.image or config.runner_image,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": list(config.runner_command),
         "env": build_env(body, job, config, ca_bundle_keys),
@@ -228,11 +332,7 @@ def build_job(body: Mapping[str, Any], job: CompressionJob, config: OperatorConf
         "volumeMounts": mounts,
         "terminationMessagePath": PodPath.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True,
-        },
+        "securityContext": _security_context(),
     }
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -241,6 +341,8 @@ def build_job(body: Mapping[str, Any], job: CompressionJob, config: OperatorConf
         "containers": [container],
         "volumes": volumes,
     }
+    if trust_bundle(ca_bundle_keys) == TRUST_BUNDLE:
+        pod["initContainers"] = [trust_container(image, ca_bundle_keys)]
     tolerations = build_tolerations(job)
     if tolerations:
         pod["tolerations"] = tolerations
@@ -255,23 +357,17 @@ def build_job(body: Mapping[str, Any], job: CompressionJob, config: OperatorConf
         "parallelism": 1,
         "suspend": runtime.suspend,
         "podFailurePolicy": pod_failure_policy(),
-        "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+        "template": {"metadata": {"labels": pod_labels, "annotations": annotations(body),
+                                  "finalizers": [OUTCOME_FINALIZER]}, "spec": pod},
     }
-    if runtime.active_deadline_seconds is not None:
-        spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
+    deadline = runtime.active_deadline_seconds or config.active_deadline_seconds
+    if deadline is not None:
+        spec["activeDeadlineSeconds"] = deadline
     if runtime.ttl_seconds_after_finished is not None:
         spec["ttlSecondsAfterFinished"] = runtime.ttl_seconds_after_finished
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": {**pod_labels, **{k: cr_labels[k] for k in KUEUE_LABELS if k in cr_labels}},
-            "ownerReferences": [owner_reference(body)],
-        },
-        "spec": spec,
-    }
+    metadata = _child_meta(body, job_name(meta["name"]))
+    metadata["labels"].update({k: cr_labels[k] for k in KUEUE_LABELS if k in cr_labels})
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 
 def is_kueue_managed(body: Mapping[str, Any]) -> bool:

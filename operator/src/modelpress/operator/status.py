@@ -7,17 +7,17 @@ condition (Unknown while running, True or False at the end) and the kstatus set 
 
 import datetime
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from modelpress.operator.faults import Blocker, creation_blocker, parse_time, pod_blocker
 from modelpress.contract import EXIT_REASONS, PERMANENT_EXIT_CODES, ExitCode, FailureEvent, ProgressEvent, ResultEvent, parse_event
-from modelpress.operator.conditions import kstatus_conditions
+from modelpress.operator.conditions import RECONCILING, TERMINAL_PHASES, kstatus_conditions
 
 Phase = Literal["Pending", "Queued", "Suspended", "Running", "Succeeded", "Failed"]
-TERMINAL_PHASES = ("Succeeded", "Failed")
 REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 Text = Annotated[str, Field(max_length=1024)]
 Time = Annotated[str, Field(max_length=64, json_schema_extra={"format": "date-time"})]
@@ -110,6 +110,7 @@ class Status(Wire):
     phase: Phase | None = None
     observed_generation: Annotated[int, Field(ge=-1)] | None = Field(None, description="-1 until the operator has seen the job")
     job_name: Text | None = None
+    scratch_claim: Text | None = Field(None, description="the scratch PersistentVolumeClaim every pod of the run mounts")
     recipe: Text | None = Field(None, description="the recipe in a few words, for the printer column")
     start_time: Time | None = None
     completion_time: Time | None = None
@@ -136,6 +137,7 @@ class Observation(BaseModel):
     start_time: str | None = None
     completion_time: str | None = None
     termination_message: str | None = None
+    stalled: bool = False  # blocked on something only a person can fix
 
 
 def _true(obj: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
@@ -145,29 +147,50 @@ def _true(obj: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
-def _terminated(pods: list[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The runner container's last terminated state across the Job's pods (newest pod first)."""
-    newest = sorted(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "", reverse=True)
-    for pod in newest:
-        for status in (pod.get("status") or {}).get("containerStatuses") or []:
-            state = status.get("state", {}).get("terminated") or status.get("lastState", {}).get("terminated")
-            if state:
-                return state
+def finished(pod: Mapping[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def newest_pod(pods: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The Job's current pod. With one pod at a time, replaced only once it has failed, an unfinished
+    pod is the newest, a succeeded one ends the Job, and failed ones are ordered by creation."""
+    def rank(pod: Mapping[str, Any]) -> tuple[int, str, str]:
+        order = {"Failed": 0, "Succeeded": 1}.get((pod.get("status") or {}).get("phase"), 2)
+        meta = pod.get("metadata") or {}
+        return order, meta.get("creationTimestamp") or "", meta.get("name") or ""
+
+    return max(pods, key=rank) if pods else None
+
+
+def _terminated(pod: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The runner container's terminated state in `pod` (the pod's one container)."""
+    for status in ((pod or {}).get("status") or {}).get("containerStatuses") or []:
+        state = (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated")
+        if state:
+            return state
     return None
 
 
-def _waiting(pods: list[Mapping[str, Any]]) -> tuple[str, str] | None:
-    """Why a pod is not running yet: a container waiting reason or an unschedulable pod."""
-    for pod in pods:
-        status = pod.get("status") or {}
-        for container in status.get("containerStatuses") or []:
-            waiting = container.get("state", {}).get("waiting")
-            if waiting and waiting.get("reason"):
-                return waiting["reason"], waiting.get("message", "")
-        for cond in status.get("conditions") or []:
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                return cond.get("reason") or "Unschedulable", cond.get("message", "")
+def _waiting_reason(pod: Mapping[str, Any]) -> str | None:
+    """A container's waiting reason on the way to running (ContainerCreating, PodInitializing)."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        reason = ((status.get("state") or {}).get("waiting") or {}).get("reason")
+        if reason:
+            return reason
     return None
+
+
+def pod_ending(pod: Mapping[str, Any]) -> str:
+    """How a finished pod ended, in a few words."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            return f"was stopped by the cluster ({cond.get('reason') or 'DisruptionTarget'}: {cond.get('message') or 'evicted'})"
+    terminated = _terminated(pod) or {}
+    if terminated.get("reason") == "OOMKilled":
+        return "ran out of memory (OOMKilled)"
+    if "exitCode" in terminated:
+        return f"exited with code {terminated['exitCode']}"
+    return f"ended ({(pod.get('status') or {}).get('reason') or 'no reason given'})"
 
 
 def failure_reason(job_reason: str | None, terminated: Mapping[str, Any] | None) -> str:
@@ -191,12 +214,38 @@ def failure_message(terminated: Mapping[str, Any] | None, fallback: str) -> str:
     return (raw.strip() or fallback)[:4096]
 
 
-def observe(job: Mapping[str, Any] | None, pods: list[Mapping[str, Any]], kueue: bool) -> Observation:
-    """Reduce a Job and its pods to one phase with a reason (pure; FailureTarget alone is not terminal)."""
-    if job is None:
-        return Observation(phase="Pending", reason="JobNotCreated", message="the runner Job does not exist yet")
+def _blocked(blocker: Blocker, **times: str | None) -> Observation:
+    phase: Phase = "Failed" if blocker.kind == "fatal" else "Pending"
+    completion = {"completion_time": now()} if phase == "Failed" else {}
+    return Observation(phase=phase, reason=blocker.reason, message=blocker.message, stalled=blocker.kind == "stalled",
+                       **{**times, **completion})
+
+
+def _retry_note(pod: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> str:
+    """Which try `pod` is, and how the one before it ended; empty for the first."""
+    before = [p for p in pods if p is not pod and finished(p)]
+    if not before:
+        return ""
+    return f" (try {len(before) + 1}: the pod before it {pod_ending(newest_pod(before) or before[-1])})"
+
+
+def _unfinished(pod: Mapping[str, Any], pods: list[Mapping[str, Any]], **times: str | None) -> Observation:
+    """A pod on its way: running, blocked, or still starting."""
+    note = _retry_note(pod, pods)
+    if (pod.get("status") or {}).get("phase") == "Running":
+        return Observation(phase="Running", reason="Running", message="the runner is working" + note, **times)
+    if blocker := pod_blocker(pod):
+        return _blocked(blocker, **times)
+    return Observation(phase="Pending", reason=_waiting_reason(pod) or "PodPending",
+                       message="waiting for the runner pod to start" + note, **times)
+
+
+def observe(job: Mapping[str, Any], pods: list[Mapping[str, Any]], kueue: bool,
+            events: Sequence[Mapping[str, Any]] = ()) -> Observation:
+    """Reduce a Job, its pods and its events to one phase with a reason (FailureTarget alone is not terminal)."""
     status = job.get("status") or {}
-    terminated = _terminated(pods)
+    pod = newest_pod(pods)
+    terminated = _terminated(pod)
     message = (terminated or {}).get("message") or ""
     times = {"start_time": status.get("startTime"), "completion_time": status.get("completionTime")}
     if _true(job, "Complete"):
@@ -211,11 +260,59 @@ def observe(job: Mapping[str, Any] | None, pods: list[Mapping[str, Any]], kueue:
         if kueue:
             return Observation(phase="Queued", reason="Queued", message="waiting for Kueue to admit the Job", **times)
         return Observation(phase="Suspended", reason="Suspended", message="spec.runtime.suspend is true", **times)
-    if any((p.get("status") or {}).get("phase") == "Running" for p in pods):
-        return Observation(phase="Running", reason="Running", message="the runner is working", **times)
-    if waiting := _waiting(pods):
-        return Observation(phase="Pending", reason=waiting[0], message=waiting[1], **times)
-    return Observation(phase="Pending", reason="PodPending", message="waiting for the runner pod to start", **times)
+    start = {"start_time": times["start_time"]}
+    if pod is not None and not finished(pod):
+        return _unfinished(pod, pods, **start)
+    since = parse_time((pod or {}).get("metadata", {}).get("creationTimestamp"))
+    if blocker := creation_blocker(events, job, since):
+        return _blocked(blocker, **start)
+    if pod is not None:
+        return Observation(phase="Pending", reason="Retrying",
+                           message=f"the runner pod {pod_ending(pod)}; the Job starts another, which resumes from the scratch volume", **start)
+    return Observation(phase="Pending", reason="PodPending", message="waiting for the runner pod to be created", **start)
+
+
+def observe_without_job(pods: list[Mapping[str, Any]], job_name: str) -> Observation:
+    """The outcome when the Job is gone (its TTL, a person): its pods, which the outcome finalizer
+    keeps until the operator has read them, say how the run ended."""
+    pod = newest_pod(pods)
+    if pod is None:
+        return Observation(phase="Failed", reason="JobDeleted", completion_time=now(),
+                           message=f"Job {job_name} was deleted before it finished; create a new CompressionJob")
+    if not finished(pod):
+        return _unfinished(pod, pods)
+    terminated = _terminated(pod) or {}
+    times = {"start_time": terminated.get("startedAt"), "completion_time": terminated.get("finishedAt") or now()}
+    message = terminated.get("message") or None
+    if pod["status"]["phase"] == "Succeeded":
+        return Observation(phase="Succeeded", reason="Succeeded", message="the runner finished", termination_message=message,
+                           exit_code=ExitCode.OK, **times)
+    if terminated.get("exitCode") in PERMANENT_EXIT_CODES:
+        reason = failure_reason(None, terminated)
+        return Observation(phase="Failed", reason=reason, message=failure_message(terminated, reason),
+                           exit_code=terminated.get("exitCode"), termination_message=message, **times)
+    return Observation(phase="Failed", reason="JobDeleted", exit_code=terminated.get("exitCode"), **times,
+                       message=f"Job {job_name} was deleted before it finished (its last pod {pod_ending(pod)}); "
+                               "create a new CompressionJob")
+
+
+def stalled_since(status: Mapping[str, Any]) -> datetime.datetime | None:
+    """When the run became stalled, from its Stalled condition (whose time moves only when it flips)."""
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Stalled" and cond.get("status") == "True":
+            return parse_time(cond.get("lastTransitionTime"))
+    return None
+
+
+def escalate(observation: Observation, status: Mapping[str, Any], clock: datetime.datetime, stall_timeout: float) -> Observation:
+    """A stall that has lasted `stall_timeout` seconds ends the run: Failed, with the stall's reason."""
+    since = stalled_since(status) if observation.stalled else None
+    if since is None or (clock - since).total_seconds() < stall_timeout:
+        return observation
+    lasted = f"{round(stall_timeout)} s" if stall_timeout < 120 else f"{round(stall_timeout / 60)} min"
+    return observation.model_copy(update={
+        "phase": "Failed", "completion_time": now(),
+        "message": f"{observation.message} (blocked for {lasted} or more; fix it and create a new CompressionJob)"})
 
 
 def parse_progress(log_tail: str, previous: Mapping[str, Any] | None = None) -> Progress | None:
@@ -293,20 +390,40 @@ def set_condition(conditions: list[Mapping[str, Any]], new: Condition) -> list[d
     return out
 
 
-def succeeded_condition(phase: Phase, reason: str, message: str, generation: int) -> Condition:
-    value = {"Succeeded": "True", "Failed": "False"}.get(phase, "Unknown")
+def _condition(kind: str, value: str, reason: str, message: str, generation: int) -> Condition:
     safe_reason = reason if re.match(REASON, reason or "") else "Unknown"
-    return Condition(type="Succeeded", status=value, reason=safe_reason, message=message[:32768],
+    return Condition(type=kind, status=value, reason=safe_reason, message=message[:32768],
                      last_transition_time=now(), observed_generation=generation)
+
+
+def succeeded_condition(phase: Phase, reason: str, message: str, generation: int) -> Condition:
+    return _condition("Succeeded", {"Succeeded": "True", "Failed": "False"}.get(phase, "Unknown"), reason, message, generation)
+
+
+def _kstatus(conditions: list[dict[str, Any]], phase: str, blocked: bool, released: bool, reason: str, message: str,
+             generation: int) -> list[dict[str, Any]]:
+    """`conditions` with Ready, Reconciling and Stalled as conditions.py rules them; after the outcome,
+    Reconciling says what the operator is still doing, or that it is done."""
+    for kstatus in kstatus_conditions(phase, blocked, released):
+        why, text = reason, message
+        if kstatus.type == RECONCILING and phase in TERMINAL_PHASES:
+            why, text = ("Finishing", "releasing what the run held") if kstatus.status == "True" else (
+                phase, "the operator is done with this run")
+        conditions = set_condition(conditions, _condition(kstatus.type, kstatus.status, why, text, generation))
+    return conditions
 
 
 def status_patch(previous: Mapping[str, Any], generation: int, observation: Observation,
                  progress: Progress | None) -> dict[str, Any]:
-    """The status fields to write for `observation` (a merge patch over `previous`)."""
+    """The status fields to write for `observation` (a merge patch over `previous`).
+
+    Besides `Succeeded`, Ready and the kstatus pair that Flux and Argo CD read (conditions.py): after
+    the outcome Reconciling stays True until the operator has finished with the run (its pods
+    released, its scratch claim deleted when asked: `finished_patch`).
+    """
     cond = succeeded_condition(observation.phase, observation.reason, observation.message, generation)
     conditions = set_condition(previous.get("conditions") or [], cond)
-    for kstatus in kstatus_conditions(observation.phase):
-        conditions = set_condition(conditions, cond.model_copy(update={"type": kstatus.type, "status": kstatus.status}))
+    conditions = _kstatus(conditions, observation.phase, observation.stalled, False, cond.reason, observation.message, generation)
     patch: dict[str, Any] = {
         "phase": observation.phase,
         "observedGeneration": generation,
@@ -327,3 +444,17 @@ def status_patch(previous: Mapping[str, Any], generation: int, observation: Obse
         patch["failure"] = Failure(reason=cond.reason, message=observation.message[:4096],
                                    exit_code=observation.exit_code, time=now()).model_dump(by_alias=True, exclude_none=True)
     return patch
+
+
+def reconciling(status: Mapping[str, Any]) -> bool:
+    """Whether the operator still has work on this run (a missing condition: a run from before it existed)."""
+    return any(c.get("type") == "Reconciling" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def finished_patch(previous: Mapping[str, Any], generation: int) -> dict[str, Any]:
+    """Reconciling turns False (and Stalled True after a failure): nothing of the finished run is held any more."""
+    conditions = [dict(c) for c in previous.get("conditions") or []]
+    outcome = next((c for c in conditions if c.get("type") == "Succeeded"), {})
+    phase = previous.get("phase") or "Unknown"
+    return {"conditions": _kstatus(conditions, phase, False, True, outcome.get("reason") or phase,
+                                   outcome.get("message") or "", generation)}

@@ -26,6 +26,7 @@ from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import Modifier
 from modelpress.engine.recipe import load_recipe, parse_recipe, recipe_yaml
 from modelpress.engine.weights import check_model_dir, load_tokenizer
+from modelpress.runner.accelerator import require_gpu
 from modelpress.runner.connections import (LocalObjects, S3Connection, hf_token, recipe_text, refusing_permanently, s3_connection,
                                            secret_values)
 from modelpress.runner.data import calibration_set, evaluation_text, open_dataset, self_generated
@@ -175,6 +176,7 @@ def prepare(job: CompressionJob, ctx: Context) -> State:
     """Everything that can fail on bad input before any work: credentials, output, recipe."""
     started = time.monotonic()
     spec, env = job.spec, ctx.env
+    require_gpu(env)
     connections = _connections(spec, ctx)
     token = hf_token(spec.model.token_secret, env, ctx.objects)
     ctx.reporter.secrets = secret_values(list(connections.values()), token)

@@ -1,6 +1,7 @@
 -- Argo CD health of a ModelPress CompressionJob (modelpress.dev/CompressionJob).
 -- A job runs to completion: Progressing while it waits or compresses, Healthy once its model is
--- published, Degraded with the failure reason when it failed, Suspended while runtime.suspend is set.
+-- published, Degraded with the reason when it failed or is stalled on something a person must fix,
+-- Suspended while runtime.suspend is set.
 -- It reads what the operator writes: status.observedGeneration, status.phase, the kstatus
 -- conditions (Ready, Reconciling, Stalled), status.progress, status.result and status.failure.
 local hs = {}
