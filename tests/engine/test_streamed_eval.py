@@ -64,7 +64,7 @@ def test_streamed_evaluation_holds_one_layer_at_a_time(llama_dir: Path, monkeypa
 
 
 @pytest.mark.quality
-@pytest.mark.parametrize("scheme", [None, "W4A16_ASYM"])
+@pytest.mark.parametrize("scheme", ["W4A16_ASYM"])  # float is the tiny models' case; one SmolLM2 run keeps CI short
 def test_smollm2_streamed_perplexity_matches_the_whole_model(tmp_path: Path, scheme: str | None) -> None:
     smollm2 = smollm2_dir()
     model_dir = compressed(smollm2, tmp_path / "out", scheme, 64) if scheme else smollm2
