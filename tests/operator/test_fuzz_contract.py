@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from modelpress.contract import CompressionJob, InvalidSpec, connection_uses, parse_job, parse_uri, pvc_mount, secret_like
-from support.fuzz import counted, fuzz_settings
+from support.fuzz import counted, fuzz_settings, strings_in
 from support.hostile import SECRET_SHAPES
 
 FULL: dict[str, Any] = {
@@ -74,16 +74,6 @@ def documents(draw: st.DrawFn) -> Any:
     return doc
 
 
-def _strings(node: Any) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for k, v in node.items() for s in (*_strings(k), *_strings(v))]
-    if isinstance(node, list):
-        return [s for v in node for s in _strings(v)]
-    return []
-
-
 @fuzz_settings(max_examples=1500)
 @given(documents() | VALUES)
 @counted
@@ -93,7 +83,7 @@ def test_parse_job_raises_only_invalid_spec_and_never_echoes_a_secret(document: 
     except InvalidSpec as err:
         assert err.problems and all(": " in p and "\n" not in p for p in err.problems), err.problems
         said = "\n".join([str(err), *err.problems])
-        leaked = [s for s in _strings(document) if secret_like(s) and s in said]
+        leaked = [s for s in strings_in(document) if secret_like(s) and s in said]
         assert not leaked, (leaked, err.problems)
         return
     for use in connection_uses(job.spec):  # what the runner does first with a valid spec

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from modelpress.contract import secret_like
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.recipe import MODIFIERS, load_recipe, parse_recipe
-from support.fuzz import counted, fuzz_settings
+from support.fuzz import counted, fuzz_settings, strings_in
 from support.hostile import SECRET_SHAPES
 
 ARGUMENTS = sorted({name for cls in MODIFIERS.values() for name in cls.model_fields})
@@ -47,16 +47,6 @@ JUNK = st.dictionaries(st.sampled_from(["quant_stage", "args"]) | KEYS | st.inte
 DOCUMENTS = st.one_of(SHAPED, SHAPED, SHAPED, JUNK)
 
 
-def _strings(node: Any) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for k, v in node.items() for s in (*_strings(k), *_strings(v))]
-    if isinstance(node, list):
-        return [s for v in node for s in _strings(v)]
-    return []
-
-
 @fuzz_settings(max_examples=1200)
 @given(DOCUMENTS)
 @counted
@@ -64,7 +54,7 @@ def test_parse_recipe_raises_only_model_press_errors_and_never_echoes_a_secret(d
     try:
         modifiers = parse_recipe(document)
     except ModelPressError as err:
-        leaked = [s for s in _strings(document) if secret_like(s) and s in str(err)]
+        leaked = [s for s in strings_in(document) if secret_like(s) and s in str(err)]
         assert not leaked and "\n" not in str(err), str(err)
         return
     assert modifiers and all(type(m).__name__ in MODIFIERS for m in modifiers)

@@ -32,6 +32,17 @@ def counted(test: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+def strings_in(node: Any) -> list[str]:
+    """Every string in a document, keys included: what an error message must not repeat when secret-shaped."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in (*strings_in(k), *strings_in(v))]
+    if isinstance(node, list):
+        return [s for v in node for s in strings_in(v)]
+    return []
+
+
 def summary() -> str | None:
     """One line: examples tried in all, and by property."""
     if not TRIED:

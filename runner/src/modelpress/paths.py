@@ -16,16 +16,20 @@ class PathEscape(ModelPressError):
     """A path that would leave the place it was confined to: bad input, never worth a retry."""
 
 
+def climbs(relative: str) -> bool:
+    """Whether a relative path, by its text alone, could leave the folder it is read in: absolute, `..`, `\\` or NUL."""
+    return relative.startswith("/") or "\\" in relative or "\0" in relative or ".." in PurePosixPath(relative).parts
+
+
 def confined(root: Path, relative: str, follow_last: bool = True) -> Path:
     """`root / relative`, refused when `relative` is absolute, climbs with `..`, or a link leads out of `root`.
 
     With `follow_last=False` only the folders on the way are resolved: the caller acts on the last
     entry itself (replaces or removes a link, never writes through it).
     """
-    parts = PurePosixPath(relative).parts
-    if relative.startswith(("/", "\\")) or any(p in ("..", "") for p in parts) or "\\" in relative or "\0" in relative:
+    if climbs(relative):
         raise PathEscape(f"{relative!r} leaves {root}")
-    target = root.joinpath(*parts)
+    target = root.joinpath(*PurePosixPath(relative).parts)
     real_root = root.resolve()
     real = target.resolve() if follow_last else target.parent.resolve()
     if real != real_root and not real.is_relative_to(real_root):

@@ -87,7 +87,7 @@ class ResumeState:
 
     def _saved_after(self) -> int | None:
         path = self.folder / ACTIVATIONS
-        return torch.load(path, weights_only=True)["after"] if path.is_file() else None
+        return torch.load(path, weights_only=True, mmap=True)["after"] if path.is_file() else None  # the tensors stay unread
 
     def load_layer(self, i: int) -> FinishedLayer:
         from modelpress.engine.pipeline import LayerReport

@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 from modelpress.contract import parse_uri
 from modelpress.engine.errors import ModelPressError
-from modelpress.paths import PathEscape, confined
-from modelpress.runner.storage import CHUNK, MANIFEST, WORKERS, BytesFn, Transfer, locked, sha256_file
+from modelpress.paths import PathEscape, climbs, confined
+from modelpress.runner.storage import CHUNK, MANIFEST, WORKERS, BytesFn, Transfer, list_objects, locked, sha256_file
 
 STAGING = ".modelpress-staging"
 OWNER = "owner"  # in the staging: the job publishing, rewritten after each file as a heartbeat
@@ -55,8 +55,7 @@ def join(*parts: str) -> str:
 
 def listed_path(rel: str) -> str:
     """A path from a manifest, which may have been written by anyone: relative, without '.' or '..'."""
-    parts = PurePosixPath(rel).parts
-    if not rel or rel.startswith("/") or "\\" in rel or any(p in (".", "..") for p in parts):
+    if not rel or climbs(rel):
         raise PathEscape(f"a manifest lists {rel!r}, which is not a path inside the model")
     return rel
 
@@ -170,11 +169,11 @@ class Output:
         """Staged files into place, the files only the old model had removed, the manifest last; then no staging."""
         new = [listed_path(f["path"]) for f in swap.manifest["files"]]
         self.store.delete(join(self.target, MANIFEST))
-        staged = self.store.files(self.staging)
+        staged, placed = self.store.files(self.staging), self._target_files()
         for rel in new:
             if rel in staged:
                 self.store.move(join(self.staging, rel), join(self.target, rel))
-            elif rel not in self._target_files():
+            elif rel not in placed:
                 raise RuntimeError(f"{self.uri}: {rel} is neither staged nor in place; the retry uploads the model again")
         for rel in sorted(set(swap.replaced) - set(new)):
             self.store.delete(join(self.target, rel))
@@ -327,8 +326,6 @@ class S3Store:
             raise
 
     def files(self, prefix: str) -> dict[str, int]:
-        from modelpress.runner.storage import list_objects
-
         return {rel: meta["Size"] for rel, meta in list_objects(self.client, self.bucket, prefix).items()}
 
     def read(self, key: str) -> bytes | None:
