@@ -242,3 +242,10 @@ def test_not_servable_on_cpu(name: str, report: dict[str, Any]) -> None:
     entry = report["schemes"][name]
     assert not entry["loads"], f"{name}: vLLM's CPU build now serves it; move it to the served schemes"
     assert CASES[name].refused in entry["not_servable_on_cpu"]
+
+
+def test_every_preset_is_served_or_listed() -> None:
+    """The README's scheme table is the presets; INT8 is W8A8 under another name."""
+    from modelpress.contract import PRESETS
+
+    assert set(PRESETS) - {"INT8"} <= set(CASES)
