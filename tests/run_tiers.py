@@ -5,6 +5,8 @@
 Each tier is its own pytest run, so a tier cannot lean on what another imported: the operator
 tier runs under `--operator-python`, an interpreter without torch, as in the operator image.
 `make test` leaves out the tests marked `exhaustive`; `--all` (`make test-all`) runs them too.
+The vllm tier runs only where MODELPRESS_VLLM_PYTHON names vLLM's own interpreter (`make test-vllm`)
+and is skipped, saying so, everywhere else.
 The last line sums every tier in the form CI reads: `tests: N passed, N failed, N skipped`.
 """
 
@@ -26,6 +28,8 @@ TIERS = {
     "runner": (("runner",), "not quality"),
     "e2e": (("e2e",), "not quality"),
     "quality": (("engine", "runner", "e2e"), "quality"),
+    # vLLM in its own venv: skipped, with the reason, unless MODELPRESS_VLLM_PYTHON names its python
+    "vllm": (("vllm",), "vllm"),
 }
 
 
