@@ -17,7 +17,8 @@ from modelpress.operator.config import OperatorConfig
 from modelpress.operator.crd import GROUP, PLURAL, VERSION
 from modelpress.operator.job_builder import (CONTAINER, build_job, configmap_refs, is_kueue_managed, job_name,
                                       recipe_summary, secret_refs)
-from modelpress.operator.status import (TERMINAL_PHASES, Observation, observe, parse_progress, status_patch)
+from modelpress.operator.status import (TERMINAL_PHASES, Observation, observe, parse_memory_estimate, parse_progress,
+                                        status_patch)
 from modelpress.operator.validation import SpecRejected, missing_keys, missing_objects, parse
 
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -105,12 +106,13 @@ def sync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     else:
         pods = kube.job_pods(memo.api, namespace, name)
         observation = observe(job, pods, kueue=is_kueue_managed(body))
-    progress = None
+    progress = memory = None
     started = [p for p in pods if (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed")]
     if started:
         tail = kube.log_tail(memo.api, namespace, started[-1]["metadata"]["name"], CONTAINER, config.log_tail_lines)
         progress = parse_progress(tail, status.get("progress"))
-    update = status_patch(status, body["metadata"].get("generation", 1), observation, progress)
+        memory = parse_memory_estimate(tail)
+    update = status_patch(status, body["metadata"].get("generation", 1), observation, progress, memory)
     if _changed(status, update):
         patch.status.update(update)
     if observation.phase != status.get("phase"):
