@@ -65,6 +65,8 @@ K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 SELF_GENERATED = "self-generated"
+MIN_SEQUENCE_LENGTH = 16  # calibration.maxSequenceLength, at least
+MIN_PERPLEXITY_TOKENS = 64  # evaluation.perplexity.maxTokens, at least
 
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=K8S_NAME)]
 Short = Annotated[str, Field(min_length=1, max_length=256)]
@@ -508,7 +510,7 @@ class Calibration(Strict):
     text_field: Short = "text"
     messages_field: Short = Field("messages", description="chat messages, rendered with the chat template")
     num_samples: Annotated[int, Field(ge=1, le=100_000)] = 512
-    max_sequence_length: Annotated[int, Field(ge=16, le=131_072)] = 2048
+    max_sequence_length: Annotated[int, Field(ge=MIN_SEQUENCE_LENGTH, le=131_072)] = 2048
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
 
 
@@ -517,7 +519,7 @@ class Perplexity(Strict):
     split: Short = "test"
     subset: Short | None = None
     text_field: Short = "text"
-    max_tokens: Annotated[int, Field(ge=64, le=1_000_000)] = 8192
+    max_tokens: Annotated[int, Field(ge=MIN_PERPLEXITY_TOKENS, le=1_000_000)] = 8192
 
 
 class Evaluation(Strict):

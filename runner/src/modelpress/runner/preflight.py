@@ -26,7 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from modelpress.contract import SELF_GENERATED, JobSpec, MemoryEstimate, StageMemory, human_bytes
+from modelpress.contract import (MIN_PERPLEXITY_TOKENS, MIN_SEQUENCE_LENGTH, SELF_GENERATED, JobSpec, MemoryEstimate, StageMemory,
+                                 human_bytes)
 
 MiB = 1 << 20
 F32 = 4
@@ -346,6 +347,7 @@ def _compress_fix(shape: Shape, work: Work, runtime: int, limit: int) -> str:
 
     samples = _largest(lambda n: fits(samples=n), work.samples - 1)
     sequence = _largest(lambda n: fits(sequence=n), work.sequence - 1)
+    sequence = sequence if sequence >= MIN_SEQUENCE_LENGTH else 0
     if not samples and not sequence:
         return "no smaller calibration set fits; give the job more memory"
     ways = ([f"numSamples {samples} at maxSequenceLength {work.sequence}"] if samples else []) + (
@@ -379,7 +381,7 @@ def verdict(shape: Shape, work: Work, runtime: int, limit: int | None) -> Verdic
                 base = runtime + TOKENIZER + (LIBRARIES if compressed else 0)
                 tokens = _largest(lambda n: _perplexity(shape, replace(work, perplexity_tokens=n), base, compressed).bytes <= limit,
                                   work.perplexity_tokens - 1)
-                fix = f"maxTokens {tokens} would fit" if tokens >= 64 else "no shorter evaluation fits; give the job more memory"
+                fix = f"maxTokens {tokens} would fit" if tokens >= MIN_PERPLEXITY_TOKENS else "no shorter evaluation fits; give the job more memory"
                 problems.append(f"spec.evaluation.perplexity.maxTokens: {stage.name} {need}; {fix}")
             elif stage.name == "compress" and work.samples:
                 problems.append(f"spec.calibration.numSamples: compression {need}; {_compress_fix(shape, work, runtime, limit)}")
