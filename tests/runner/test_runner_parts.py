@@ -118,7 +118,9 @@ def test_pod_entry_reads_the_spec_from_env(llama_dir: Path, tmp_path: Path) -> N
     done = subprocess.run([sys.executable, "-m", "modelpress.runner"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
-    assert lines[0] == {"event": "stage", "stage": "fetch", "uri": str(llama_dir)} and lines[-1]["event"] == "result"
+    assert (lines[0]["event"], lines[0]["stage"]) == ("progress", "preflight")  # the memory estimate, before the fetch
+    assert [s["stage"] for s in lines[0]["memory"]["stages"]] == ["runtime", "answers", "compress", "compressed answers"]
+    assert lines[1] == {"event": "stage", "stage": "fetch", "uri": str(llama_dir)} and lines[-1]["event"] == "result"
     assert json.loads((tmp_path / "term").read_text())["output"]["uri"] == str(tmp_path / "out")
 
     spec_file = tmp_path / "spec.json"

@@ -9,7 +9,8 @@ Both sides import it, so a value the other side must agree on is written down on
   keys of two connections apart in one pod;
 - `Uri` and `parse_uri`, the one parser of model, data and output locations;
 - the events the runner writes (`ProgressEvent`, `StageEvent`, `TransferEvent`, `ResultEvent`,
-  `FailureEvent`) and `parse_event`, with which the operator reads them back.
+  `FailureEvent`) and `parse_event`, with which the operator reads them back; the memory preflight's
+  estimate (`MemoryEstimate`) rides on the first progress event.
 
     apiVersion: modelpress.dev/v1alpha1
     kind: CompressionJob
@@ -46,6 +47,7 @@ message, is a `ResultEvent` or a `FailureEvent`.
 """
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from enum import IntEnum
@@ -64,6 +66,8 @@ K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 SELF_GENERATED = "self-generated"
+MIN_SEQUENCE_LENGTH = 16  # calibration.maxSequenceLength, at least
+MIN_PERPLEXITY_TOKENS = 64  # evaluation.perplexity.maxTokens, at least
 
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=K8S_NAME)]
 Short = Annotated[str, Field(min_length=1, max_length=256)]
@@ -203,6 +207,26 @@ def secret_like(text: str) -> bool:
 
 
 HIDDEN = "a value shaped like a secret (not shown)"
+
+
+QUANTITY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+                  "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_bytes(text: str) -> int:
+    """A Kubernetes quantity of bytes (`8Gi`, `512M`, `1.5Gi`) as a number; ValueError when it is not one."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([kMGTPE]i?)?", text.strip())
+    if match is None or (match.group(2) or "") not in QUANTITY_UNITS:
+        raise ValueError(f"{text!r} is not a quantity of bytes like 8Gi or 512Mi")
+    return int(float(match.group(1)) * QUANTITY_UNITS[match.group(2) or ""])
+
+
+def human_bytes(n: int) -> str:
+    """A size for people, in binary units."""
+    if n <= 0:
+        return "0 B"
+    unit = min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024**unit:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][unit]}"
 
 
 def shown(value: Any) -> str:
@@ -498,7 +522,7 @@ class Calibration(Strict):
     text_field: Short = "text"
     messages_field: Short = Field("messages", description="chat messages, rendered with the chat template")
     num_samples: Annotated[int, Field(ge=1, le=100_000)] = 512
-    max_sequence_length: Annotated[int, Field(ge=16, le=131_072)] = 2048
+    max_sequence_length: Annotated[int, Field(ge=MIN_SEQUENCE_LENGTH, le=131_072)] = 2048
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
 
 
@@ -507,7 +531,7 @@ class Perplexity(Strict):
     split: Short = "test"
     subset: Short | None = None
     text_field: Short = "text"
-    max_tokens: Annotated[int, Field(ge=64, le=1_000_000)] = 8192
+    max_tokens: Annotated[int, Field(ge=MIN_PERPLEXITY_TOKENS, le=1_000_000)] = 8192
 
 
 class Evaluation(Strict):
@@ -784,8 +808,26 @@ class Wire(BaseModel):
         return self.model_dump_json(by_alias=True, exclude_none=True)
 
 
+class StageMemory(Wire):
+    """One stage's estimated peak resident memory, the whole process's."""
+
+    stage: str
+    bytes: int
+    skipped: bool | None = None  # the stage will not run: it would not fit (answers)
+
+
+class MemoryEstimate(Wire):
+    """The preflight's estimate of a job's peak resident memory, stage by stage, made before any download."""
+
+    peak_bytes: int
+    peak_stage: str
+    limit_bytes: int | None = None  # the pod's memory limit (cgroup), --memory-limit, or the machine's memory
+    stages: list[StageMemory] = Field(default_factory=list)
+
+
 class ProgressEvent(Wire):
-    """How far a long stage is: layers for compression, bytes for transfers, tokens for self-generated data."""
+    """How far a long stage is: layers for compression, bytes for transfers, tokens for self-generated
+    data; the first one (stage `preflight`) carries the memory estimate."""
 
     event: Literal["progress"] = "progress"
     stage: str
@@ -799,6 +841,7 @@ class ProgressEvent(Wire):
     tokens_per_second: float | None = None
     eta_seconds: int | None = Field(None, validation_alias=AliasChoices("etaSeconds", "eta_seconds", "eta_s"))  # eta_s: earlier runner images
     resumed_at: int | None = None  # compression: the first layer this run computes, the ones before were kept by an earlier run
+    memory: MemoryEstimate | None = None
 
 
 class StageEvent(Wire):

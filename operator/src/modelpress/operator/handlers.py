@@ -26,7 +26,7 @@ from modelpress.operator.faults import Blocker, refusal
 from modelpress.operator.job_builder import (CONTAINER, LABEL_UID, OUTCOME_FINALIZER, build_claim, build_job, claim_name,
                                              configmap_refs, is_kueue_managed, job_name, recipe_summary, secret_refs)
 from modelpress.operator.status import (TERMINAL_PHASES, Observation, escalate, finished, finished_patch, newest_pod, observe,
-                                        observe_without_job, parse_progress, reconciling, stalled_since, status_patch)
+                                        observe_without_job, parse_memory_estimate, parse_progress, reconciling, stalled_since, status_patch)
 from modelpress.operator.validation import SpecRejected, missing_keys, missing_objects, parse
 
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -176,11 +176,12 @@ def sync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         events = kube.job_events(memo.api, namespace, name) if making else []
         observation = observe(job, pods, kueue=is_kueue_managed(body), events=events)
     observation = escalate(observation, status, datetime.datetime.now(datetime.UTC), config.stall_timeout)
-    progress = None
+    progress = memory = None
     if newest is not None and (newest.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed"):
         tail = kube.log_tail(memo.api, namespace, newest["metadata"]["name"], CONTAINER, config.log_tail_lines)
         progress = parse_progress(tail, status.get("progress"))
-    update = status_patch(status, _generation(body), observation, progress)
+        memory = parse_memory_estimate(tail)
+    update = status_patch(status, _generation(body), observation, progress, memory)
     if _changed(status, update):
         kube.patch_status(memo.api, namespace, meta["name"], update)
     if observation.phase != status.get("phase") or (observation.stalled and stalled_since(status) is None):

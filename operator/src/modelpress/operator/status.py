@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from modelpress.operator.faults import Blocker, creation_blocker, parse_time, pod_blocker
-from modelpress.contract import EXIT_REASONS, PERMANENT_EXIT_CODES, ExitCode, FailureEvent, ProgressEvent, ResultEvent, parse_event
+from modelpress.contract import EXIT_REASONS, PERMANENT_EXIT_CODES, ExitCode, FailureEvent, MemoryEstimate, ProgressEvent, ResultEvent, parse_event
 from modelpress.operator.conditions import RECONCILING, TERMINAL_PHASES, kstatus_conditions
 
 Phase = Literal["Pending", "Queued", "Suspended", "Running", "Succeeded", "Failed"]
@@ -50,6 +50,21 @@ class Progress(Wire):
     layers_total: Count | None = None
     estimated_remaining_seconds: Count | None = None
     last_update_time: Time | None = None
+
+
+class StageMemory(Wire):
+    stage: Annotated[str, Field(max_length=64)]
+    bytes: Count
+    skipped: bool | None = None
+
+
+class MemoryStatus(Wire):
+    """The runner's memory estimate, made before it downloaded anything (its first progress line)."""
+
+    peak_bytes: Count
+    peak_stage: Annotated[str, Field(max_length=64)]
+    limit_bytes: Count | None = None
+    stages: Annotated[list[StageMemory], Field(max_length=16)] = Field(default_factory=list)
 
 
 class Metric(Wire):
@@ -116,6 +131,7 @@ class Status(Wire):
     completion_time: Time | None = None
     conditions: Annotated[list[Condition], Field(max_length=16)] = Field(default_factory=list)
     progress: Progress | None = None
+    memory_estimate: MemoryStatus | None = None
     result: Result | None = None
     failure: Failure | None = None
     output: OutputStatus | None = None
@@ -334,6 +350,19 @@ def parse_progress(log_tail: str, previous: Mapping[str, Any] | None = None) -> 
     return None
 
 
+def parse_memory_estimate(log_tail: str) -> MemoryStatus | None:
+    """The memory estimate of the runner's first progress line, when the tail still holds it."""
+    for line in log_tail.splitlines():
+        event = parse_event(line)
+        if isinstance(event, ProgressEvent) and isinstance(event.memory, MemoryEstimate):
+            memory = event.memory
+            return MemoryStatus(peak_bytes=max(0, memory.peak_bytes), peak_stage=memory.peak_stage[:64],
+                                limit_bytes=_count(memory.limit_bytes),
+                                stages=[StageMemory(stage=s.stage[:64], bytes=max(0, s.bytes), skipped=s.skipped)
+                                        for s in memory.stages[:16]])
+    return None
+
+
 def _count(value: float | None) -> int | None:
     return None if value is None else max(0, int(round(value)))
 
@@ -414,12 +443,13 @@ def _kstatus(conditions: list[dict[str, Any]], phase: str, blocked: bool, releas
 
 
 def status_patch(previous: Mapping[str, Any], generation: int, observation: Observation,
-                 progress: Progress | None) -> dict[str, Any]:
+                 progress: Progress | None, memory: MemoryStatus | None = None) -> dict[str, Any]:
     """The status fields to write for `observation` (a merge patch over `previous`).
 
     Besides `Succeeded`, Ready and the kstatus pair that Flux and Argo CD read (conditions.py): after
     the outcome Reconciling stays True until the operator has finished with the run (its pods
-    released, its scratch claim deleted when asked: `finished_patch`).
+    released, its scratch claim deleted when asked: `finished_patch`). A memory estimate once seen
+    stays, as the log tail moves past it.
     """
     cond = succeeded_condition(observation.phase, observation.reason, observation.message, generation)
     conditions = set_condition(previous.get("conditions") or [], cond)
@@ -433,6 +463,8 @@ def status_patch(previous: Mapping[str, Any], generation: int, observation: Obse
         patch["startTime"] = observation.start_time
     if progress is not None:
         patch["progress"] = progress.model_dump(by_alias=True, exclude_none=True)
+    if memory is not None:
+        patch["memoryEstimate"] = memory.model_dump(by_alias=True, exclude_none=True)
     if observation.phase == "Succeeded":
         patch["completionTime"] = observation.completion_time or now()
         result = parse_result(observation.termination_message)

@@ -9,7 +9,6 @@ the per-layer report) is written once the weights are.
 
 import copy
 import json
-import math
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
+from modelpress.contract import human_bytes  # noqa: F401  (the engine's callers import it from here)
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.quantize import QuantizedLinear
 from modelpress.engine.schemes import compression_format
@@ -282,8 +282,3 @@ def model_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def human_bytes(n: int) -> str:
-    if n <= 0:
-        return "0 B"
-    unit = min(int(math.log(n, 1024)), 4)
-    return f"{n / 1024**unit:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][unit]}"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from modelpress.contract import (DEFAULT_IGNORE, Env, ExitCode, FailureEvent, FailureReason, InvalidSpec, PodPath, ResultEvent,
-                                 RunReport, parse_job, tree_problem)
+                                 RunReport, parse_job, quantity_bytes, shown, tree_problem)
 from modelpress.engine.errors import ModelPressError
 
 if TYPE_CHECKING:  # the engine imports torch; `modelpress compress` loads it only when it runs
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--termination-log", help=f"where the result goes (env {Env.TERMINATION_LOG}; default {PodPath.TERMINATION_LOG})")
     job.add_argument("--format", choices=["auto", "json", "text"], default="auto", help="stdout: JSON lines, or a summary for people (auto: text on a terminal)")
     job.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    job.add_argument("--memory-limit", help="refuse a job estimated to need more (8Gi; default: the cgroup limit, else the machine)")
     job.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
     smollm2 = commands.add_parser("smollm2", help="write SmolLM2-135M-Instruct as a float model directory; print its path")
@@ -119,6 +120,16 @@ def _progress_bar() -> Callable[["LayerProgress"], None]:
             bar["bar"].close()
 
     return update
+
+
+def memory_limit_argument(text: str | None) -> int | None:
+    """`--memory-limit` in bytes (None when not given)."""
+    if text is None:
+        return None
+    try:
+        return quantity_bytes(text)
+    except ValueError:
+        raise ModelPressError(f"--memory-limit: {shown(text)} is not a quantity of bytes; write it like 8Gi or 512Mi") from None
 
 
 def read_documents(path: str | None, env: dict[str, str]) -> list[Any]:
@@ -213,7 +224,8 @@ def run_job_command(args: argparse.Namespace) -> int:
         extra = [d for path in args.secrets for d in read_documents(str(path), env)]
         job = parse_job(pick_job(documents))
         scratch = args.scratch or Path(env.get(Env.SCRATCH) or Path.home() / ".cache" / "modelpress" / "jobs")
-        context = Context(env=env, objects=local_objects(documents + extra), scratch=scratch, reporter=reporter, device=args.device)
+        context = Context(env=env, objects=local_objects(documents + extra), scratch=scratch, reporter=reporter, device=args.device,
+                          memory_limit=memory_limit_argument(args.memory_limit))
         return finish(run_job(job, context))
     except InvalidSpec as err:
         for problem in err.problems if len(err.problems) > 1 else ():

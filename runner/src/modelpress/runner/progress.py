@@ -10,7 +10,7 @@ import textwrap
 import time
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
-from modelpress.contract import FailureEvent, ProgressEvent, ResultEvent, StageEvent, Wire
+from modelpress.contract import FailureEvent, MemoryEstimate, ProgressEvent, ResultEvent, StageEvent, Wire
 from modelpress.runner.connections import scrub
 
 if TYPE_CHECKING:  # the engine and the sampler import torch; reporting needs only their progress types' fields
@@ -58,6 +58,15 @@ class Reporter:
         if stage in self._finished or now - self._last.get(stage, -self.interval) >= self.interval:
             self._last[stage] = now
             self.emit(event)
+
+    def memory(self, estimate: MemoryEstimate) -> None:
+        """The preflight's memory estimate: the first progress event, or a line per stage on stderr for people."""
+        if self.json_lines:
+            self.emit(ProgressEvent(stage="preflight", percent=100.0, memory=estimate))
+        else:
+            from modelpress.runner.preflight import lines
+
+            print("\n".join(lines(estimate)), file=sys.stderr)
 
     def engine_progress(self, update: "LayerProgress") -> None:
         """A callback for the engine's `progress`: its per-layer updates as events."""

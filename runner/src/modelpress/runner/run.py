@@ -30,9 +30,9 @@ from modelpress.runner.accelerator import require_gpu
 from modelpress.runner.connections import (LocalObjects, S3Connection, hf_token, recipe_text, refusing_permanently, s3_connection,
                                            secret_values)
 from modelpress.runner.data import calibration_set, evaluation_text, open_dataset, self_generated
-from modelpress.engine.checkpoint_writer import human_bytes, model_bytes
-from modelpress.runner.memory import memory_limit
+from modelpress.runner.memory import memory_limit, resident_bytes
 from modelpress.runner.model_card import model_card
+from modelpress.runner.preflight import NoShape, Shape, job_work, verdict
 from modelpress.runner.presets import preset_document
 from modelpress.runner.progress import Reporter
 from modelpress.paths import PathEscape, confined, refuse_escaping_links
@@ -48,11 +48,11 @@ from modelpress.runner.storage import (
     listing_identity,
     local_path,
     s3_client,
+    source_config,
 )
 
 log = logging.getLogger(__name__)
 
-ANSWER_MEMORY_SHARE = 0.5  # of the memory limit, that a whole float model may take for the answers
 COMPRESSED_MARKER = "compressed.done"  # holds the reuse key (spec and source) the staged model was made for
 CALIBRATION = "calibration"  # the calibration samples, kept in scratch for a retry
 ORIGINAL_EVALUATION = "original-evaluation"  # the original model's perplexity and answers, likewise
@@ -75,6 +75,7 @@ class Context:
     scratch: Path
     reporter: Reporter
     device: str | None = None
+    memory_limit: int | None = None  # bytes (--memory-limit); None: the cgroup's limit, else the machine's memory
     durations: dict[str, float] = field(default_factory=dict)
 
 
@@ -93,6 +94,7 @@ class State:
     work: Path
     device: torch.device
     started: float  # time.monotonic() when the job began
+    answers_skipped: str | None = None  # the memory preflight found the whole model would not fit for the answers
     resumed: bool = False  # a model compressed for this very spec and source waits in scratch (known after fetch)
     source: str | None = None  # the source's identity: hub commit, S3 listing or folder digest
     model_dir: Path | None = None
@@ -190,11 +192,33 @@ def prepare(job: CompressionJob, ctx: Context) -> State:
     needs_data = any(m.needs_data() for m in modifiers)
     if needs_data and spec.calibration.dataset is None:
         raise ModelPressError(f"spec.calibration.dataset: the recipe needs calibration data; give a dataset or {SELF_GENERATED}")
+    device = torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    answers_skipped = memory_preflight(spec, modifiers, device, clients, token, ctx)
     work = ctx.scratch / job_id.replace("/", "_")
     work.mkdir(parents=True, exist_ok=True)
-    device = torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return State(job=job, ctx=ctx, job_id=job_id, token=token, clients=clients, output=output, modifiers=modifiers,
-                 needs_data=needs_data, work=work, device=device, started=started)
+                 needs_data=needs_data, work=work, device=device, started=started, answers_skipped=answers_skipped)
+
+
+def memory_preflight(spec: JobSpec, modifiers: list[Modifier], device: torch.device, clients: dict[str, Any], token: str | None,
+                     ctx: Context) -> str | None:
+    """The job's memory estimate from the model's config.json alone, before any download: reported
+    in the first progress event, and a job that would not fit refused with the settings that would.
+    Returns why the answers will be skipped, if they will."""
+    config = source_config(spec.model.uri, spec.model.revision, token, clients.get("model"), ctx.env)
+    if config is None:
+        return None
+    try:
+        shape = Shape.from_config(config)
+    except NoShape as err:
+        log.warning("no memory estimate: %s", err)
+        return None
+    limit = ctx.memory_limit if ctx.memory_limit is not None else memory_limit()
+    found = verdict(shape, job_work(spec, modifiers, on_host=device.type == "cpu"), resident_bytes(), limit)
+    ctx.reporter.memory(found.estimate)
+    if found.problem is not None:
+        raise ModelPressError(found.problem)
+    return found.answers_skipped
 
 
 # --- the stages, in order --------------------------------------------------------------------------
@@ -441,8 +465,8 @@ def evaluate(state: State, model_dir: Path, loaded: Any = None) -> dict[str, Any
     """Perplexity on the evaluation text, layer by layer from disk, and greedy answers to the spec's prompts.
 
     Perplexity needs one decoder layer of memory whatever the model's size. Answers need the whole
-    model: they are given when its float weights fit in `ANSWER_MEMORY_SHARE` of the memory limit,
-    and otherwise skipped with the reason in the result.
+    model: they are given when the memory preflight found it fits under the memory limit, and
+    otherwise skipped with the reason in the result.
     """
     from modelpress.engine.streamed_eval import streamed_perplexity
     from modelpress.runner.evaluation import answer
@@ -455,10 +479,8 @@ def evaluate(state: State, model_dir: Path, loaded: Any = None) -> dict[str, Any
         out["perplexity"] = streamed_perplexity(model_dir, ids, min(512, positions), state.device, spec.model.trust_remote_code)
     if not spec.evaluation.prompts:
         return out
-    whole, limit = model_bytes(state.model_dir), memory_limit()
-    if loaded is None and limit is not None and whole > ANSWER_MEMORY_SHARE * limit:
-        out["answers_skipped"] = (f"answers need the whole model in memory, and its {human_bytes(whole)} of float weights "
-                                  f"are more than half the {human_bytes(limit)} this job may use")
+    if loaded is None and state.answers_skipped is not None:
+        out["answers_skipped"] = state.answers_skipped
         return out
     model = loaded if loaded is not None else load_model(model_dir, state.device, spec.model.trust_remote_code)
     out["answers"] = [answer(model, tokenizer, p, spec.evaluation.max_new_tokens) for p in spec.evaluation.prompts]

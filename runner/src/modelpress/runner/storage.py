@@ -118,6 +118,31 @@ def fetch_hub_model(uri: str, revision: str | None, token: str | None) -> Path:
         raise RuntimeError(f"fetching {uri} from the hub failed (HTTP {status})") from None
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
+
+
+def source_config(uri_text: str, revision: str | None, token: str | None, client: Any, env: Mapping[str, str]) -> dict[str, Any] | None:
+    """The model's config.json, read alone before anything else is downloaded (for the memory
+    preflight); None when it cannot be read here, and the fetch then says why."""
+    uri = parse_uri(uri_text)
+    try:
+        if uri.scheme == "hf":
+            from huggingface_hub import hf_hub_download
+
+            text = Path(hf_hub_download(uri.root, "config.json", revision=revision, token=token)).read_bytes()[:MAX_CONFIG_BYTES]
+        elif uri.scheme == "s3":
+            key = f"{uri.path}/config.json" if uri.path else "config.json"
+            text = client.get_object(Bucket=uri.root, Key=key)["Body"].read(MAX_CONFIG_BYTES)
+        else:
+            with (local_path(uri, env) / "config.json").open("rb") as f:
+                text = f.read(MAX_CONFIG_BYTES)
+        body = json.loads(text)
+    except Exception as err:  # the fetch meets the same problem (a refusal, a missing file) and names it
+        log.debug("config.json not read before the fetch: %s", err)
+        return None
+    return body if isinstance(body, dict) else None
+
+
 # --- S3 downloads --------------------------------------------------------------------------------
 
 
