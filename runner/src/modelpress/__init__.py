@@ -17,6 +17,7 @@ _ENGINE_EXPORTS = {
     "SparseGPTModifier": "modelpress.engine.sparsegpt",
     "SmoothQuantModifier": "modelpress.engine.smoothquant",
     "AWQModifier": "modelpress.engine.awq",
+    "SpinQuantModifier": "modelpress.engine.spinquant",
     "load_recipe": "modelpress.engine.recipe",
     "ModelPressError": "modelpress.engine.errors",
 }

@@ -230,3 +230,71 @@ def check_shapes(model: torch.nn.Module, mapping: Mapping, where: str) -> None:
                 f"{where}: {mapping.smooth} has {width} output channels but {name} reads {fan_in}; "
                 "a smooth layer must feed its balance layers directly (e.g. not v_proj -> o_proj with grouped-query attention)"
             )
+
+
+@dataclass(frozen=True)
+class NormFold:
+    """A norm and the modules that read its output: its weight moves into their input columns."""
+
+    norm: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RotationLayout:
+    """One decoder layer as the residual-stream rotations see it (full module names).
+
+    `readers` take the stream (through a folded norm) into their input columns, `writers` add
+    their output rows to it; `value` holds the value heads in its rows `value_rows` (all of a
+    v_proj, the last ones of a fused qkv_proj), read per head by `output`'s input columns.
+    """
+
+    norms: tuple[NormFold, ...]
+    readers: tuple[str, ...]
+    writers: tuple[str, ...]
+    value: str | None
+    value_rows: tuple[int, int] | None
+    output: str | None
+
+
+def derive_rotation_layout(layer: torch.nn.Module, prefix: str, kv_heads: int, head_dim: int) -> RotationLayout:
+    """A dense decoder layer's layout from its module names: the same norms -> Linears table the
+    smoothing mappings use (input norm -> q/k/v or qkv_proj, the MLP's norm -> gate/up or
+    gate_up_proj), o_proj and down_proj as writers, and v_proj (or qkv_proj's last rows) as values."""
+    if isinstance(_child(layer, "mlp.experts"), ExpertLinears):
+        raise ModelPressError(f"SpinQuantModifier: {prefix}mlp is a mixture of experts, which rotations do not support yet; drop SpinQuantModifier for this model")
+    norms = tuple(
+        NormFold(m.smooth, m.balance) for m in derive_mappings(layer, prefix) if not isinstance(layer.get_submodule(m.smooth[len(prefix):]), torch.nn.Linear)
+    )
+    writers = tuple(prefix + n for n in ("self_attn.o_proj", "mlp.down_proj") if isinstance(_child(layer, n), torch.nn.Linear))
+    if len(norms) != 2 or len(writers) != 2:
+        raise ModelPressError(
+            f"SpinQuantModifier: {prefix[:-1]} ({type(layer).__name__}) does not have the norm -> attention -> norm -> MLP layout "
+            "the derived mappings know; give mappings and norm_mappings explicitly"
+        )
+    value = next((n for n in ("self_attn.v_proj", "self_attn.qkv_proj") if isinstance(_child(layer, n), torch.nn.Linear)), None)
+    rows = None
+    if value is not None:
+        out = layer.get_submodule(value).out_features
+        rows = (out - kv_heads * head_dim, out)
+    return RotationLayout(norms, tuple(n for f in norms for n in f.linears), writers, value and prefix + value, rows, prefix + "self_attn.o_proj")
+
+
+def _child(layer: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def unfolded_norms(layer: torch.nn.Module, prefix: str, layout: RotationLayout) -> list[str]:
+    """Norms of the layer that are neither folded nor per-head (q_norm/k_norm act on one head's
+    features, which R1 does not touch): a norm on a sublayer's output before the residual
+    (Gemma 2/3's post-attention and post-feedforward norms) cannot be rotated through."""
+    folded = {f.norm for f in layout.norms}
+    return [
+        prefix + n
+        for n, m in layer.named_modules()
+        if n and "norm" in n.rsplit(".", 1)[-1].lower() and isinstance(getattr(m, "weight", None), torch.Tensor)
+        and prefix + n not in folded and n.rsplit(".", 1)[-1] not in ("q_norm", "k_norm")
+    ]

@@ -10,7 +10,7 @@ between planning and applying, and never reads another modifier's. What one need
 (AWQ: the schemes of the quantizer after it) is passed to `bind` explicitly.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -102,6 +102,15 @@ class Modifier(BaseModel):
         """Check this modifier's place in the planned recipe and return the plan `apply` gets,
         with whatever it needs of the modifiers around it."""
         return plan
+
+    def transform_model(self, plan: Plan, model: torch.nn.Module, read: Callable[[str], torch.Tensor]) -> Plan:
+        """Change the float parts outside the decoder layers (in memory now) before anything is
+        calibrated, and return the plan the layers get; `read` gives any parameter's float value by
+        name, layers included. Most modifiers change nothing here (rotations do)."""
+        return plan
+
+    def transform_layer(self, plan: Plan, layer: torch.nn.Module, prefix: str) -> None:
+        """Change a decoder layer's float weights as it is read, before any modifier calibrates it."""
 
     def apply(
         self, plan: Plan, modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], state: LayerState

@@ -1,9 +1,9 @@
 """`oneshot`: compress a model with a recipe in one pass and write a vLLM-ready checkpoint.
 
-It runs five stages, each a function below: load (the model, streamed or in memory), plan (every
-modifier's targets, checked before any weight is read), calibrate (the first decoder layer's
-inputs), compress (layer by layer, then the head), write (every other file, by the checkpoint
-writer).
+It runs its stages, each a function below: load (the model, streamed or in memory), plan (every
+modifier's targets, checked before any weight is read), transform (rotations of the float model's
+outer parts), calibrate (the first decoder layer's inputs), compress (layer by layer, then the
+head), write (every other file, by the checkpoint writer).
 """
 
 import logging
@@ -154,6 +154,8 @@ def oneshot(
     plans = plan(loaded, modifiers, has_data=dataset is not None)
     out = prepare_output_dir(output_dir)
     samples = Samples(dataset, tokenizer, num_calibration_samples, max_seq_length, seed, text_field, messages_field, trust_remote_code)
+    bring_outside(loaded, device)
+    plans = transform(loaded, modifiers, plans)
     inputs, tokenizer, ids = calibrate(loaded, modifiers, samples, device)
     resume = None
     if resume_dir is not None:
@@ -219,19 +221,35 @@ def plan(loaded: Loaded, modifiers: list[Modifier], has_data: bool) -> list[Plan
     return plans
 
 
+def bring_outside(loaded: Loaded, device: torch.device) -> None:
+    """Read what precedes and follows the decoder layers (embeddings, final norm, head) onto `device`."""
+    if loaded.source is not None:
+        materialize(loaded.model, "", loaded.source, device, skip_prefix=loaded.inside)
+        loaded.model.tie_weights()
+    move_outside(loaded.model, loaded.inside, device)
+
+
+def transform(loaded: Loaded, modifiers: list[Modifier], plans: list[Plan]) -> list[Plan]:
+    """Let each modifier change the float model's outer parts before calibration (rotations), and
+    return the plans the layers get."""
+    if loaded.source is not None:
+        source = loaded.source
+        read = lambda name: source.get(name)  # noqa: E731
+    else:
+        params = dict(loaded.model.named_parameters(remove_duplicate=False))
+        read = lambda name: params[name].detach()  # noqa: E731
+    return [m.transform_model(p, loaded.model, read) for m, p in zip(modifiers, plans)]
+
+
 def calibrate(
     loaded: Loaded, modifiers: list[Modifier], samples: Samples, device: torch.device
 ) -> tuple[list[LayerInput] | None, Any, list[torch.Tensor]]:
-    """Bring what precedes the decoder layers to `device` and capture the first layer's inputs.
+    """Capture the first decoder layer's inputs (the parts before it are on `device`).
 
     Returns them (None when the recipe needs no data), the tokenizer, loaded from the model
     when none was given and samples need one, and the calibration token ids.
     """
     model = loaded.model
-    if loaded.source is not None:
-        materialize(model, "", loaded.source, device, skip_prefix=loaded.inside)
-        model.tie_weights()
-    move_outside(model, loaded.inside, device)
     tokenizer = samples.tokenizer
     if not any(m.needs_data() for m in modifiers):
         return None, tokenizer, []

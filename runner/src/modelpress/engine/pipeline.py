@@ -244,6 +244,8 @@ def run_pipeline(
         else:
             home = next(layer.parameters()).device
             layer.to(device)
+        for modifier, plan in zip(modifiers, plans):
+            modifier.transform_layer(plan, layer, prefix)
         state = LayerState()
         last = i + 1 == len(layers)
         done = None

@@ -23,13 +23,14 @@ from modelpress.engine.modifier import Modifier
 from modelpress.engine.rtn import QuantizationModifier
 from modelpress.engine.smoothquant import SmoothQuantModifier
 from modelpress.engine.sparsegpt import SparseGPTModifier
+from modelpress.engine.spinquant import SpinQuantModifier
 
 RecipeInput = Modifier | list[Modifier] | str | Path
 
 # the modifiers a YAML recipe can name, by llm-compressor's class names
 MODIFIERS: dict[str, type[Modifier]] = {
     cls.__name__: cls
-    for cls in (QuantizationModifier, GPTQModifier, SparseGPTModifier, SmoothQuantModifier, AWQModifier)
+    for cls in (QuantizationModifier, GPTQModifier, SparseGPTModifier, SmoothQuantModifier, AWQModifier, SpinQuantModifier)
 }
 
 
