@@ -203,3 +203,19 @@ def test_learned_rotation_is_reproducible_and_lowers_the_error(tmp_path: Path, t
     for i, layer in enumerate(layers):
         spin.transform_layer(plan, layer, f"{prefix}.{i}.")
     assert relative(logits(model), before) < 1e-6
+
+
+@pytest.mark.quality
+def test_smollm2_rotated_keeps_its_logits_in_float32() -> None:
+    """The real model (tied embeddings, 576 = 9 x 64 wide, 64-wide heads): R1 in Hadamard blocks of 64, and R2."""
+    from modelpress.runner.smollm2 import smollm2_dir
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    oneshot(model=model, recipe=SpinQuantModifier(transform_block_size=64), device="cpu")
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert relative(after, before) < 1e-4
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
