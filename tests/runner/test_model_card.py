@@ -1,18 +1,22 @@
 """The model card says how to load each output outside vLLM, and the code it shows runs as written."""
 
+import json
 import re
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from modelpress.contract import CompressionJob, RecipeRef, ResultEvent, Sizes, Metrics
 from modelpress.engine.recipe import parse_recipe, recipe_yaml
 from modelpress.runner.model_card import model_card
 from modelpress.runner.presets import preset_document
+from modelpress.runner.run import untied_head_bytes
 
 SPARSE_ONLY = {"sparsity_stage": {"sparsity_modifiers": {"SparseGPTModifier": {"sparsity": 0.5, "mask_structure": "2:4"}}}}
 
 
-def card(recipe: dict, output: str = "s3://models/m") -> str:
+def card_parts(recipe: dict, output: str = "s3://models/m") -> tuple[CompressionJob, ResultEvent, str]:
     job = CompressionJob.model_validate({
         "apiVersion": "modelpress.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "m"},
         "spec": {"model": {"uri": "hf://org/model"}, "recipe": {"preset": "W4A16", "algorithm": "RTN"},
@@ -20,7 +24,11 @@ def card(recipe: dict, output: str = "s3://models/m") -> str:
     })
     result = ResultEvent(recipe=RecipeRef(summary="a recipe", modifiers=[]), metrics=Metrics(), answers=[], versions={},
                          sizes=Sizes(original_bytes=100, compressed_bytes=25, ratio=4.0))
-    return model_card(job, result, recipe_yaml(parse_recipe(recipe)))
+    return job, result, recipe_yaml(parse_recipe(recipe))
+
+
+def card(recipe: dict, output: str = "s3://models/m") -> str:
+    return model_card(*card_parts(recipe, output))
 
 
 def python_block(text: str) -> str:
@@ -58,3 +66,16 @@ def test_the_snippet_loads_the_directory_the_serve_command_serves(tmp_path) -> N
         text = card(preset_document("W4A16", "RTN", ["lm_head"]), output)
         assert f"vllm serve {where}\n" in text
         assert f'from_pretrained("{where}")' in python_block(text)
+
+
+def test_an_untied_head_is_stated_with_its_size(tmp_path) -> None:
+    source, output = tmp_path / "source", tmp_path / "output"
+    for folder, tied in ((source, True), (output, False)):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"tie_word_embeddings": tied}))
+    save_file({"lm_head.weight": torch.zeros(320, 64, dtype=torch.bfloat16), "model.embed_tokens.weight": torch.zeros(320, 64)},
+              output / "model.safetensors")
+    assert untied_head_bytes(source, output) == 320 * 64 * 2
+    assert untied_head_bytes(output, output) is None  # not tied in the source: nothing was added
+    text = model_card(*card_parts(SPARSE_ONLY), untied_head_bytes=40960)
+    assert "the head is stored as its own tensor: 40.0 KiB (40,960 bytes)" in text

@@ -2,12 +2,15 @@
 
 from pathlib import Path
 
-from modelpress.contract import CompressionJob, ResultEvent, parse_uri
+from modelpress.contract import CompressionJob, ResultEvent, human_bytes, parse_uri
 from modelpress.engine.recipe import load_recipe
 from modelpress.engine.rtn import QuantizationModifier
 
-def model_card(job: CompressionJob, result: ResultEvent, recipe: str) -> str:
-    """The model card, in the hub's format (YAML front matter, then Markdown)."""
+def model_card(job: CompressionJob, result: ResultEvent, recipe: str, untied_head_bytes: int | None = None) -> str:
+    """The model card, in the hub's format (YAML front matter, then Markdown).
+
+    `untied_head_bytes`: what the output's own head costs, when the source tied it to the input
+    embeddings and the output does not (R1 rotations rotate the two differently)."""
     spec = job.spec
     name = job.metadata.name
     output = parse_uri(spec.output.uri)
@@ -46,6 +49,10 @@ def model_card(job: CompressionJob, result: ResultEvent, recipe: str) -> str:
         "|---|---|---|",
         f"| weights | {sizes.original_bytes:,} bytes | {sizes.compressed_bytes:,} bytes ({sizes.ratio}x smaller) |",
     ]
+    if untied_head_bytes is not None:
+        lines.append(f"\nThe original ties its output head to its input embeddings; the rotations fused into this model turn "
+                     f"the two differently, so the head is stored as its own tensor: {human_bytes(untied_head_bytes)} "
+                     f"({untied_head_bytes:,} bytes) of the compressed size.")
     if metrics.perplexity_original is not None:
         lines.append(f"| perplexity | {metrics.perplexity_original} | {metrics.perplexity_compressed} "
                      f"({metrics.perplexity_increase_percent:+.2f}%) |")

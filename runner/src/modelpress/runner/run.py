@@ -25,7 +25,7 @@ from modelpress.contract import (SELF_GENERATED, CompressionJob, JobSpec, Recipe
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import Modifier
 from modelpress.engine.recipe import load_recipe, parse_recipe, recipe_yaml
-from modelpress.engine.weights import check_model_dir, load_tokenizer
+from modelpress.engine.weights import check_model_dir, load_tokenizer, read_header, shard_files
 from modelpress.runner.accelerator import require_gpu
 from modelpress.runner.connections import (LocalObjects, S3Connection, hf_token, recipe_text, refusing_permanently, s3_connection,
                                            secret_values)
@@ -371,7 +371,20 @@ def gate(state: State) -> None:
 
 
 def write_model_card(state: State) -> None:
-    (state.staged / "README.md").write_text(model_card(state.job, state.result, recipe_yaml(state.modifiers)))
+    head = untied_head_bytes(state.model_dir, state.staged) if state.model_dir is not None else None
+    (state.staged / "README.md").write_text(model_card(state.job, state.result, recipe_yaml(state.modifiers), head))
+
+
+def untied_head_bytes(source: Path, output: Path) -> int | None:
+    """The bytes of the output's head tensors when the source ties its head to the embeddings and
+    the output does not (rotations untie them); None otherwise."""
+    def tied(model_dir: Path) -> bool:
+        return bool(json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("tie_word_embeddings", True))
+
+    if not tied(source) or tied(output):
+        return None
+    entries = {name: entry for file in shard_files(output) for name, entry in read_header(file).items()}
+    return sum(length for name, (_, _, _, length) in entries.items() if name.startswith("lm_head.")) or None
 
 
 def publish(state: State) -> None:
