@@ -74,12 +74,22 @@ def sparse_2of4() -> list[Any]:
     return [SparseGPTModifier(mask_structure="2:4", ignore=["lm_head"])]
 
 
+def rotated_w4a16() -> list[Any]:
+    from modelpress import GPTQModifier, SpinQuantModifier
+
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
+    return [SpinQuantModifier(rotations=["R1", "R2"], transform_block_size=64),
+            GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])]
+
+
 CT = "compressed-tensors"
 # SmolLM2's 576 hidden features need group 64 where a preset's 128 does not divide them.
 CASES = {
     "float": Case("the float source", None, False, None, ()),
     "W4A16": Case(*preset("W4A16", "GPTQ", 64), CT, ("CPUWNA16LinearKernel",)),
     "W4A16_ASYM": Case(*preset("W4A16_ASYM", "GPTQ", 64), CT, ("CPUWNA16LinearKernel",)),
+    # the rotations are fused into the weights: a plain W4A16 checkpoint, with its own (untied) head
+    "W4A16 rotated": Case("SpinQuant R1/R2 (Hadamard blocks of 64) + GPTQ, group 64", rotated_w4a16, True, CT, ("CPUWNA16LinearKernel",)),
     "W8A16": Case(*preset("W8A16", "RTN", 64), CT, (), refused="Quant type (uint8b128) not supported by CPUWNA16"),
     "W8A8": Case(*preset("W8A8", "SmoothQuant+GPTQ"), CT, ("CPUInt8ScaledMMLinearKernel",)),
     # vLLM picks PerTensorTorchFP8ScaledMMLinearKernel, whose static activation quantization the CPU build lacks

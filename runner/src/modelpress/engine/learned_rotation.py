@@ -27,8 +27,8 @@ from modelpress.engine.mappings import RotationLayout
 from modelpress.engine.modifier import Plan
 from modelpress.engine.rotation import Rotation
 
-READER_ROWS = 32  # rows sampled from each reading Linear
-WRITER_GROUPS = 2  # column groups sampled from each writing Linear
+READER_ROWS = 16  # rows sampled from each reading Linear
+WRITER_GROUPS = 1  # column groups sampled from each writing Linear
 MOMENTUM = 0.9
 FIRST_ANGLE = 0.05  # the first step's size, ||a A||_F, decaying to zero along a cosine
 

@@ -119,7 +119,7 @@ class SpinQuantModifier(Modifier):
     norm_mappings: list[NormMapping] | None = None
     # ModelPress's own: the seed of the random types, and the steps of a learned R1
     seed: int = 0
-    learn_steps: int = Field(200, ge=0, le=100_000)
+    learn_steps: int = Field(100, ge=0, le=100_000)
 
     @field_validator("rotations", mode="before")
     @classmethod
