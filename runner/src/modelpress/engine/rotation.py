@@ -32,7 +32,7 @@ import torch
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.smoothing import has_unit_offset
 
-TRANSFORM_TYPES = ("hadamard", "random-hadamard", "random-matrix", "learned")
+CHUNK = 8192  # rows rotated at once
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,16 @@ def build_rotation(width: int, block: int, kind: str, seed: int) -> Rotation:
 
 
 def rotate_columns(w: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """W Q: the last dimension (a Linear's input columns, an embedding row) rotated."""
+    """W Q: the last dimension (a Linear's input columns, an embedding row) rotated, CHUNK rows at a
+    time so that a large vocabulary's float64 copy never exists whole."""
     count, size, _ = rotation.blocks.shape
-    x = w.to(torch.float64).reshape(*w.shape[:-1], count, size)
-    return torch.einsum("...ki,kij->...kj", x, rotation.blocks.to(w.device)).reshape(w.shape).to(w.dtype)
+    blocks = rotation.blocks.to(w.device)
+    rows = w.reshape(-1, w.shape[-1])
+    out = torch.empty_like(rows)
+    for start in range(0, rows.shape[0], CHUNK):
+        x = rows[start : start + CHUNK].to(torch.float64).reshape(-1, count, size)
+        out[start : start + CHUNK] = torch.einsum("rki,kij->rkj", x, blocks).reshape(x.shape[0], -1).to(w.dtype)
+    return out.reshape(w.shape)
 
 
 def rotate_rows(w: torch.Tensor, rotation: Rotation) -> torch.Tensor:

@@ -46,7 +46,8 @@ ReadWeight = Callable[[str], torch.Tensor]  # a parameter's float value by its f
 
 
 class SpinQuantMappings(BaseModel):
-    """Where the rotations go, as llm-compressor's SpinQuantMapping writes it (module patterns)."""
+    """Where the rotations go, as llm-compressor's SpinQuantMapping writes it (module patterns).
+    `attn` names the attention blocks R3 would hook; it is accepted and not needed by R1/R2."""
 
     model_config = ConfigDict(extra="forbid")
     embedding: str
