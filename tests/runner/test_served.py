@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelpress.contract import SERVED_NLL_BOUND, Env, ExitCode
+from modelpress.contract import SERVED_NLL_BOUND, Env, ExitCode, ResultEvent
 from modelpress.engine.errors import ModelPressError
 from modelpress.runner import run as running
 from modelpress.runner.cli import main
+from modelpress.runner.progress import TERMINATION_LIMIT, termination_message
 from modelpress.runner.served import (Vllm, driver_plan, find_vllm, model_len, nll_check, run_driver, served_outcome,
                                       served_problem)
 from support import fake_vllm
@@ -141,3 +142,25 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_the_termination_message_keeps_vllms_answers_only_while_they_fit() -> None:
+    served = {"servedBy": "vllm 0.32.0", "loaded": True, "tokens": 630}
+    nll = {"vllm": 3.37, "transformers": 3.38, "relativeDifference": -0.003, "bound": 0.003, "passed": True}
+    short = ResultEvent.model_validate({"served": {**served, "answers": [{"prompt": "p", "answer": "Paris."}]}, "metrics": {"servedNll": nll}})
+    assert json.loads(termination_message(short))["served"]["answers"] == [{"prompt": "p", "answer": "Paris."}]
+    long = ResultEvent.model_validate({"served": {**served, "answers": [{"prompt": "p", "answer": "a" * 3000}] * 2},
+                                       "metrics": {"servedNll": nll}})
+    text = termination_message(long)
+    assert len(text.encode()) <= TERMINATION_LIMIT
+    assert json.loads(text)["served"] == served and json.loads(text)["metrics"]["servedNll"] == nll
+
+
+def test_the_summary_for_people_says_who_served_it() -> None:
+    from modelpress.runner.progress import summary
+
+    result = ResultEvent.model_validate({
+        "output": {"uri": "/tmp/m"}, "recipe": {"summary": "RTN W4A16", "modifiers": []},
+        "sizes": {"originalBytes": 100, "compressedBytes": 25, "ratio": 4.0}, "served": {"servedBy": "vllm 0.32.0", "loaded": True},
+        "metrics": {"servedNll": {"vllm": 3.37524, "transformers": 3.38028, "relativeDifference": -0.001489, "bound": 0.003, "passed": True}}})
+    assert "served by    vllm 0.32.0: token NLL 3.3752 vs transformers' 3.3803 (-0.15%)" in summary(result)
