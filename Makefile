@@ -16,6 +16,8 @@ OPERATOR_IMAGE := quay.io/modelpress/operator:0.1.0
 RUNNER_IMAGE := quay.io/modelpress/runner:0.1.0
 RUNNER_CUDA_IMAGE := quay.io/modelpress/runner-cuda:0.1.0
 CUDA_TORCH_INDEX_URL := https://pypi.org/simple
+# vLLM in the CUDA runner image, for jobs with spec.evaluation.servable (the version the vLLM tier checks).
+VLLM_VERSION := 0.32.0
 
 .PHONY: demo test test-all test-vllm bench bench-selfgen crd bundle images
 
@@ -70,4 +72,4 @@ bundle: $(OPSTAMP)
 images:
 	docker build --target operator -t $(OPERATOR_IMAGE) .
 	docker build --target runner -t $(RUNNER_IMAGE) .
-	docker build --target runner --build-arg TORCH_INDEX_URL=$(CUDA_TORCH_INDEX_URL) -t $(RUNNER_CUDA_IMAGE) .
+	docker build --target runner --build-arg TORCH_INDEX_URL=$(CUDA_TORCH_INDEX_URL) --build-arg VLLM_VERSION=$(VLLM_VERSION) -t $(RUNNER_CUDA_IMAGE) .

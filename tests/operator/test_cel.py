@@ -59,6 +59,7 @@ def model_refuses(spec: dict[str, Any]) -> bool:
     ("model.connection", "base-s3", "connection only applies to s3:// models"),
     ("output.uri", "pvc://out/tiny", "connection only applies to s3:// outputs"),
     ("evaluation.perplexity", None, "maxPerplexityIncrease needs evaluation.perplexity to measure"),
+    ("evaluation", {"servable": True}, "servable needs evaluation.perplexity"),
     ("calibration.dataset", None, "this recipe needs calibration data"),
     ("output", {"uri": "pvc://out/tiny", "publishConnection": {}}, "publishConnection only applies to s3:// outputs"),
     ("serve", {"args": ["--max-model-len=4096", "--port=9000"]}, "remove them from args"),

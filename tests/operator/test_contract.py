@@ -90,6 +90,7 @@ def test_every_problem_is_listed_with_its_field_path() -> None:
         ({"model": {"uri": "s3://bkt/m", "tokenSecret": {"name": "hf", "key": "HF_TOKEN"}}}, "spec.model.tokenSecret"),
         ({"output": {"uri": "/tmp/out", "connection": "models-s3"}}, "spec.output.connection: only applies to s3://"),
         ({"evaluation": {"maxPerplexityIncrease": 5}}, "spec.evaluation.maxPerplexityIncrease: needs evaluation.perplexity"),
+        ({"evaluation": {"servable": True}}, "spec.evaluation.servable: needs evaluation.perplexity, the text vLLM and"),
         ({"model": None}, "spec.model: required"),
         ({"model": {"uri": "s3:///no-bucket"}}, "spec.model.uri: s3:// needs a name"),
         ({"calibration": {"dataset": "gs://bucket/x.jsonl"}}, "spec.calibration.dataset: unsupported scheme"),

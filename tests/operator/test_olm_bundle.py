@@ -220,7 +220,8 @@ def test_related_images_are_the_images_make_builds() -> None:
     recipe = makefile.split("\nimages:", 1)[1].split("\n\n", 1)[0]
     built = {variables[name] for name in re.findall(r"-t \$\(([A-Z_]+)\)", recipe)}
     assert built == set(related.values())
-    assert "--target runner --build-arg TORCH_INDEX_URL=$(CUDA_TORCH_INDEX_URL) -t $(RUNNER_CUDA_IMAGE)" in recipe
+    assert ("--target runner --build-arg TORCH_INDEX_URL=$(CUDA_TORCH_INDEX_URL) --build-arg VLLM_VERSION=$(VLLM_VERSION) "
+            "-t $(RUNNER_CUDA_IMAGE)") in recipe
 
 
 def test_example_and_form_come_from_the_spec() -> None:

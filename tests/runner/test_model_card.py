@@ -79,3 +79,30 @@ def test_an_untied_head_is_stated_with_its_size(tmp_path) -> None:
     assert untied_head_bytes(output, output) is None  # not tied in the source: nothing was added
     text = model_card(*card_parts(SPARSE_ONLY), untied_head_bytes=40960)
     assert "the head is stored as its own tensor: 40.0 KiB (40,960 bytes)" in text
+
+
+def served_card(served: dict, served_nll: dict | None) -> str:
+    job = CompressionJob.model_validate({
+        "apiVersion": "modelpress.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "m"},
+        "spec": {"model": {"uri": "hf://org/model"}, "recipe": {"preset": "W4A16", "algorithm": "RTN"}, "output": {"uri": "/tmp/m"}},
+    })
+    result = ResultEvent.model_validate({"recipe": {"summary": "RTN W4A16", "modifiers": []}, "answers": [], "versions": {},
+                                         "sizes": {"originalBytes": 100, "compressedBytes": 25, "ratio": 4.0},
+                                         "metrics": {"servedNll": served_nll} if served_nll else {}, "served": served})
+    return model_card(job, result, recipe_yaml(parse_recipe(preset_document("W4A16", "RTN", ["lm_head"]))))
+
+
+def test_the_card_says_what_vllm_made_of_the_output() -> None:
+    text = served_card({"servedBy": "vllm 0.32.0", "loaded": True, "tokens": 630, "quantization": "compressed-tensors",
+                        "kernels": ["CPUWNA16LinearKernel"], "answers": [{"prompt": "Capital of France?", "answer": "Paris."}]},
+                       {"vllm": 3.37524, "transformers": 3.38028, "relativeDifference": -0.001489, "bound": 0.003, "passed": True})
+    section = text.split("## Served by vLLM", 1)[1].split("## Recipe", 1)[0]
+    assert "Loaded by vllm 0.32.0 (compressed-tensors, CPUWNA16LinearKernel) before it was published" in section
+    assert "| 630 tokens | 3.3752 | 3.3803 | -0.15% (bound ±0.3%) |" in section
+    assert "**Capital of France?**\n\n- vLLM: Paris." in section
+
+
+def test_the_card_of_an_output_vllm_refused_says_why_and_a_card_without_the_stage_says_nothing() -> None:
+    refused = served_card({"servedBy": "vllm 0.32.0", "loaded": False, "reason": "ValueError: Quant type (uint8b128) not supported"}, None)
+    assert "## Served by vLLM\n\nvllm 0.32.0 could not load or run this output: ValueError: Quant type (uint8b128) not supported" in refused
+    assert "Served by vLLM" not in card(preset_document("W4A16", "RTN", ["lm_head"]))

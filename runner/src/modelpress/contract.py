@@ -284,6 +284,7 @@ class Env:
     RECIPE_FILE = "MODELPRESS_RECIPE_FILE"
     HF_TOKEN = "HF_TOKEN"
     GPUS = "MODELPRESS_GPUS"  # the GPUs the pod was given: the runner then refuses a CPU-only torch
+    VLLM_PYTHON = "MODELPRESS_VLLM_PYTHON"  # the interpreter of vLLM's own environment (spec.evaluation.servable)
 
 
 # The operator's setting naming the runner image of jobs that ask for GPUs; the runner names it when
@@ -534,6 +535,13 @@ class Perplexity(Strict):
     max_tokens: Annotated[int, Field(ge=MIN_PERPLEXITY_TOKENS, le=1_000_000)] = 8192
 
 
+# How far vLLM's token NLL of the evaluation text may be from transformers' on the same checkpoint and
+# tokens, relative to transformers': |NLL_vllm - NLL_transformers| / NLL_transformers. The vLLM tier
+# measured 0.01-0.16% on SmolLM2 in every scheme vLLM's CPU build serves (vLLM bf16, transformers
+# fp32); the bound leaves twice that for bf16 rounding, far below what a wrongly read weight costs.
+SERVED_NLL_BOUND = 0.003
+
+
 class Evaluation(Strict):
     perplexity: Perplexity | None = None
     prompts: Annotated[list[Annotated[str, Field(min_length=1, max_length=4096)]], Field(max_length=32)] = Field(
@@ -543,12 +551,20 @@ class Evaluation(Strict):
     max_perplexity_increase: Annotated[float, Field(ge=0, le=1000)] | None = Field(
         None, description="fail the job when compressed perplexity exceeds the original's by more than this percent"
     )
+    servable: bool = Field(False, description=(
+        f"load the output in vLLM before publishing: it answers the prompts and scores the perplexity text, and the job "
+        f"fails unless vLLM loads it and its token NLL is within {100 * SERVED_NLL_BOUND:g}% of transformers' "
+        f"(needs vLLM in the runner image, or {Env.VLLM_PYTHON})"))
 
     @classmethod
     def rules(cls, data: Mapping[str, Any]) -> list[SpecProblem]:
+        problems = []
         if given(data, "max_perplexity_increase") and not given(data, "perplexity"):
-            return [SpecProblem("maxPerplexityIncrease", "needs evaluation.perplexity to measure; add it or remove the gate")]
-        return []
+            problems.append(SpecProblem("maxPerplexityIncrease", "needs evaluation.perplexity to measure; add it or remove the gate"))
+        if raw(data, "servable") is True and not given(data, "perplexity"):
+            problems.append(SpecProblem("servable", "needs evaluation.perplexity, the text vLLM and transformers both score; "
+                                                    "add it or set servable: false"))
+        return problems
 
 
 class PublishConnection(Strict):
@@ -903,6 +919,16 @@ class Gate(Wire):
     passed: bool
 
 
+class ServedNll(Wire):
+    """vLLM's token NLL of the evaluation text against transformers' on the same tokens (spec.evaluation.servable)."""
+
+    vllm: float
+    transformers: float
+    relative_difference: float  # (vllm - transformers) / transformers
+    bound: float  # SERVED_NLL_BOUND when the runner measured it
+    passed: bool
+
+
 class Metrics(Wire):
     """Quality figures; ones this reader does not know are kept, so status shows a newer runner's too."""
 
@@ -911,12 +937,31 @@ class Metrics(Wire):
     perplexity_compressed: float | None = None
     perplexity_increase_percent: float | None = None
     gate: Gate | None = None
+    served_nll: ServedNll | None = None
 
 
 class Answer(Wire):
     prompt: str
     original: str
     compressed: str
+
+
+class ServedAnswer(Wire):
+    prompt: str
+    answer: str
+
+
+class Served(Wire):
+    """What vLLM made of the output before it was published (spec.evaluation.servable); its NLL is in the metrics."""
+
+    served_by: str  # "vllm 0.32.0"; "vllm" alone when it failed before saying its version
+    loaded: bool
+    reason: str | None = Field(None, description="vLLM's own one-line reason when it could not load or run the output")
+    answers: list[ServedAnswer] | None = None
+    tokens: int | None = Field(None, description="evaluation tokens vLLM scored, the ones transformers scored")
+    quantization: str | None = None  # the quantization method vLLM reports
+    kernels: list[str] | None = None  # the linear kernels vLLM chose
+    seconds: float | None = None
 
 
 class RunReport(Wire):
@@ -935,6 +980,7 @@ class RunReport(Wire):
     metrics: Metrics | None = None
     answers: list[Answer] | None = None
     answers_skipped: str | None = Field(None, description="why the prompts were not answered (a model too big for the pod's memory)")
+    served: Served | None = None
     resumed_compression: bool | None = None
     versions: dict[str, str] | None = None
     durations_s: dict[str, float] | None = Field(None, description="seconds by stage, and in all as `total`")

@@ -57,6 +57,8 @@ RULES: dict[str, list[dict[str, str]]] = {
     "Evaluation": [
         {"rule": "!has(self.maxPerplexityIncrease) || has(self.perplexity)",
          "message": "maxPerplexityIncrease needs evaluation.perplexity to measure"},
+        {"rule": "!has(self.servable) || !self.servable || has(self.perplexity)",
+         "message": "servable needs evaluation.perplexity, the text vLLM and transformers both score"},
     ],
     "JobSpec": [
         {"rule": "!has(self.recipe.preset) || has(self.calibration.dataset) || "

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from modelpress.operator.faults import Blocker, creation_blocker, parse_time, pod_blocker
-from modelpress.contract import EXIT_REASONS, PERMANENT_EXIT_CODES, ExitCode, FailureEvent, MemoryEstimate, ProgressEvent, ResultEvent, parse_event
+from modelpress.contract import (EXIT_REASONS, PERMANENT_EXIT_CODES, ExitCode, FailureEvent, MemoryEstimate, ProgressEvent, ResultEvent,
+                                 Served, parse_event)
 from modelpress.operator.conditions import RECONCILING, TERMINAL_PHASES, kstatus_conditions
 
 Phase = Literal["Pending", "Queued", "Suspended", "Running", "Succeeded", "Failed"]
@@ -72,6 +73,23 @@ class Metric(Wire):
     value: float
 
 
+class ServedAnswer(Wire):
+    prompt: Text
+    answer: Text
+
+
+class ServedStatus(Wire):
+    """What vLLM made of the output before it was published (spec.evaluation.servable); its NLL is in the metrics."""
+
+    served_by: Annotated[str, Field(max_length=128)]
+    loaded: bool
+    reason: Text | None = None
+    tokens: Count | None = None
+    quantization: Annotated[str, Field(max_length=128)] | None = None
+    kernels: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=8)] = Field(default_factory=list)
+    answers: Annotated[list[ServedAnswer], Field(max_length=32)] = Field(default_factory=list)
+
+
 class Result(Wire):
     """What the runner reported in its termination message when it succeeded."""
 
@@ -81,6 +99,7 @@ class Result(Wire):
     ratio: float | None = None
     duration_seconds: float | None = None
     metrics: Annotated[list[Metric], Field(max_length=16)] = Field(default_factory=list)
+    served: ServedStatus | None = None
 
 
 class Failure(Wire):
@@ -389,7 +408,17 @@ def parse_result(message: str | None) -> Result | None:
         ratio=sizes.ratio if sizes else None,
         duration_seconds=(report.durations_s or {}).get("total"),
         metrics=_metrics(report.metrics.model_dump(by_alias=True, exclude_none=True) if report.metrics else {}, "")[:16],
+        served=served_status(report.served) if report.served else None,
     )
+
+
+def served_status(served: Served) -> ServedStatus:
+    """The runner's `served` block cut to the status' bounds (a newer runner may say more)."""
+    return ServedStatus(
+        served_by=served.served_by[:128], loaded=served.loaded, reason=served.reason[:1024] if served.reason else None,
+        tokens=_count(served.tokens), quantization=served.quantization[:128] if served.quantization else None,
+        kernels=[k[:128] for k in (served.kernels or [])[:8]],
+        answers=[ServedAnswer(prompt=a.prompt[:1024], answer=a.answer[:1024]) for a in (served.answers or [])[:32]])
 
 
 def _metrics(value: Any, prefix: str) -> list[Metric]:

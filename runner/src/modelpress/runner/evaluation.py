@@ -31,14 +31,17 @@ def text_slice(path: Path, start_fraction: float = 0.5, chars: int = 200_000) ->
     return text[start : start + chars]
 
 
+def prompt_text(tokenizer: Any, prompt: str) -> str:
+    """What the model is given for a prompt: a user turn through the chat template, when the tokenizer has one."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
 @torch.no_grad()
 def answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 48) -> str:
     """Greedy answer, through the chat template when the tokenizer has one."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt_text(tokenizer, prompt), return_tensors="pt", add_special_tokens=not tokenizer.chat_template)["input_ids"]
     ids = ids.to(next(model.parameters()).device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

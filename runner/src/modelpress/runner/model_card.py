@@ -59,6 +59,7 @@ def model_card(job: CompressionJob, result: ResultEvent, recipe: str, untied_hea
         lines.append(f"\nPerplexity on `{spec.evaluation.perplexity.dataset}` ({spec.evaluation.perplexity.max_tokens} tokens at most).")
     for item in result.answers:
         lines += ["", f"**{item.prompt}**", "", f"- original: {item.original}", f"- compressed: {item.compressed}"]
+    lines += served_section(result)
     calib = spec.calibration
     lines += [
         "",
@@ -75,6 +76,25 @@ def model_card(job: CompressionJob, result: ResultEvent, recipe: str, untied_hea
         "",
     ]
     return "\n".join(lines)
+
+
+def served_section(result: ResultEvent) -> list[str]:
+    """What vLLM made of the output before it was published (spec.evaluation.servable), when it was asked."""
+    served, nll = result.served, result.metrics.served_nll if result.metrics else None
+    if served is None:
+        return []
+    lines = ["", "## Served by vLLM", ""]
+    if not served.loaded:
+        return lines + [f"{served.served_by} could not load or run this output: {served.reason}"]
+    how = f" ({served.quantization}, {', '.join(served.kernels)})" if served.quantization and served.kernels else ""
+    lines.append(f"Loaded by {served.served_by}{how} before it was published, and checked against transformers on the same checkpoint.")
+    if nll is not None:
+        lines += ["", "| token NLL of the evaluation text | vLLM | transformers | difference |", "|---|---|---|---|",
+                  f"| {served.tokens} tokens | {nll.vllm:.4f} | {nll.transformers:.4f} | {100 * nll.relative_difference:+.2f}% "
+                  f"(bound ±{100 * nll.bound:g}%) |"]
+    for item in served.answers or []:
+        lines += ["", f"**{item.prompt}**", "", f"- vLLM: {item.answer}"]
+    return lines
 
 
 def outside_vllm(recipe: str, model_dir: str) -> list[str]:

@@ -128,21 +128,23 @@ class ScrubFilter(logging.Filter):
 
 
 # What a termination message keeps when the whole event would pass the limit.
-TERMINATION_KEEP = {"event", "status", "reason", "exit_code", "message", "output", "sizes", "metrics"}
+TERMINATION_KEEP = {"event", "status", "reason", "exit_code", "message", "output", "sizes", "metrics", "served"}
 
 
 def termination_message(event: ResultEvent | FailureEvent) -> str:
-    """The last event for the pod's termination message: without the answers, within Kubernetes' 4 KiB."""
-    text = event.model_dump_json(by_alias=True, exclude_none=True, exclude={"answers"})
-    if len(text.encode()) <= TERMINATION_LIMIT:
-        return text
-    text = event.model_dump_json(by_alias=True, exclude_none=True, include=TERMINATION_KEEP)
+    """The last event for the pod's termination message: without the original's answers (vLLM's too when they would
+    not fit), within Kubernetes' 4 KiB."""
+    for exclude in ({"answers": True}, {"answers": True, "served": {"answers"}}):
+        text = event.model_dump_json(by_alias=True, exclude_none=True, exclude=exclude)
+        if len(text.encode()) <= TERMINATION_LIMIT:
+            return text
+    text = event.model_dump_json(by_alias=True, exclude_none=True, include=TERMINATION_KEEP, exclude={"served": {"answers"}})
     excess = len(text.encode()) - TERMINATION_LIMIT
     if excess > 0 and isinstance(event, FailureEvent):  # a shorter message keeps the JSON whole
         message = event.message.encode()
         short = message[: max(0, len(message) - excess - 8)].decode(errors="ignore") + "..."
         text = event.model_copy(update={"message": short}).model_dump_json(by_alias=True, exclude_none=True,
-                                                                            include=TERMINATION_KEEP)
+                                                                            include=TERMINATION_KEEP, exclude={"served": {"answers"}})
     # Kubernetes keeps bytes, not characters; a cut JSON is still better than none
     return text.encode()[:TERMINATION_LIMIT].decode(errors="ignore")
 
@@ -162,6 +164,11 @@ def summary(result: ResultEvent | FailureEvent, width: int = 44) -> str:
     if metrics and metrics.perplexity_original is not None:
         rows.append(("perplexity", f"{metrics.perplexity_original:.2f} -> {metrics.perplexity_compressed:.2f} "
                      f"({metrics.perplexity_increase_percent:+.1f}%)"))
+    served = result.served
+    if served is not None:
+        nll = metrics.served_nll if metrics else None
+        rows.append(("served by", f"{served.served_by}: " + (f"token NLL {nll.vllm:.4f} vs transformers' {nll.transformers:.4f} "
+                                                              f"({100 * nll.relative_difference:+.2f}%)" if nll else served.reason or "")))
     rows.append(("time", f"{(result.durations_s or {}).get('total', 0):.1f} s"))
     key = max(len(k) for k, _ in rows)
     lines = [f"{k:<{key}}  {v}" for k, v in rows]

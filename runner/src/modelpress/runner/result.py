@@ -18,6 +18,8 @@ from modelpress.contract import (
     OutputRef,
     RecipeRef,
     ResultEvent,
+    Served,
+    ServedNll,
     Sizes,
 )
 from modelpress.engine.checkpoint_writer import model_bytes
@@ -26,8 +28,9 @@ VERSIONED = ("modelpress", "torch", "transformers", "compressed-tensors")
 
 
 def build_result(job: CompressionJob, model_dir: Path, staged: Path, before: dict[str, Any], after: dict[str, Any],
-                 modifier_names: Sequence[str], resumed: bool, used_data: bool) -> ResultEvent:
-    """The result of a compressed (not yet published) model, measured against the original."""
+                 modifier_names: Sequence[str], resumed: bool, used_data: bool, served: Served | None = None,
+                 served_nll: ServedNll | None = None) -> ResultEvent:
+    """The result of a compressed (not yet published) model, measured against the original (and served by vLLM when asked)."""
     spec = job.spec
     original, compressed = model_bytes(model_dir), model_bytes(staged)
     metrics = Metrics()
@@ -40,6 +43,7 @@ def build_result(job: CompressionJob, model_dir: Path, staged: Path, before: dic
             perplexity_increase_percent=round(increase, 2),
             gate=Gate(max_perplexity_increase=limit, passed=increase <= limit) if limit is not None else None,
         )
+    metrics.served_nll = served_nll
     recipe = spec.recipe
     return ResultEvent(
         job=job_ref(job),
@@ -57,6 +61,7 @@ def build_result(job: CompressionJob, model_dir: Path, staged: Path, before: dic
             for p, a, b in zip(spec.evaluation.prompts, before.get("answers", []), after.get("answers", []))
         ],
         answers_skipped=before.get("answers_skipped") or after.get("answers_skipped"),
+        served=served,
         resumed_compression=resumed,
         versions=versions(),
     )

@@ -10,6 +10,7 @@ each stage's own `skip` rule over the shared `State`, so new resumable state goe
 import gc
 import json
 import logging
+import math
 import shutil
 import time
 import warnings
@@ -20,8 +21,8 @@ from typing import Any
 
 import torch
 
-from modelpress.contract import (SELF_GENERATED, CompressionJob, JobSpec, Recipe, ResultEvent, TransferEvent, connection_uses,
-                                 parse_uri)
+from modelpress.contract import (SELF_GENERATED, CompressionJob, JobSpec, Recipe, ResultEvent, Served, ServedNll, TransferEvent,
+                                 connection_uses, parse_uri)
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import Modifier
 from modelpress.engine.recipe import load_recipe, parse_recipe, recipe_yaml
@@ -38,6 +39,7 @@ from modelpress.runner.progress import Reporter
 from modelpress.paths import PathEscape, confined, refuse_escaping_links
 from modelpress.runner.publish import Output, folder_output, s3_output
 from modelpress.runner.result import build_result, job_identity, job_ref, reuse_key
+from modelpress.runner.served import (Vllm, driver_plan, find_vllm, model_len, run_driver, served_outcome, served_problem)
 from modelpress.runner.storage import (
     build_manifest,
     download_object,
@@ -59,7 +61,8 @@ ORIGINAL_EVALUATION = "original-evaluation"  # the original model's perplexity a
 
 
 class GateFailed(Exception):
-    """The compressed model lost more quality than `maxPerplexityIncrease` allows."""
+    """The compressed model lost more quality than `maxPerplexityIncrease` allows, or vLLM does not serve it
+    as transformers reads it (`servable`)."""
 
     def __init__(self, message: str, result: ResultEvent) -> None:
         super().__init__(message)
@@ -95,6 +98,7 @@ class State:
     device: torch.device
     started: float  # time.monotonic() when the job began
     answers_skipped: str | None = None  # the memory preflight found the whole model would not fit for the answers
+    vllm: Vllm | None = None  # where the servable stage runs vLLM (spec.evaluation.servable)
     resumed: bool = False  # a model compressed for this very spec and source waits in scratch (known after fetch)
     source: str | None = None  # the source's identity: hub commit, S3 listing or folder digest
     model_dir: Path | None = None
@@ -104,6 +108,8 @@ class State:
     original: Any = None
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
+    served: Served | None = None
+    served_nll: ServedNll | None = None
     result: ResultEvent | None = None
 
     @property
@@ -179,6 +185,7 @@ def prepare(job: CompressionJob, ctx: Context) -> State:
     started = time.monotonic()
     spec, env = job.spec, ctx.env
     require_gpu(env)
+    vllm = find_vllm(env) if spec.evaluation.servable else None
     connections = _connections(spec, ctx)
     token = hf_token(spec.model.token_secret, env, ctx.objects)
     ctx.reporter.secrets = secret_values(list(connections.values()), token)
@@ -197,7 +204,7 @@ def prepare(job: CompressionJob, ctx: Context) -> State:
     work = ctx.scratch / job_id.replace("/", "_")
     work.mkdir(parents=True, exist_ok=True)
     return State(job=job, ctx=ctx, job_id=job_id, token=token, clients=clients, output=output, modifiers=modifiers,
-                 needs_data=needs_data, work=work, device=device, started=started, answers_skipped=answers_skipped)
+                 needs_data=needs_data, work=work, device=device, started=started, answers_skipped=answers_skipped, vllm=vllm)
 
 
 def memory_preflight(spec: JobSpec, modifiers: list[Modifier], device: torch.device, clients: dict[str, Any], token: str | None,
@@ -354,20 +361,45 @@ def evaluate_compressed(state: State) -> None:
     gc.collect()
 
 
+def serve(state: State) -> None:
+    """The staged output loaded by vLLM in its own process: answers to the prompts, and the token NLL of
+    the very windows the compressed evaluation scored, for the gate to hold against transformers'."""
+    spec, tokenizer = state.spec, state.tokenizer()
+    state.ctx.reporter.stage("serve", model="compressed")
+    gc.collect()
+    if state.device.type == "cuda":
+        torch.cuda.empty_cache()  # vLLM sizes its cache by the GPU memory free when it starts
+    from modelpress.engine.streamed_eval import windows
+    from modelpress.runner.evaluation import prompt_text
+
+    window, positions = evaluation_window(state.staged)
+    parts = [w[0].tolist() for w in windows(evaluation_ids(state), window)]
+    chat = bool(tokenizer.chat_template)
+    prompt_tokens = [len(tokenizer(prompt_text(tokenizer, p), add_special_tokens=not chat)["input_ids"]) for p in spec.evaluation.prompts]
+    plan = driver_plan(state.staged, parts, list(spec.evaluation.prompts), spec.evaluation.max_new_tokens, chat,
+                       model_len(window, prompt_tokens, spec.evaluation.max_new_tokens, positions), state.work / "vllm" / "logs")
+    report, failure = run_driver(state.vllm, plan, state.work / "vllm", state.ctx.env)
+    state.served, state.served_nll = served_outcome(report, failure, state.vllm.version, list(spec.evaluation.prompts),
+                                                    math.log(state.after["perplexity"]))
+
+
 def gate(state: State) -> None:
-    """The result, and the quality gate: a model past `maxPerplexityIncrease` is never published."""
+    """The result, and the quality gate: a model past `maxPerplexityIncrease`, or one vLLM does not serve as
+    transformers reads it (`servable`), is never published."""
     names = [type(m).__name__ for m in state.modifiers]
     result = build_result(state.job, state.model_dir, state.staged, state.before, state.after, names,
-                          state.resumed, state.needs_data)
+                          state.resumed, state.needs_data, state.served, state.served_nll)
     state.result = result
     verdict = result.metrics.gate
+    problems = []
     if verdict is not None and not verdict.passed:
+        problems.append(f"perplexity rose {result.metrics.perplexity_increase_percent:.1f}%, past the "
+                        f"{verdict.max_perplexity_increase}% allowed by spec.evaluation.maxPerplexityIncrease")
+    if state.served is not None and (problem := served_problem(state.served, state.served_nll)) is not None:
+        problems.append(f"spec.evaluation.servable: {problem}")
+    if problems:
         result.durations_s = _durations(state)
-        raise GateFailed(
-            f"perplexity rose {result.metrics.perplexity_increase_percent:.1f}%, past the "
-            f"{verdict.max_perplexity_increase}% allowed by spec.evaluation.maxPerplexityIncrease; nothing was published",
-            result,
-        )
+        raise GateFailed(f"{'; '.join(problems)}; nothing was published", result)
 
 
 def write_model_card(state: State) -> None:
@@ -410,6 +442,7 @@ STAGES = (
     Stage("release original", release_original, skip=lambda s: s.original is None),
     Stage("compress", compress, skip=lambda s: s.resumed, clock="compress"),
     Stage("compressed evaluation", evaluate_compressed, skip=lambda s: not s.evaluating, clock="evaluate"),
+    Stage("serve", serve, skip=lambda s: s.vllm is None, clock="serve"),
     Stage("gate", gate),
     Stage("model card", write_model_card),
     Stage("publish", publish, clock="publish"),
@@ -487,9 +520,8 @@ def evaluate(state: State, model_dir: Path, loaded: Any = None) -> dict[str, Any
     spec, tokenizer = state.spec, state.tokenizer()
     out: dict[str, Any] = {}
     if state.text is not None:
-        ids = tokenizer(state.text, return_tensors="pt")["input_ids"][0][: spec.evaluation.perplexity.max_tokens]
-        positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings") or 512
-        out["perplexity"] = streamed_perplexity(model_dir, ids, min(512, positions), state.device, spec.model.trust_remote_code)
+        window, _ = evaluation_window(model_dir)
+        out["perplexity"] = streamed_perplexity(model_dir, evaluation_ids(state), window, state.device, spec.model.trust_remote_code)
     if not spec.evaluation.prompts:
         return out
     if loaded is None and state.answers_skipped is not None:
@@ -498,6 +530,18 @@ def evaluate(state: State, model_dir: Path, loaded: Any = None) -> dict[str, Any
     model = loaded if loaded is not None else load_model(model_dir, state.device, spec.model.trust_remote_code)
     out["answers"] = [answer(model, tokenizer, p, spec.evaluation.max_new_tokens) for p in spec.evaluation.prompts]
     return out
+
+
+def evaluation_ids(state: State) -> torch.Tensor:
+    """The evaluation tokens: the first `maxTokens` of the perplexity text, scored by transformers and by vLLM alike."""
+    ids = state.tokenizer()(state.text, return_tensors="pt")["input_ids"][0]
+    return ids[: state.spec.evaluation.perplexity.max_tokens]
+
+
+def evaluation_window(model_dir: Path) -> tuple[int, int]:
+    """Tokens per scored window (512, or the model's positions when fewer), and the model's positions."""
+    positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings") or 512
+    return min(512, positions), positions
 
 
 def _kept(state: State, name: str) -> Any:
