@@ -39,7 +39,7 @@ from modelpress.runner.progress import Reporter
 from modelpress.paths import PathEscape, confined, refuse_escaping_links
 from modelpress.runner.publish import Output, folder_output, s3_output
 from modelpress.runner.result import build_result, job_identity, job_ref, reuse_key
-from modelpress.runner.served import (Vllm, driver_plan, find_vllm, model_len, run_driver, served_outcome, served_problem)
+from modelpress.runner.served import Vllm, driver_plan, find_vllm, model_len, run_driver, served_outcome, served_problem
 from modelpress.runner.storage import (
     build_manifest,
     download_object,
