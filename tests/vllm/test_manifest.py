@@ -45,6 +45,7 @@ REFUSED = {
     "unknown dtype": (["--dtype=bf16"], "invalid choice: 'bf16'"),
 }
 # accepted by the parser, refused by vLLM's engine for the float SmolLM2 (8,192 positions, not quantized)
+SOURCE = {"positions": 8192, "dtype": "bfloat16"}  # SmolLM2's config: what vLLM's engine takes by default
 ENGINE_REFUSED = {
     "longer than the model": (["--max-model-len=100000"], "max_model_len"),
 }
@@ -120,8 +121,9 @@ def test_vllms_engine_takes_the_settings(name: str, parsed: dict[str, Any]) -> N
         assert "error" in engine and ENGINE_REFUSES_FLOAT[name] in engine["error"], f"{name}: {engine}"
         return
     assert "error" not in engine, f"{name}: vLLM's engine refused {parsed[name]['command']}: {engine['error']}"
-    assert engine["max_model_len"] == (expected["max_model_len"] or 8192)
-    assert engine["dtype"] == {"auto": "bfloat16"}.get(expected.get("dtype", "auto"), expected.get("dtype"))
+    assert engine["max_model_len"] == (expected["max_model_len"] or SOURCE["positions"])
+    dtype = expected.get("dtype", "auto")
+    assert engine["dtype"] == (SOURCE["dtype"] if dtype == "auto" else dtype)
 
 
 @pytest.mark.parametrize("name", REFUSED)
