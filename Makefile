@@ -9,6 +9,9 @@ OPSTAMP := $(OPVENV)/.installed
 # versions the project's venv does not use.
 VLLMVENV := .venv-vllm
 VLLMSTAMP := $(VLLMVENV)/.installed
+# The reduced vLLM tier CI runs when its time allows: two schemes and one damaged copy (and the
+# manifest and server checks); `make test-vllm` runs every scheme and every damaged copy.
+VLLM_CI_SCHEMES := W4A16,W8A8,swapped-heads
 
 # The images the OperatorHub bundle lists (deploy/olm relatedImages): the operator, and the runner
 # with CPU torch and with CUDA torch (PyPI's Linux x86_64 torch wheels are the CUDA builds).
@@ -19,7 +22,7 @@ CUDA_TORCH_INDEX_URL := https://pypi.org/simple
 # vLLM in the CUDA runner image, for jobs with spec.evaluation.servable (the version the vLLM tier checks).
 VLLM_VERSION := 0.32.0
 
-.PHONY: demo test test-all test-vllm bench bench-selfgen crd bundle images
+.PHONY: demo test test-all test-vllm test-vllm-ci bench bench-selfgen crd bundle images
 
 $(STAMP): pyproject.toml operator/requirements.txt runner/requirements-smollm2.txt tests/requirements.txt tests/operator/requirements.txt
 	python3 -m venv $(VENV)
@@ -56,6 +59,9 @@ test-all: $(STAMP) $(OPSTAMP)
 
 test-vllm: $(STAMP) $(VLLMSTAMP)
 	MODELPRESS_VLLM_PYTHON=$(CURDIR)/$(VLLMVENV)/bin/python $(PY) tests/run_tiers.py vllm
+
+test-vllm-ci: $(STAMP) $(VLLMSTAMP)
+	MODELPRESS_VLLM_SCHEMES=$(VLLM_CI_SCHEMES) MODELPRESS_VLLM_PYTHON=$(CURDIR)/$(VLLMVENV)/bin/python $(PY) tests/run_tiers.py vllm
 
 bench: $(STAMP)
 	$(PY) bench/oneshot_bench.py --recipe bench/recipes/gptq_w4a16_g64.yaml --forward --perplexity --output out/bench

@@ -29,11 +29,15 @@ LOG_LINE = re.compile(r"^(?:\((?P<process>[^)]*)\)\s+)?(?P<level>DEBUG|INFO|WARN
 # "Using CPUWNA16LinearKernel for CompressedTensorsWNA16", "Selected CPUInt8ScaledMMLinearKernel for ...":
 # the linear kernel vLLM chose for a quantized layer.
 KERNEL = re.compile(r"(?:Using|Selected) (?P<kernel>\w+LinearKernel) for ")
-# A weight vLLM read from the checkpoint in another dtype: a cast, not a lost weight.
-CAST = re.compile(r"Attempted to load weight \S+ with dtype \S+ into parameter with dtype \S+$")
+# A floating weight vLLM read into a floating parameter of another precision: a rounding, not a lost
+# weight. A cast into an integer parameter (a packed weight, a zero point) changes the numbers: a warning.
+FLOAT = r"torch\.(?:bfloat16|float16|float32|float64)"
+CAST = re.compile(rf"Attempted to load weight \S+ with dtype {FLOAT} into parameter with dtype {FLOAT}$")
 WEIGHT_WORDS = re.compile(r"weight|parameter|checkpoint|tensor", re.IGNORECASE)
-# The last line of a Python traceback: "ValueError: ...", "RuntimeError: ...".
-EXCEPTION = re.compile(r"^[A-Za-z_.]*(?:Error|Exception): ")
+# The last line of a Python traceback: "ValueError: ...", "RuntimeError: ...", or a bare "AssertionError".
+EXCEPTION = re.compile(r"^[A-Za-z_.]*(?:Error|Exception)(?:: |$)")
+# The marker line under the failing expression of a traceback: "    ^^^^^^^^".
+CARETS = re.compile(r"^\s*[~^]+\s*$")
 
 
 @contextlib.contextmanager
@@ -70,6 +74,9 @@ def first_error(log: list[tuple[str, str, str]]) -> str | None:
     for index, (process, _, message) in enumerate(log):
         if EXCEPTION.match(message):
             parts = [message.strip()]
+            if ":" not in message:  # a bare exception: the statement that raised it says what failed
+                source = [m for p, _, m in log[:index] if p == process and m.strip() and not CARETS.match(m)]
+                parts += [f"at `{source[-1].strip()}`"] if source else []
             for later_process, _, later in log[index + 1 :]:
                 if later_process != process or not later[:1].isspace():
                     break
