@@ -17,7 +17,7 @@ RUNNER_IMAGE := quay.io/modelpress/runner:0.1.0
 RUNNER_CUDA_IMAGE := quay.io/modelpress/runner-cuda:0.1.0
 CUDA_TORCH_INDEX_URL := https://pypi.org/simple
 
-.PHONY: demo test test-all test-vllm bench bench-selfgen crd bundle images
+.PHONY: demo test test-all test-vllm bench bench-compare bench-selfgen crd bundle images
 
 $(STAMP): pyproject.toml operator/requirements.txt runner/requirements-smollm2.txt tests/requirements.txt tests/operator/requirements.txt
 	python3 -m venv $(VENV)
@@ -57,6 +57,11 @@ test-vllm: $(STAMP) $(VLLMSTAMP)
 
 bench: $(STAMP)
 	$(PY) bench/oneshot_bench.py --recipe bench/recipes/gptq_w4a16_g64.yaml --forward --perplexity --output out/bench
+
+# llm-compressor side by side: LLMC_VENV names a venv with llm-compressor installed (it is never mixed into ours)
+LLMC_VENV ?= /work/venv-llmc
+bench-compare: $(STAMP)
+	$(PY) bench/compare_bench.py --compare-llmcompressor $(LLMC_VENV) --work out/bench-compare
 
 bench-selfgen: $(STAMP)
 	$(PY) bench/selfgen_bench.py --repeats 2 --output out/bench-selfgen.json
