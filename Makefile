@@ -22,7 +22,7 @@ CUDA_TORCH_INDEX_URL := https://pypi.org/simple
 # vLLM in the CUDA runner image, for jobs with spec.evaluation.servable (the version the vLLM tier checks).
 VLLM_VERSION := 0.32.0
 
-.PHONY: demo test test-all test-vllm test-vllm-ci bench bench-selfgen crd bundle images
+.PHONY: demo test test-all test-vllm test-vllm-ci bench bench-compare bench-selfgen crd bundle images
 
 $(STAMP): pyproject.toml operator/requirements.txt runner/requirements-smollm2.txt tests/requirements.txt tests/operator/requirements.txt
 	python3 -m venv $(VENV)
@@ -65,6 +65,11 @@ test-vllm-ci: $(STAMP) $(VLLMSTAMP)
 
 bench: $(STAMP)
 	$(PY) bench/oneshot_bench.py --recipe bench/recipes/gptq_w4a16_g64.yaml --forward --perplexity --output out/bench
+
+# llm-compressor side by side: LLMC_VENV names a venv with llm-compressor installed (it is never mixed into ours)
+LLMC_VENV ?= /work/venv-llmc
+bench-compare: $(STAMP)
+	$(PY) bench/compare_bench.py --compare-llmcompressor $(LLMC_VENV) --work out/bench-compare
 
 bench-selfgen: $(STAMP)
 	$(PY) bench/selfgen_bench.py --repeats 2 --output out/bench-selfgen.json

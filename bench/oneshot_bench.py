@@ -61,8 +61,9 @@ def float_forward_seconds(model_dir: Path, samples: list[torch.Tensor]) -> float
 
 
 def perplexities(model_dir: Path, output: Path, text: Path) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from held_out import load_for_evaluation
     from modelpress.runner.evaluation import perplexity, text_slice
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -70,17 +71,7 @@ def perplexities(model_dir: Path, output: Path, text: Path) -> dict[str, float]:
     float_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     result = {"float": perplexity(float_model, tokenizer, held_out)}
     del float_model
-    # a checkpoint that quantizes activations goes through the compressed loader, which quantizes
-    # them as vLLM does; dequantizing would measure its weights only. A pruned-only checkpoint is
-    # a plain dense one.
-    config = json.loads((output / "config.json").read_text()).get("quantization_config")
-    if config is None:
-        compressed = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
-    elif any(g.get("input_activations") for g in config["config_groups"].values()):
-        compressed = AutoModelForCausalLM.from_pretrained(output)
-    else:
-        compressed = AutoModelForCausalLM.from_pretrained(output, quantization_config=CompressedTensorsConfig(dequantize=True))
-    result["compressed"] = perplexity(compressed, tokenizer, held_out)
+    result["compressed"] = perplexity(load_for_evaluation(output), tokenizer, held_out)
     result["increase_pct"] = 100 * (result["compressed"] / result["float"] - 1)
     return {k: round(v, 3) for k, v in result.items()}
 

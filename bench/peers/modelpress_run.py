@@ -1,0 +1,59 @@
+"""One ModelPress `oneshot` on token windows from a file: the same arguments as the other peers' drivers.
+
+    .venv/bin/python bench/peers/modelpress_run.py --model DIR --recipe FILE.yaml \
+        --windows windows.json --output DIR --report report.json
+
+The windows go in as a tokenized dataset, all of them and nothing else, as llmcompressor_run.py
+gives them to llm-compressor. Wall time and peak RSS are measured by the caller around this
+process; the report adds the time of the `oneshot` call alone and the versions.
+"""
+
+import argparse
+import json
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+STARTED = time.monotonic()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--recipe", type=Path, required=True)
+    parser.add_argument("--windows", type=Path, required=True)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    import torch
+    from datasets import Dataset
+
+    from modelpress.engine.oneshot import oneshot
+
+    windows = json.loads(args.windows.read_text())["input_ids"]
+    imported = time.monotonic()
+    result = oneshot(
+        model=args.model,
+        recipe=args.recipe,
+        dataset=Dataset.from_dict({"input_ids": windows}),
+        num_calibration_samples=len(windows),
+        max_seq_length=max(len(w) for w in windows),
+        output_dir=args.output,
+        device=args.device,
+    )
+    done = time.monotonic()
+    report = {
+        "peer": "modelpress",
+        "versions": {name: version(name) for name in ("modelpress", "compressed-tensors", "transformers", "torch")},
+        "threads": torch.get_num_threads(),
+        "import_s": round(imported - STARTED, 2),
+        "oneshot_s": round(done - imported, 2),
+        "layer_s": [round(r.seconds, 3) for r in result.layers],
+    }
+    args.report.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""bench/compare_bench.py, the side-by-side harness: what it measures and that both sides get the same inputs."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.models import CORPUS, REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import compare_bench  # noqa: E402
+import held_out  # noqa: E402
+
+
+def test_span_must_be_an_ordered_range_of_fractions() -> None:
+    assert held_out.parse_span("0:0.5") == (0.0, 0.5)
+    for bad in ("0.5", "0.6:0.5", "0:1.5", "a:b"):
+        with pytest.raises(SystemExit, match="--span"):
+            held_out.parse_span(bad)
+
+
+def test_evaluation_span_that_overlaps_calibration_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("x")
+    monkeypatch.setattr(sys, "argv", ["compare_bench.py", "--text", str(text), "--calibration-span", "0:0.6",
+                                      "--evaluation-span", "0.5:1", "--json", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match="--evaluation-span: overlaps"):
+        compare_bench.main()
+
+
+def test_measure_reports_the_childs_own_peak_and_time(tmp_path: Path) -> None:
+    """A child that holds 200 MiB peaks above it; one that fails says why."""
+    grow = compare_bench.measure([sys.executable, "-c", "b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096])"],
+                                 tmp_path / "grow")
+    assert grow.exit_code == 0 and grow.error is None
+    assert 200 <= grow.peak_rss_mib < 400
+    assert grow.wall_s > 0 and grow.load >= 0
+    fail = compare_bench.measure([sys.executable, "-c", "raise SystemExit('broken: the reason')"], tmp_path / "fail")
+    assert fail.exit_code == 1 and fail.error == "broken: the reason"
+
+
+def test_both_sides_read_the_same_windows(llama_dir: Path, tmp_path: Path) -> None:
+    """Our own driver posing as the peer: the same windows file gives byte-identical checkpoints, and ratios of them."""
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(CORPUS), encoding="utf-8")
+    windows = tmp_path / "windows.json"
+    meta = held_out.write_windows(llama_dir, text, "0:0.5", 3, 32, windows)
+    ids = json.loads(windows.read_text())["input_ids"]
+    assert meta["num_samples"] == 3 and [len(w) for w in ids] == [32, 32, 32]
+
+    twin = compare_bench.Peer("llmcompressor", "twin", Path(sys.executable), REPO / "bench" / "peers" / "modelpress_run.py")
+    recipe = compare_bench.MATRIX[1]  # GPTQ W4A16 g64, which has a target
+    settings = compare_bench.Settings(text, "0:0.5", "0.5:1", 3, 32, 0, 1, perplexity=False)
+    case = compare_bench.compare_case("tiny", llama_dir, recipe, [twin], windows, settings, tmp_path / "work")
+
+    out = tmp_path / "work" / "tiny" / recipe.name
+    digests = {side: [hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((out / side).glob("*.safetensors"))]
+               for side in ("modelpress", "llmcompressor")}
+    assert digests["modelpress"] and digests["modelpress"] == digests["llmcompressor"]
+    for side in case["sides"].values():
+        assert side["wall_s"] > 0 and side["peak_rss_mib"] > 100 and side["oneshot_s"] < side["wall_s"]
+    assert set(case["ratios"]["llmcompressor"]) == {"wall", "cpu", "oneshot", "peak_rss", "perplexity"}
+    assert case["target"]["wall"] == 0.4 and isinstance(case["target"]["met"], bool)
+    report = {"machine": "m", "settings": {**settings.__dict__, "text": str(text)}, "models": {"tiny": {"float_perplexity": None}},
+              "cases": [case]}
+    row = compare_bench.markdown(report).splitlines()[-1]
+    assert row.startswith("| tiny | GPTQ W4A16 g64 |") and "≤ 0.4×, ≤ 0.6×" in row
