@@ -54,6 +54,7 @@ from modelpress.engine.weights import (
     materialize,
     missing_weights,
     move_outside,
+    release_outside,
     resolve_model_dir,
 )
 
@@ -228,12 +229,13 @@ def calibrate(
     when none was given and samples need one, and the calibration token ids.
     """
     model = loaded.model
-    if loaded.source is not None:
+    needs_data = any(m.needs_data() for m in modifiers)
+    if loaded.source is not None and needs_data:
         materialize(model, "", loaded.source, device, skip_prefix=loaded.inside)
         model.tie_weights()
     move_outside(model, loaded.inside, device)
     tokenizer = samples.tokenizer
-    if not any(m.needs_data() for m in modifiers):
+    if not needs_data:
         return None, tokenizer, []
     if tokenizer is None:
         tokenizer = load_tokenizer(loaded.model_dir or model.name_or_path, samples.trust_remote_code)
@@ -242,7 +244,10 @@ def calibrate(
     )
     if not ids:
         raise ModelPressError("dataset: no usable calibration samples (all empty?)")
-    return capture_first_layer_inputs(model, loaded.layers[0], ids, device), tokenizer, ids
+    inputs = capture_first_layer_inputs(model, loaded.layers[0], ids, device)
+    if loaded.source is not None:  # read again once the layers are done: a large vocabulary's embeddings are GBs
+        release_outside(model, loaded.inside)
+    return inputs, tokenizer, ids
 
 
 def compress(
@@ -263,6 +268,9 @@ def compress(
                                         progress, resume)
     finally:
         route_all_tokens(loaded.model, False)  # an in-memory model goes back to routed inference
+    if loaded.source is not None:
+        materialize(loaded.model, "", loaded.source, device, skip_prefix=loaded.inside)
+        loaded.model.tie_weights()
     outside = compress_outside_layers(loaded.model, loaded.inside, modifiers, plans)
     schemes.update({n: ql.scheme for n, ql in outside.items()})
     if writer is not None:
