@@ -25,12 +25,18 @@ def _packed_bits(packed_columns: int, columns: int) -> int:
     raise ValueError(f"a packed weight of {packed_columns} words cannot hold {columns} columns")
 
 
-def _by_group(t: torch.Tensor, columns: int) -> torch.Tensor:
-    """A scale or zero point with one column per group, spread over the weight's columns."""
+def _by_group(q: torch.Tensor, t: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """`op` (an in-place Tensor method) of the float weight `q` [rows, columns] with a scale or
+    zero point that has one column per group, broadcast over each group's columns: no spread
+    copy of the weight's size."""
+    rows, columns = q.shape
     if t.dim() < 2 or t.shape[-1] == 1:
-        return t.reshape(-1, 1) if t.numel() > 1 else t.reshape(1, 1)
-    group = -(-columns // t.shape[-1])
-    return t.repeat_interleave(group, dim=1)[:, :columns]
+        op(q, t.reshape(-1, 1) if t.numel() > 1 else t.reshape(1, 1))
+    elif columns % t.shape[-1] == 0:
+        op(q.view(rows, t.shape[-1], -1), t.unsqueeze(-1))
+    else:  # a last group cut short
+        group = -(-columns // t.shape[-1])
+        op(q, t.repeat_interleave(group, dim=1)[:, :columns])
 
 
 def dequantized(get: Callable[[str], torch.Tensor], names: set[str], module: str, dtype: torch.dtype) -> torch.Tensor:
@@ -47,11 +53,11 @@ def dequantized(get: Callable[[str], torch.Tensor], names: set[str], module: str
             zero = unpack_from_int32(get(f"{module}.weight_zero_point"), bits, torch.Size([rows, groups]), packed_dim=0)
     else:
         q = get(f"{module}.weight").float()
-        columns = q.shape[1]
         zero = get(f"{module}.weight_zero_point") if f"{module}.weight_zero_point" in names else None
     if zero is not None:
-        q = q - _by_group(zero.float(), columns)
-    return (q * _by_group(scale, columns)).to(dtype)
+        _by_group(q, zero.float(), torch.Tensor.sub_)
+    _by_group(q, scale, torch.Tensor.mul_)
+    return q.to(dtype)
 
 
 class DequantizingSource(SafetensorsSource):

@@ -49,70 +49,84 @@ def gptq(
     sweep reaches the group, on the weights as the earlier columns' errors left them.
     `keep` (bool, [out, in]) forces the other weights to zero: a sparsity mask survives.
     """
-    w = weight.float().clone()
-    rows, cols = w.shape
+    rows, cols = weight.shape
     dtype = weight.dtype
     group = args.strategy == QuantizationStrategy.GROUP
     size = args.group_size if group else cols
 
-    order = activation_order(hessian) if actorder else torch.arange(cols, device=w.device)
-    inverse = inverse_hessian(hessian.float()[order][:, order], dampening_frac)
-    w[:, inverse.dead[torch.argsort(order)]] = 0
-    if keep is not None:
-        w *= keep
+    order = activation_order(hessian) if actorder else torch.arange(cols, device=weight.device)
+    inverse = inverse_hessian(hessian, dampening_frac, order)
+    # W^T in sweep order: a column of W is a contiguous row (see sweep); the only float copy of W
+    wt = torch.index_select(weight.T, 0, order).float()
+    wt[inverse.dead] = 0
+    keep_t = torch.index_select(keep.T, 0, order) if keep is not None else None
+    if keep_t is not None:
+        wt *= keep_t
+    natural = torch.argsort(order)
 
+    # a column's scale and zero point are its group's: rows of [groups, rows] tables, never
+    # spread to the weight's size
     static = not group or actorder
+    groups = cols // size if group else 1
+    column_group = (order // size).tolist() if group else [0] * cols
     if static:
-        qp = observer(w, args, dtype)
-        scale, zero = _per_column(qp, args, rows, cols)
-        scale_t, zero_t = scale[:, order].T.contiguous(), zero[:, order].T.contiguous()
+        qp = observer(wt[natural].T, args, dtype)
+        scale_g, zero_g = _per_group(qp, rows)
     else:
-        scale_t = torch.empty(cols, rows, dtype=torch.float32, device=w.device)
-        zero_t = torch.zeros(cols, rows, dtype=torch.float32, device=w.device)
+        scale_g = torch.empty(groups, rows, dtype=torch.float32, device=weight.device)
+        zero_g = torch.zeros(groups, rows, dtype=torch.float32, device=weight.device)
         group_scales, group_zeros = [], []
-    # W^T in sweep order: a column of W is a contiguous row (see sweep)
-    wt = w[:, order].T.contiguous()
-    keep_t = keep[:, order].T.contiguous() if keep is not None else None
     to_codes = _coder(args)
 
     def step(block: torch.Tensor, i: int, col: int) -> torch.Tensor:
+        g = column_group[col]
         if not static and col % size == 0:
             gqp = observer(block[i : i + size].T, args, dtype)
             group_scales.append(gqp.scale)
             group_zeros.append(gqp.zero_point)
-            scale_t[col : col + size] = gqp.scale.float().reshape(1, rows)
+            scale_g[g] = gqp.scale.float().reshape(rows)
             if gqp.zero_point is not None:
-                zero_t[col : col + size] = gqp.zero_point.float().reshape(1, rows)
+                zero_g[g] = gqp.zero_point.float().reshape(rows)
         x = block[i] if keep_t is None else block[i] * keep_t[col]
-        s, z = scale_t[col], zero_t[col]
+        s, z = scale_g[g], zero_g[g]
         return to_codes(x, s, z).sub_(z).mul_(s)
 
     row_loss = sweep(wt, inverse.upper, aligned_block_size(block_size, size if group else 1), step)
-    # the swept weights are the dequantized codes up to rounding far below a code step
-    codes = to_codes(wt, scale_t, zero_t)[torch.argsort(order)].T.contiguous()
-    codes = codes.to(torch.float8_e4m3fn if args.type == QuantizationType.FLOAT else torch.int8)
+    # the swept weights are the dequantized codes up to rounding far below a code step; coded in
+    # natural column order, in place, each group against its own row of the tables
+    w = wt[natural]
+    del wt
+    by_group = w.view(groups, -1, rows)
+    to_codes(by_group, scale_g[:, None], zero_g[:, None], by_group)
+    codes = w.T.to(torch.float8_e4m3fn if args.type == QuantizationType.FLOAT else torch.int8).contiguous()
     if not static:
         zp = torch.cat(group_zeros, dim=1) if group_zeros[0] is not None else None
         qp = QParams(torch.cat(group_scales, dim=1), zp)
     return GPTQResult(codes, qp, row_loss, inverse.dampening_frac)
 
 
-def _coder(args: QuantizationArgs) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """x, scale, zero -> the codes of x as floats: clamp(x / scale + zero) on the format's grid."""
+def _coder(args: QuantizationArgs) -> Callable[..., torch.Tensor]:
+    """x, scale, zero[, out] -> the codes of x as floats: clamp(x / scale + zero) on the format's grid."""
     qmin, qmax = qrange(args)
     if args.type == QuantizationType.FLOAT:
-        return lambda x, s, z: torch.addcdiv(z, x, s).clamp_(qmin, qmax).to(torch.float8_e4m3fn).float()
-    return lambda x, s, z: torch.addcdiv(z, x, s).clamp_(qmin, qmax).round_()
+        def fp8(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            coded = torch.addcdiv(z, x, s, out=out).clamp_(qmin, qmax)
+            return coded.copy_(coded.to(torch.float8_e4m3fn))
+        return fp8
+
+    def integer(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.addcdiv(z, x, s, out=out).clamp_(qmin, qmax).round_()
+    return integer
 
 
-def _per_column(qp: QParams, args: QuantizationArgs, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of every weight as [out, in] float matrices (natural column order)."""
-    scale = qp.scale.float()
-    zero = qp.zero_point.float() if qp.zero_point is not None else torch.zeros_like(scale)
-    if args.strategy == QuantizationStrategy.GROUP:
-        index = torch.arange(cols, device=scale.device) // args.group_size
-        return scale[:, index], zero[:, index]
-    return scale.reshape(-1, 1).expand(rows, cols), zero.reshape(-1, 1).expand(rows, cols)
+def _per_group(qp: QParams, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point as float [groups, rows] tables (one group for per-channel and per-tensor)."""
+    def table(t: torch.Tensor) -> torch.Tensor:
+        t = t.float()
+        return (t.reshape(rows, -1) if t.numel() > 1 else t.reshape(1, 1).expand(rows, 1)).T.contiguous()
+
+    scale = table(qp.scale)
+    return scale, torch.zeros_like(scale) if qp.zero_point is None else table(qp.zero_point)
 
 
 class GPTQModifier(QuantizationModifier):

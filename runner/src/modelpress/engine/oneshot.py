@@ -54,6 +54,7 @@ from modelpress.engine.weights import (
     materialize,
     missing_weights,
     move_outside,
+    release_outside,
     resolve_model_dir,
 )
 
@@ -154,7 +155,7 @@ def oneshot(
     plans = plan(loaded, modifiers, has_data=dataset is not None)
     out = prepare_output_dir(output_dir)
     samples = Samples(dataset, tokenizer, num_calibration_samples, max_seq_length, seed, text_field, messages_field, trust_remote_code)
-    bring_outside(loaded, device)
+    bring_outside(loaded, modifiers, device)
     plans = transform(loaded, modifiers, plans)
     inputs, tokenizer, ids = calibrate(loaded, modifiers, samples, device)
     resume = None
@@ -221,9 +222,10 @@ def plan(loaded: Loaded, modifiers: list[Modifier], has_data: bool) -> list[Plan
     return plans
 
 
-def bring_outside(loaded: Loaded, device: torch.device) -> None:
-    """Read what precedes and follows the decoder layers (embeddings, final norm, head) onto `device`."""
-    if loaded.source is not None:
+def bring_outside(loaded: Loaded, modifiers: list[Modifier], device: torch.device) -> None:
+    """Read what precedes and follows the decoder layers (embeddings, final norm, head) onto `device`,
+    when calibration or a transform needs them before the layers (else `compress` reads them after)."""
+    if loaded.source is not None and (any(m.needs_data() for m in modifiers) or not rereadable(loaded, modifiers)):
         materialize(loaded.model, "", loaded.source, device, skip_prefix=loaded.inside)
         loaded.model.tie_weights()
     move_outside(loaded.model, loaded.inside, device)
@@ -250,8 +252,9 @@ def calibrate(
     when none was given and samples need one, and the calibration token ids.
     """
     model = loaded.model
+    needs_data = any(m.needs_data() for m in modifiers)
     tokenizer = samples.tokenizer
-    if not any(m.needs_data() for m in modifiers):
+    if not needs_data:
         return None, tokenizer, []
     if tokenizer is None:
         tokenizer = load_tokenizer(loaded.model_dir or model.name_or_path, samples.trust_remote_code)
@@ -260,7 +263,16 @@ def calibrate(
     )
     if not ids:
         raise ModelPressError("dataset: no usable calibration samples (all empty?)")
-    return capture_first_layer_inputs(model, loaded.layers[0], ids, device), tokenizer, ids
+    inputs = capture_first_layer_inputs(model, loaded.layers[0], ids, device)
+    if rereadable(loaded, modifiers):  # read again once the layers are done: a large vocabulary's embeddings are GBs
+        release_outside(model, loaded.inside)
+    return inputs, tokenizer, ids
+
+
+def rereadable(loaded: Loaded, modifiers: list[Modifier]) -> bool:
+    """Whether the parts outside the layers can be dropped and read again from disk: they are
+    streamed, and no modifier changed them in memory (a rotation did)."""
+    return loaded.source is not None and all(type(m).transform_model is Modifier.transform_model for m in modifiers)
 
 
 def compress(
@@ -281,6 +293,9 @@ def compress(
                                         progress, resume)
     finally:
         route_all_tokens(loaded.model, False)  # an in-memory model goes back to routed inference
+    if rereadable(loaded, modifiers):
+        materialize(loaded.model, "", loaded.source, device, skip_prefix=loaded.inside)
+        loaded.model.tie_weights()
     outside = compress_outside_layers(loaded.model, loaded.inside, modifiers, plans)
     schemes.update({n: ql.scheme for n, ql in outside.items()})
     if writer is not None:

@@ -94,23 +94,27 @@ def mse_qparams(
 
 
 def quantize(w: torch.Tensor, qp: QParams, args: QuantizationArgs) -> torch.Tensor:
-    """Integer codes as int8, or FP8 values as float8_e4m3fn, with the weight's shape."""
-    g = grouped(w, args).float() / _expand(qp.scale, args).float()
+    """Integer codes as int8, or FP8 values as float8_e4m3fn, with the weight's shape.
+
+    One float32 temporary of the weight's size, worked on in place: the widest Linear of a large
+    model is hundreds of MiB in float32.
+    """
+    g = torch.div(grouped(w, args), _expand(qp.scale, args).float())  # promoted to float32
     if qp.zero_point is not None:
-        g = g + _expand(qp.zero_point, args).float()
+        g.add_(_expand(qp.zero_point, args).float())
     qmin, qmax = qrange(args)
     if args.type == QuantizationType.FLOAT:
-        return g.clamp(qmin, qmax).to(torch.float8_e4m3fn).reshape(w.shape)
-    return g.round().clamp(qmin, qmax).to(torch.int8).reshape(w.shape)
+        return g.clamp_(qmin, qmax).to(torch.float8_e4m3fn).reshape(w.shape)
+    return g.round_().clamp_(qmin, qmax).to(torch.int8).reshape(w.shape)
 
 
 def dequantize(q: torch.Tensor, qp: QParams, args: QuantizationArgs) -> torch.Tensor:
     """(q - zp) * scale in the scale's dtype: exactly what compressed-tensors' readers compute."""
     dtype = qp.scale.dtype
-    g = grouped(q, args).to(dtype)
+    g = grouped(q, args).to(dtype, copy=True)
     if qp.zero_point is not None:
-        g = g - _expand(qp.zero_point, args).to(dtype)
-    return (g * _expand(qp.scale, args)).reshape(q.shape)
+        g.sub_(_expand(qp.zero_point, args).to(dtype))
+    return g.mul_(_expand(qp.scale, args)).reshape(q.shape)
 
 
 def _expand(t: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:

@@ -21,8 +21,11 @@ class ActivationStats:
     xmax: torch.Tensor | None = None
     channel_absmax: torch.Tensor | None = None
     xtx: torch.Tensor | None = field(default=None, repr=False)
+    made_hessian: bool = field(default=False, repr=False)  # `xtx` holds H = 2 X^T X / n now (see `hessian`)
 
     def update(self, x: torch.Tensor, with_hessian: bool, with_ranges: bool = True) -> None:
+        if self.made_hessian:
+            raise RuntimeError("statistics updated after their Hessian was taken")
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if with_ranges:
@@ -45,13 +48,30 @@ class ActivationStats:
         """X^T X with both triangles: `update` fills only the blocks on and above the diagonal."""
         if self.xtx is None:
             raise RuntimeError("X^T X was not collected for this module")
-        upper = torch.triu(self.xtx)
-        return upper + torch.triu(upper, 1).T
+        if self.made_hessian:
+            return self.xtx * (self.tokens / 2.0)
+        full = torch.triu(self.xtx)
+        below = torch.triu(full, 1)
+        full += below.T
+        return full
 
     @property
     def hessian(self) -> torch.Tensor:
-        """H = 2 X^T X / n, the curvature of the layer-wise squared error (GPTQ, SparseGPT)."""
-        return self.gram * (2.0 / self.tokens)
+        """H = 2 X^T X / n, the curvature of the layer-wise squared error (GPTQ, SparseGPT).
+
+        Made once, in X^T X's own storage: the statistics are complete when it is asked for, and
+        a wide layer's matrix is the largest tensor of its compression (8192 inputs: 256 MiB).
+        """
+        if self.xtx is None:
+            raise RuntimeError("X^T X was not collected for this module")
+        if not self.made_hessian:
+            self.xtx.triu_()
+            below = torch.triu(self.xtx, 1)
+            self.xtx += below.T
+            del below
+            self.xtx.mul_(2.0 / self.tokens)
+            self.made_hessian = True
+        return self.xtx
 
 
 GRAM_BLOCK = 96  # widest diagonal block taken as one full product

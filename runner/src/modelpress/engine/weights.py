@@ -270,6 +270,18 @@ def move_outside(model: torch.nn.Module, skip_prefix: str, device: torch.device)
                 sub._buffers[key] = buf.to(device)
 
 
+def release_outside(model: torch.nn.Module, skip_prefix: str) -> None:
+    """Drop the parameters outside the decoder layers (embeddings, norm, head) back to the meta
+    device, for `materialize` to read again; buffers (rotary tables) stay."""
+    for name, sub in model.named_modules():
+        if f"{name}.".startswith(skip_prefix):
+            continue
+        for key, param in sub._parameters.items():
+            if param is not None and param.device.type != "meta":
+                sub._parameters[key] = torch.nn.Parameter(param.data.to("meta"), requires_grad=False)
+    trim_heap()
+
+
 def release(module: torch.nn.Module) -> None:
     """Drop a finished layer's tensors; its skeleton stays, so the model keeps its shape."""
     module.to("meta")

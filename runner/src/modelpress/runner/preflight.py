@@ -9,8 +9,10 @@ then what the stage adds:
   and, while a layer is compressed (layer_pass.py), a norm's output of the same size, the
   attention's output, or the MLP's inner activation ([tokens, intermediate], the widest), plus the
   MLP's per-chunk temporaries; one group's X^T X at a time (float32, input features squared), and
-  while GPTQ or SparseGPT solves it, the damped inverse's factors (a handful of matrices of that
-  size) and float32 copies of the stacked weights. A layer the split does not drive
+  while GPTQ or SparseGPT solves it, the Hessian and the damped inverse's factors (two more
+  matrices of that size at once) and float32 copies of the stacked weights. The embeddings and
+  head are not held while the layers are compressed: they are read before (to embed the samples)
+  and after (to be written, or quantized). A layer the split does not drive
   (mixture-of-experts MLPs) keeps every Linear's X^T X of the layer at once, and its outputs beside
   its inputs;
 - perplexity, read layer by layer from disk (streamed_eval.py), keeps every window's hidden state
@@ -44,12 +46,18 @@ PROMPT_TOKENS = 256  # a prompt's tokens, for the answers' KV cache
 # The multiples below are live copies counted in the engine's code and checked against measured
 # peaks (bench/memory_bench.py).
 # float32 [in, in] matrices live while GPTQ/SparseGPT factors a damped Hessian (second_order.py:
-# the accumulated X^T X, the Hessian, its reordered, damped and flipped copies, the Cholesky
-# factor, the identity and the inverse factor; nine at the worst moment, eight on average as
-# measured), and float32 copies of the stacked weight
-HESSIAN_COPIES = 8
-WEIGHT_COPIES = 2
-ROUNDING_COPIES = 4  # float32 copies of a weight while round-to-nearest quantizes it (float, codes, scales spread, dequantized)
+# the Hessian, made in the accumulated X^T X's place, and two more at once: its damped reordered
+# copy and the Cholesky factor, then the flipped factor and the inverse factor), and through the
+# sweep (the Hessian, the inverse factor) with float32 copies of the stacked weight (in sweep
+# order, in natural order, the observer's grouped copy); the stack itself is in the weights' dtype
+HESSIAN_COPIES = 3
+SWEEP_HESSIANS = 2
+WEIGHT_COPIES = 3
+# round-to-nearest of a weight: one float32 temporary and the dequantized weight (gptq.py,
+# quantize.py work in place); reading a compressed weight back: its int8 codes, the float32 weight
+# and the result in the model's dtype (checkpoint_reader.py)
+ROUNDING_TEMPORARIES = F32
+DEQUANTIZE_TEMPORARIES = 1 + F32
 MLP_TEMPORARIES = 5  # [chunk, intermediate] tensors alive in one MLP call (gate, its activation, up, the product, the copy out)
 LOGITS = 2  # [window, vocab] float32 tensors alive while a window's loss is taken (the logits, their log-softmax)
 KV_COPIES = 2  # a growing KV cache is copied as it grows (torch.cat), and sampling keeps its own tensors
@@ -218,9 +226,11 @@ class Stage:
 def _solve_bytes(shape: Shape, hessians: bool) -> int:
     """The widest temporaries of compressing one layer's weights: a second-order solve of a stack
     sharing one input (its X^T X included), or round-to-nearest of a Linear."""
+    d = shape.dtype_bytes
     if hessians:
-        return max(F32 * (HESSIAN_COPIES * c * c + WEIGHT_COPIES * r * c) for r, c in shape.stacks())
-    return max(F32 * ROUNDING_COPIES * r * c for r, c in shape.linears())
+        return max(max(F32 * HESSIAN_COPIES * c * c, F32 * (SWEEP_HESSIANS * c * c + WEIGHT_COPIES * r * c)) + d * r * c
+                   for r, c in shape.stacks())
+    return max((ROUNDING_TEMPORARIES + d) * r * c for r, c in shape.linears())
 
 
 def _layer_bytes(shape: Shape) -> int:
@@ -235,13 +245,16 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
     after_model = work.perplexity_tokens or work.prompts or work.self_generated
     hole = min(F32 * max(r * c for r, c in shape.linears()), MMAP_THRESHOLD_MAX)
     holes = (HEAP_HOLES_AFTER_MODEL if after_model else HEAP_HOLES) * hole
-    resident = base + shape.outside_params * d + _layer_bytes(shape) + holes
-    head = (shape.vocab * h * F32 * ROUNDING_COPIES + (shape.vocab * h * d if shape.tied else 0)) if work.head_quantized else 0
+    outside = shape.outside_params * d  # before and after the layers, not with them
+    head = ((ROUNDING_TEMPORARIES + d) * shape.vocab * h + (shape.vocab * h * d if shape.tied else 0)) if work.head_quantized else 0
     if not work.samples:
-        return Stage("compress", resident + max(_solve_bytes(shape, False), head), "the embeddings and the widest decoder layer")
+        layer = _layer_bytes(shape) + _solve_bytes(shape, False)
+        largest = "the widest decoder layer" if layer > outside + head else "the embeddings and head"
+        return Stage("compress", base + holes + max(layer, outside + head), largest)
     tokens = work.tokens
     hidden = tokens * h * d
-    resident += ARENAS + tokens * 24  # and the samples' token ids: tensors, the dataset handed to the engine, its copy
+    base += holes + ARENAS + tokens * 24  # and the samples' token ids: tensors, the dataset handed to the engine, its copy
+    resident = base + _layer_bytes(shape)
     upcast = min(tokens, TOKEN_CHUNK) * max(c for _, c in shape.stacks()) * F32 if d != F32 else 0  # a chunk of input, in float32
     solve = _solve_bytes(shape, work.hessians) + upcast
     if shape.moe:  # generic path: inputs, outputs, every X^T X of the layer, per-sample temporaries
@@ -259,9 +272,8 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
         hidden + attention + solve,
         2 * hidden + inner + MLP_TEMPORARIES * chunk * shape.intermediate * d,
         hidden + inner + solve,
-        head,
     ]
-    return Stage("compress", resident + max(phases), f"calibration activations, {human_bytes(hidden + inner)}")
+    return Stage("compress", max(resident + max(phases), base + outside + hidden), f"calibration activations, {human_bytes(hidden + inner)}")
 
 
 def _perplexity(shape: Shape, work: Work, base: int, compressed: bool) -> Stage:
@@ -275,7 +287,7 @@ def _perplexity(shape: Shape, work: Work, base: int, compressed: bool) -> Stage:
     logits = LOGITS * window * shape.vocab * F32
     layer_pass = MLP_TEMPORARIES * window * max(shape.intermediate, shape.expert_intermediate) * d + 2 * shape.heads * window**2 * F32
     widest = max(r * c for r, c in shape.linears() + ([(shape.vocab, shape.hidden)] if work.head_quantized else []))
-    dequantize = ROUNDING_COPIES * F32 * widest if compressed else 0
+    dequantize = (DEQUANTIZE_TEMPORARIES + d) * widest if compressed else 0
     weights = shape.outside_params * d + shape.layer_params * d
     return Stage(name, base + weights + hidden + max(logits, layer_pass, dequantize), f"one window's logits, {human_bytes(logits)}")
 
