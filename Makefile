@@ -66,9 +66,14 @@ test-vllm-ci: $(STAMP) $(VLLMSTAMP)
 bench: $(STAMP)
 	$(PY) bench/oneshot_bench.py --recipe bench/recipes/gptq_w4a16_g64.yaml --forward --perplexity --output out/bench
 
-# llm-compressor side by side: LLMC_VENV names a venv with llm-compressor installed (it is never mixed into ours)
-LLMC_VENV ?= /work/venv-llmc
-bench-compare: $(STAMP)
+# llm-compressor side by side, in a venv of its own (never mixed into ours); LLMC_VENV may name another.
+LLMC_VENV ?= .venv-llmc
+$(LLMC_VENV)/.installed: bench/peers/llmcompressor-constraints.txt
+	python3 -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(LLMC_VENV)/bin/python -m pip install --quiet -c bench/peers/llmcompressor-constraints.txt llmcompressor
+	touch $@
+bench-compare: $(STAMP) $(LLMC_VENV)/.installed
 	$(PY) bench/compare_bench.py --compare-llmcompressor $(LLMC_VENV) --work out/bench-compare
 
 bench-selfgen: $(STAMP)

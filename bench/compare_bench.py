@@ -1,7 +1,7 @@
 """ModelPress side by side with peer engines on the same inputs: wall time, peak RSS and perplexity, as JSON and Markdown.
 
     python bench/compare_bench.py [--models smollm2 synthetic] [--recipes gptq-w4a16-g64 ...]
-        [--compare-llmcompressor /work/venv-llmc] [--repeats 2] [--json FILE] [--markdown FILE]
+        [--compare-llmcompressor .venv-llmc] [--repeats 2] [--json FILE] [--markdown FILE]
 
 For each model and recipe, each side runs `oneshot` in a process of its own (ModelPress in this
 venv through bench/peers/modelpress_run.py, llm-compressor in its venv through
