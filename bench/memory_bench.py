@@ -222,6 +222,7 @@ def main() -> None:
     first_use = [c.model for c in cases]
     cases.sort(key=lambda c: first_use.index(c.model))  # a model's cases together, so it is written once
     measured = previous_rows(args.json)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     for i, case in enumerate(cases):
         model = model_dir(case.model, work)
         row = run_case(case, model, work)
@@ -229,14 +230,13 @@ def main() -> None:
             row.spot_check = spot_check(model, work / "out")
         print(json.dumps(asdict(row)), flush=True)
         measured[case.name] = row
+        rows = [measured[c.name] for c in CASES if c.name in measured]
+        args.json.write_text(json.dumps({"machine": machine, "cases": [asdict(r) for r in rows]}, indent=2) + "\n")
+        args.markdown.write_text(markdown(rows, machine))  # after every case: a long run's rows survive its interruption
         if case.model in LARGE:
             shutil.rmtree(work / "out", ignore_errors=True)
             if not args.keep_models and all(c.model != case.model for c in cases[i + 1 :]):
                 shutil.rmtree(model)
-    rows = [measured[c.name] for c in CASES if c.name in measured]
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    args.json.write_text(json.dumps({"machine": machine, "cases": [asdict(r) for r in rows]}, indent=2) + "\n")
-    args.markdown.write_text(markdown(rows, machine))
     print(markdown(rows, machine))
 
 

@@ -59,8 +59,9 @@ def test_tied_embeddings_mixture_of_experts_and_dtype_change_it_as_they_should()
     tied = Shape.from_config({**LLAMA_8B, "tie_word_embeddings": True})
     evaluation = Work(perplexity_tokens=512)
     assert peak(shape, evaluation, "perplexity") - peak(tied, evaluation, "perplexity") == 128256 * 4096 * 2  # one matrix fewer
-    # compression holds the embeddings and head only outside the layers: by then nothing else is there
-    assert peak(shape, Work()) == RUNTIME + TOKENIZER + LIBRARIES + 4 * 32 * MiB + shape.outside_params * 2
+    # compression holds the embeddings and head only outside the layers: by then nothing else is
+    # there but heap holes as large as the widest Linear below glibc's mmap threshold (k_proj, float32)
+    assert peak(shape, Work()) == RUNTIME + TOKENIZER + LIBRARIES + 4 * 16 * MiB + shape.outside_params * 2
     assert peak(tied, Work()) < peak(shape, Work())
     moe = Shape.from_config(MIXTRAL)
     dense = Shape.from_config({k: v for k, v in MIXTRAL.items() if k != "num_local_experts"})

@@ -63,8 +63,9 @@ LOGITS = 2  # [window, vocab] float32 tensors alive while a window's loss is tak
 KV_COPIES = 2  # a growing KV cache is copied as it grows (torch.cat), and sampling keeps its own tensors
 # glibc keeps freed blocks below its mmap threshold on the heap, and the threshold rises (up to
 # 32 MiB) as larger blocks are freed: compression leaves heap holes about a Linear's weight in
-# float32 each (blocks past the threshold go back to the system), a few when it runs first, a
-# dozen after a stage that ran the model (evaluation, self-generation) has raised the threshold
+# float32 each (the widest below the threshold: blocks past it go back to the system), a few when
+# it runs first, a dozen after a stage that ran the model (evaluation, self-generation) has raised
+# the threshold
 MMAP_THRESHOLD_MAX = 32 * MiB
 HEAP_HOLES = 4
 HEAP_HOLES_AFTER_MODEL = 12
@@ -234,8 +235,9 @@ def _solve_bytes(shape: Shape, hessians: bool) -> int:
 
 
 def _layer_bytes(shape: Shape) -> int:
-    """One layer being compressed: its weights as read, their dequantized replacements, the int8 codes."""
-    return shape.layer_params * (2 * shape.dtype_bytes + 1)
+    """One layer being compressed: each Linear's weight (as read, then its dequantized
+    replacement) and its int8 codes, and the widest Linear's replacement beside its original."""
+    return shape.layer_params * (shape.dtype_bytes + 1) + shape.dtype_bytes * max(r * c for r, c in shape.linears())
 
 
 def _compress(shape: Shape, work: Work, base: int) -> Stage:
@@ -243,7 +245,7 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
     if not work.on_host:
         return Stage("compress", base + shape.layer_params * d, "the widest decoder layer, passing through")
     after_model = work.perplexity_tokens or work.prompts or work.self_generated
-    hole = min(F32 * max(r * c for r, c in shape.linears()), MMAP_THRESHOLD_MAX)
+    hole = max((F32 * r * c for r, c in shape.linears() if F32 * r * c <= MMAP_THRESHOLD_MAX), default=0)
     holes = (HEAP_HOLES_AFTER_MODEL if after_model else HEAP_HOLES) * hole
     outside = shape.outside_params * d  # before and after the layers, not with them
     head = ((ROUNDING_TEMPORARIES + d) * shape.vocab * h + (shape.vocab * h * d if shape.tied else 0)) if work.head_quantized else 0
