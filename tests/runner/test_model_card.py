@@ -58,3 +58,12 @@ def test_the_snippet_loads_the_directory_the_serve_command_serves(tmp_path) -> N
         text = card(preset_document("W4A16", "RTN", ["lm_head"]), output)
         assert f"vllm serve {where}\n" in text
         assert f'from_pretrained("{where}")' in python_block(text)
+
+
+def test_the_card_says_how_vllm_serves_the_preset() -> None:
+    from modelpress.contract import PRESETS
+    from modelpress.runner.presets import SERVED_AS
+
+    assert set(SERVED_AS) == set(PRESETS)
+    text = card(preset_document("W4A16", "RTN", ["lm_head"]))
+    assert "vLLM serves it as uint4b8 (symmetric int4 groups, no zero points): CPUWNA16 on CPU, Marlin on GPU." in text

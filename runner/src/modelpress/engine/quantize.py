@@ -7,7 +7,7 @@ dtype. Scales have shape [out, in/G] (group), [out, 1] (channel) or [1] (tensor)
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 from compressed_tensors.quantization import (
@@ -167,15 +167,16 @@ def minmax_qparams(w: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype, 
 
 Observer = Callable[[torch.Tensor, QuantizationArgs, torch.dtype, torch.Tensor | None], QParams]
 OBSERVERS: dict[str, Observer] = {"minmax": minmax_qparams, "mse": mse_qparams, "imatrix_mse": imatrix_mse_qparams}
-OBSERVER_NAMES = ("minmax", "mse", "imatrix_mse", "memoryless_minmax", "memoryless_mse", "static_minmax")
+# llm-compressor's observer names (a weight is observed once: memoryless and moving-average agree)
+ObserverName = Literal["minmax", "mse", "imatrix_mse", "memoryless_minmax", "memoryless_mse", "static_minmax"]
+OBSERVER_NAMES: tuple[str, ...] = get_args(ObserverName)
 
 
 def weight_observer(name: str | None) -> Observer:
-    """An llm-compressor observer name to its weight observer: a weight is observed once, so the
-    memoryless and moving-average variants agree."""
+    """An observer name (the modifier's `weight_observer` or a scheme's `observer`) to its function."""
     name = name or "minmax"
     if name not in OBSERVER_NAMES:
-        raise ModelPressError(f"observer: {name!r} is unknown; choose one of {', '.join(OBSERVER_NAMES)}")
+        raise ModelPressError(f"weight_observer: {name!r} is unknown; choose one of {', '.join(OBSERVER_NAMES)}")
     return OBSERVERS[name.removeprefix("memoryless_").removeprefix("static_")]
 
 

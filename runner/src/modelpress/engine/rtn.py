@@ -6,7 +6,7 @@ column by E[x^2] of the Linear's inputs. GPTQ (gptq.py) takes its arguments and 
 and replaces the rounding by its Hessian-compensated sweep.
 """
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from compressed_tensors.quantization import QuantizationScheme
@@ -16,6 +16,7 @@ from modelpress.contract import shown
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import LayerState, Modifier, Plan, frozen
 from modelpress.engine.quantize import (
+    ObserverName,
     QParams,
     QuantizedLinear,
     dequantize,
@@ -34,9 +35,6 @@ from modelpress.engine.schemes import (
 from modelpress.engine.statistics import ActivationStats
 from modelpress.engine.targets import check_divisibility, resolve_targets, unused_patterns
 
-Observer = Literal["minmax", "mse", "imatrix_mse", "memoryless_minmax", "memoryless_mse", "static_minmax"]
-
-
 class QuantizationModifier(Modifier):
     """Round-to-nearest quantization with a min-max or (importance-weighted) MSE-clipping weight observer."""
 
@@ -44,7 +42,7 @@ class QuantizationModifier(Modifier):
     scheme: SchemeInput | None = None
     targets: list[str] | str = ["Linear"]
     ignore: list[str] = []
-    weight_observer: Observer | None = None
+    weight_observer: ObserverName | None = None
     kv_cache_scheme: dict[str, Any] | None = None
     bypass_divisibility_checks: bool = False
 
@@ -64,6 +62,7 @@ class QuantizationModifier(Modifier):
             self._groups = resolve_config_groups(self.config_groups or {})
         for group, scheme in self._groups.items():
             check_supported(scheme, f"{name}.{group}")
+            weight_observer(self.observer_name(scheme))  # an unknown name fails here, before any work
         return self
 
     @property
