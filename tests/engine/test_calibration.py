@@ -116,3 +116,61 @@ def _one_linear_model() -> torch.nn.Module:
     model = torch.nn.Sequential()
     model.add_module("proj", torch.nn.Linear(128, 64))
     return model
+
+
+def test_imatrix_statistics_are_the_mean_square_of_the_inputs() -> None:
+    """E[x^2] per input channel, through the hooks and through the sequential path's chunks."""
+    from modelpress.engine.statistics import group_stats
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 4)
+    batches = [torch.randn(1, 5, 8) * torch.arange(1.0, 9.0), torch.randn(1, 3, 8)]
+    with StatsCollector({"l": linear}, hessians=True) as collector:
+        for x in batches:
+            linear(x)
+    x = torch.cat([b.reshape(-1, 8) for b in batches])
+    assert torch.allclose(collector.stats["l"].mean_square, x.square().mean(0), rtol=1e-6)
+    chunked = group_stats(lambda: iter([x[:3], x[3:]]), with_hessian=True, with_ranges=False)
+    assert torch.allclose(chunked.mean_square, x.square().mean(0), rtol=1e-6)
+
+
+def test_imatrix_mse_reads_each_linears_calibration_inputs(llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What GPTQ's observer weighs layer 0's q/k/v by is E[x^2] of exactly the inputs q_proj sees
+    on the calibration tokens (the first layer's inputs are the float model's)."""
+    from transformers import AutoModelForCausalLM
+
+    import modelpress.engine.gptq as gptq_module
+    from modelpress.engine.gptq import GPTQModifier
+    from modelpress.engine.oneshot import oneshot
+    from support.models import CORPUS
+
+    seen: list[torch.Tensor] = []
+    real = gptq_module.importance
+    monkeypatch.setattr(gptq_module, "importance", lambda name, stats: seen.append(real(name, stats)) or seen[-1])
+    recipe = GPTQModifier(scheme="W4A16", ignore=["lm_head"], weight_observer="imatrix_mse", actorder="group_aware")
+    oneshot(model=llama_dir, recipe=recipe, dataset=CORPUS, num_calibration_samples=8, max_seq_length=16, output_dir=tmp_path / "out")
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    inputs: list[torch.Tensor] = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for sample in calibration_samples(CORPUS, tokenizer, 8, 16):
+            model(sample)
+    hook.remove()
+    direct = torch.cat(inputs).square().mean(0)
+    assert seen[0] is not None and torch.allclose(seen[0], direct, rtol=1e-4, atol=1e-7)
+
+
+def test_rtn_with_imatrix_mse_gathers_what_it_needs(llama_dir: Path, tmp_path: Path) -> None:
+    from modelpress.engine.oneshot import oneshot
+    from modelpress.engine.rtn import QuantizationModifier
+    from support.models import CORPUS
+
+    rtn = QuantizationModifier(scheme="W4A16", ignore=["lm_head"], weight_observer="imatrix_mse")
+    assert rtn.needs_data() and rtn.needs_hessians()
+    assert not QuantizationModifier(scheme="W4A16", weight_observer="mse").needs_data()
+    with pytest.raises(ModelPressError, match=r"needs calibration data \(QuantizationModifier\)"):
+        oneshot(model=llama_dir, recipe=rtn, output_dir=tmp_path / "a")
+    result = oneshot(model=llama_dir, recipe=rtn, dataset=CORPUS, num_calibration_samples=8, max_seq_length=16, output_dir=tmp_path / "b")
+    assert result.quantized_modules == 14

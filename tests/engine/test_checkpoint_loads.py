@@ -42,6 +42,14 @@ RECIPES = {name: [QuantizationModifier(ignore=["lm_head"], **kw)] for name, kw i
     "GPTQ-int4-g64-asym-no-actorder": [
         GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": {**G64, "symmetric": False}}}, actorder=None, ignore=["lm_head"])
     ],
+    "GPTQ-int4-g64-asym-group-aware-imatrix": [
+        GPTQModifier(
+            config_groups={"g": {"targets": ["Linear"], "weights": {**G64, "symmetric": False}}},
+            actorder="group_aware",
+            weight_observer="imatrix_mse",
+            ignore=["lm_head"],
+        )
+    ],
     "GPTQ-FP8": [GPTQModifier(scheme="FP8", ignore=["lm_head"])],
     "SmoothQuant+GPTQ-W8A8": [SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(scheme="W8A8", ignore=["lm_head"])],
     "SmoothQuant+W8A8": [SmoothQuantModifier(), QuantizationModifier(scheme="W8A8", ignore=["lm_head"])],

@@ -7,7 +7,7 @@ from compressed_tensors.quantization import QuantizationArgs
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.gptq import gptq
 from modelpress.engine.quantize import dequantize, minmax_qparams, qrange, quantize
-from modelpress.engine.second_order import inverse_hessian
+from modelpress.engine.second_order import group_aware_order, inverse_hessian
 from modelpress.engine.sparsegpt import sparsegpt
 
 ROWS, COLS, TOKENS = 48, 192, 1536
@@ -57,14 +57,20 @@ def paper_gptq(w: torch.Tensor, h: torch.Tensor, args: QuantizationArgs, order: 
 
 
 @pytest.mark.parametrize("strategy", [{"strategy": "channel"}, {"strategy": "group", "group_size": 32}])
-@pytest.mark.parametrize("actorder", [True, False])
-def test_gptq_is_the_papers_update_and_beats_rtn(layer, strategy: dict, actorder: bool) -> None:
+@pytest.mark.parametrize("actorder", ["static", "group_aware", None])
+def test_gptq_is_the_papers_update_and_beats_rtn(layer, strategy: dict, actorder: str | None) -> None:
     w, x, h = layer
     args = QuantizationArgs(num_bits=4, symmetric=True, **strategy)
     result = gptq(w, h, args, block_size=64, actorder=actorder)
     ours = dequantize(result.q, result.qparams, args)
-    order = torch.argsort(torch.diag(h), descending=True, stable=True) if actorder else torch.arange(COLS)
-    dynamic = not actorder and "group_size" in strategy
+    grouped = "group_size" in strategy
+    if actorder is None:
+        order = torch.arange(COLS)
+    elif actorder == "group_aware" and grouped:
+        order = group_aware_order(h, args.group_size)
+    else:
+        order = torch.argsort(torch.diag(h), descending=True, stable=True)
+    dynamic = actorder != "static" and grouped
     reference = paper_gptq(w, h, args, order, dynamic)
     if dynamic:  # a group's scale is read off updated weights: float32 vs float64 can flip a rounding
         assert output_error(ours, w, x) == pytest.approx(output_error(reference, w, x), rel=0.01)
@@ -117,3 +123,17 @@ def test_dampening_is_raised_when_cholesky_fails_and_reported() -> None:
     assert result.dampening_frac == pytest.approx(10.0)
     with pytest.raises(ModelPressError, match="dampening_frac"):
         inverse_hessian(torch.tensor([[1.0, 30.0], [30.0, 1.0]]), 0.01)
+
+
+def test_group_aware_order_keeps_groups_whole_most_important_first(layer) -> None:
+    _, _, h = layer
+    size = 32
+    order = group_aware_order(h, size)
+    diag = torch.diag(h)
+    assert sorted(order.tolist()) == list(range(COLS))
+    blocks = order.reshape(-1, size)
+    assert torch.all(blocks // size == blocks[:, :1] // size)  # a stretch of the sweep is one group
+    peaks = diag[blocks].amax(1)
+    assert torch.all(peaks[:-1] >= peaks[1:])
+    assert torch.all(diag[blocks][:, :-1] >= diag[blocks][:, 1:])
+

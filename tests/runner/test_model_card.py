@@ -106,3 +106,12 @@ def test_the_card_of_an_output_vllm_refused_says_why_and_a_card_without_the_stag
     refused = served_card({"servedBy": "vllm 0.32.0", "loaded": False, "reason": "ValueError: Quant type (uint8b128) not supported"}, None)
     assert "## Served by vLLM\n\nvllm 0.32.0 could not load or run this output: ValueError: Quant type (uint8b128) not supported" in refused
     assert "Served by vLLM" not in card(preset_document("W4A16", "RTN", ["lm_head"]))
+
+
+def test_the_card_says_how_vllm_serves_the_preset() -> None:
+    from modelpress.contract import PRESETS
+    from modelpress.runner.presets import SERVED_AS
+
+    assert set(SERVED_AS) == set(PRESETS)
+    text = card(preset_document("W4A16", "RTN", ["lm_head"]))
+    assert "vLLM serves it as uint4b8 (symmetric int4 groups, no zero points): CPUWNA16 on CPU, Marlin on GPU." in text

@@ -22,7 +22,7 @@ of X^T X (the cross terms between groups are left out, as AutoAWQ's per-group se
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
@@ -169,7 +169,6 @@ class AWQModifier(SmoothingModifier):
     group to the range with least output error, except q/k, which feed attention scores.
     """
 
-    needs_hessians: ClassVar[bool] = True  # the search reads the inputs through X^T X
     parse_mappings = staticmethod(parse_awq_mappings)
     mappings: list[Any] | None = None
     duo_scaling: bool | Literal["both"] = True
@@ -178,6 +177,9 @@ class AWQModifier(SmoothingModifier):
     apply_clip: bool = False
     clip_n_grid: int = Field(20, ge=1)
     clip_max_shrink: float = Field(0.5, gt=0, lt=1)
+
+    def needs_hessians(self) -> bool:
+        return True  # the search reads the inputs through X^T X
 
     def bind(self, plan: Plan, earlier: list[Planned], later: list[Planned]) -> Plan:
         """The plan with the quantizer that follows: its schemes are what the search quantizes with."""

@@ -7,7 +7,7 @@ the lazy-batch column loop it shares with SparseGPT are in second_order.py.
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
@@ -15,12 +15,12 @@ from pydantic import Field, field_validator, model_validator
 
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import LayerState, Plan
-from modelpress.engine.quantize import QParams, QuantizedLinear, dequantize, minmax_qparams, mse_qparams, qrange
-from modelpress.engine.rtn import QuantizationModifier, input_qparams
-from modelpress.engine.second_order import activation_order, aligned_block_size, inverse_hessian, sweep
+from modelpress.engine.quantize import Observer, QParams, QuantizedLinear, dequantize, minmax_qparams, qrange, weight_observer
+from modelpress.engine.rtn import QuantizationModifier, importance, input_qparams
+from modelpress.engine.second_order import activation_order, aligned_block_size, group_aware_order, inverse_hessian, sweep
 from modelpress.engine.statistics import ActivationStats
 
-Observer = Callable[[torch.Tensor, QuantizationArgs, torch.dtype], QParams]
+Order = Literal["static", "group_aware"] | None
 
 
 @dataclass
@@ -31,22 +31,35 @@ class GPTQResult:
     dampening_frac: float
 
 
+def sweep_order(hessian: torch.Tensor, args: QuantizationArgs, actorder: Order) -> torch.Tensor:
+    """The order GPTQ visits the columns in: natural, by Hessian diagonal, or group-aware."""
+    cols = hessian.shape[0]
+    if actorder is None:
+        return torch.arange(cols, device=hessian.device)
+    if actorder == "group_aware" and args.strategy == QuantizationStrategy.GROUP:
+        return group_aware_order(hessian, args.group_size)
+    return activation_order(hessian)
+
+
 def gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     args: QuantizationArgs,
     block_size: int = 128,
     dampening_frac: float = 0.01,
-    actorder: bool = True,
+    actorder: Order = "static",
     observer: Observer = minmax_qparams,
     keep: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize `weight` [out, in] given the Hessian [in, in] of its layer-wise error.
 
-    With `actorder`, columns are visited by descending Hessian diagonal (the static order: the
-    result is stored in natural order, so it costs nothing at inference), and the scales are
-    observed up front on the whole weight. Without it, a group's scale is observed when the
-    sweep reaches the group, on the weights as the earlier columns' errors left them.
+    With `actorder` "static", columns are visited by descending Hessian diagonal (stored in
+    natural order, so it costs nothing at inference), and the scales are observed up front on
+    the whole weight: a group's columns are scattered over the sweep. Without it, and with
+    "group_aware" (whose groups are visited whole, most important first), a group's scale is
+    observed when the sweep reaches the group, on the weights as the earlier columns' errors
+    left them. `importance` (E[x^2] per input column) is handed to the observer.
     `keep` (bool, [out, in]) forces the other weights to zero: a sparsity mask survives.
     """
     rows, cols = weight.shape
@@ -54,7 +67,7 @@ def gptq(
     group = args.strategy == QuantizationStrategy.GROUP
     size = args.group_size if group else cols
 
-    order = activation_order(hessian) if actorder else torch.arange(cols, device=weight.device)
+    order = sweep_order(hessian, args, actorder)
     inverse = inverse_hessian(hessian, dampening_frac, order)
     # W^T in sweep order: a column of W is a contiguous row (see sweep); the only float copy of W
     wt = torch.index_select(weight.T, 0, order).float()
@@ -66,22 +79,24 @@ def gptq(
 
     # a column's scale and zero point are its group's: rows of [groups, rows] tables, never
     # spread to the weight's size
-    static = not group or actorder
+    static = not group or actorder == "static"
     groups = cols // size if group else 1
     column_group = (order // size).tolist() if group else [0] * cols
     if static:
-        qp = observer(wt[natural].T, args, dtype)
+        qp = observer(wt[natural].T, args, dtype, importance)
         scale_g, zero_g = _per_group(qp, rows)
     else:
         scale_g = torch.empty(groups, rows, dtype=torch.float32, device=weight.device)
         zero_g = torch.zeros(groups, rows, dtype=torch.float32, device=weight.device)
         group_scales, group_zeros = [], []
+        importance_t = importance[order] if importance is not None else None
     to_codes = _coder(args)
 
     def step(block: torch.Tensor, i: int, col: int) -> torch.Tensor:
         g = column_group[col]
         if not static and col % size == 0:
-            gqp = observer(block[i : i + size].T, args, dtype)
+            part = importance_t[col : col + size] if importance_t is not None else None
+            gqp = observer(block[i : i + size].T, args, dtype, part)
             group_scales.append(gqp.scale)
             group_zeros.append(gqp.zero_point)
             scale_g[g] = gqp.scale.float().reshape(rows)
@@ -100,8 +115,9 @@ def gptq(
     to_codes(by_group, scale_g[:, None], zero_g[:, None], by_group)
     codes = w.T.to(torch.float8_e4m3fn if args.type == QuantizationType.FLOAT else torch.int8).contiguous()
     if not static:
-        zp = torch.cat(group_zeros, dim=1) if group_zeros[0] is not None else None
-        qp = QParams(torch.cat(group_scales, dim=1), zp)
+        visited = torch.argsort(order[::size] // size)  # the groups were observed in sweep order
+        zp = torch.cat(group_zeros, dim=1)[:, visited] if group_zeros[0] is not None else None
+        qp = QParams(torch.cat(group_scales, dim=1)[:, visited], zp)
     return GPTQResult(codes, qp, row_loss, inverse.dampening_frac)
 
 
@@ -134,12 +150,13 @@ class GPTQModifier(QuantizationModifier):
 
     Linears that read the same input (q/k/v, gate/up) share one Hessian and are solved as one
     stacked matrix, which gives the same result per row in fewer, larger steps.
+    `actorder`: "static" (llm-compressor's; "weight" is its alias), "group_aware" (GPTQModel's
+    act_group_aware), or null (natural order); all three store plain group scales, no g_idx.
     """
 
-    needs_hessians: ClassVar[bool] = True
     block_size: int = Field(128, ge=1)
     dampening_frac: float = Field(0.01, gt=0)
-    actorder: Literal["static", "weight"] | None = "static"
+    actorder: Order = "static"
     offload_hessians: bool = False
 
     @field_validator("actorder", mode="before")
@@ -148,17 +165,20 @@ class GPTQModifier(QuantizationModifier):
         if value in ("group", "dynamic", True):
             raise ModelPressError(
                 f"GPTQModifier.actorder: {value!r} (g_idx) was removed from compressed-tensors 0.20 and vLLM; "
-                "use 'static' (activation order, stored in natural order) or null"
+                "use 'static' (activation order, stored in natural order), 'group_aware' or null"
             )
-        return None if value is False else value
+        return None if value is False else "static" if value == "weight" else value
 
     @model_validator(mode="after")
     def _record_actorder(self) -> "GPTQModifier":
         for scheme in self.groups.values():  # the checkpoint says how group scales were found
             w = scheme.weights
             if w is not None and w.strategy == QuantizationStrategy.GROUP and w.actorder is None and self.actorder:
-                w.actorder = self.actorder
+                w.actorder = "static"  # group-aware too: an act order stored without g_idx
         return self
+
+    def needs_hessians(self) -> bool:
+        return True
 
     def needs_data(self) -> bool:
         return True
@@ -182,9 +202,10 @@ class GPTQModifier(QuantizationModifier):
                 args,
                 self.block_size,
                 self.dampening_frac,
-                actorder=self.actorder is not None,
-                observer=mse_qparams if "mse" in (self.weight_observer or args.observer or "") else minmax_qparams,
+                actorder=self.actorder,
+                observer=weight_observer(self.observer_name(scheme)),
                 keep=keep,
+                importance=importance(self.observer_name(scheme), stats[names[0]]),
             )
             rows = [w.shape[0] for w in weights]
             for name, q, scale, zp, row_loss in zip(

@@ -77,7 +77,6 @@ class Modifier(BaseModel):
     """Base of every modifier: strict arguments, a plan, and per-layer work."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-    needs_hessians: ClassVar[bool] = False
     quantizes: ClassVar[bool] = True  # a module takes at most one quantizing modifier
 
     def __init__(self, **kwargs: Any) -> None:
@@ -92,6 +91,10 @@ class Modifier(BaseModel):
 
     def needs_data(self) -> bool:
         raise NotImplementedError
+
+    def needs_hessians(self) -> bool:
+        """Whether it reads X^T X of its Linears' inputs (GPTQ, SparseGPT, AWQ, imatrix_mse)."""
+        return False
 
     def needs_ranges(self) -> bool:
         """Whether it reads the inputs' ranges (static activation scales, smoothing); gathering

@@ -215,7 +215,8 @@ def plan(loaded: Loaded, modifiers: list[Modifier], has_data: bool) -> list[Plan
     plans = plan_recipe(modifiers, loaded.model)
     if any(m.needs_data() for m in modifiers):
         if not has_data:
-            raise ModelPressError("dataset: the recipe needs calibration data (static activation scales); pass a dataset")
+            needing = ", ".join(sorted({type(m).__name__ for m in modifiers if m.needs_data()}))
+            raise ModelPressError(f"dataset: the recipe needs calibration data ({needing}); pass a dataset")
         outside = sorted(n for p in plans for n in p if not n.startswith(loaded.inside))
         if outside:
             raise ModelPressError(f"ignore: {outside} sit outside the decoder layers and cannot be calibrated; add them to ignore")

@@ -117,7 +117,7 @@ def run_layer(layer: torch.nn.Module, inputs: list[LayerInput]) -> list[LayerInp
 
 def _statistics_wanted(modifiers: list[Modifier]) -> tuple[bool, bool]:
     """Whether any modifier reads X^T X, and whether any reads input ranges."""
-    return any(m.needs_hessians for m in modifiers), any(m.needs_ranges() for m in modifiers)
+    return any(m.needs_hessians() for m in modifiers), any(m.needs_ranges() for m in modifiers)
 
 
 @torch.no_grad()

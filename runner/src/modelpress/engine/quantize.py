@@ -7,6 +7,7 @@ dtype. Scales have shape [out, in/G] (group), [out, 1] (channel) or [1] (tensor)
 """
 
 from dataclasses import dataclass
+from typing import Callable, Literal, get_args
 
 import torch
 from compressed_tensors.quantization import (
@@ -15,6 +16,8 @@ from compressed_tensors.quantization import (
     QuantizationStrategy,
     QuantizationType,
 )
+
+from modelpress.engine.errors import ModelPressError
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -59,38 +62,126 @@ def qparams_from_range(
     return QParams(scale, zero_point)
 
 
-def minmax_qparams(w: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype) -> QParams:
+@dataclass(frozen=True)
+class RangeSearch:
+    """A clipping search: the shrink factors tried, the error's exponent, and when to stop.
+
+    The factors are 1, 1 - 1/grid, ... as llm-compressor 0.14 steps them; the search stops once
+    `patience` factors in a row improved no group of the tensor (0: never stops early).
+    """
+
+    shrinks: tuple[float, ...]
+    norm: float
+    patience: int
+
+
+def mse_search(args: QuantizationArgs) -> RangeSearch:
+    """llm-compressor's `mse` observer: int(maxshrink * grid) factors from 1, error |e|^2.4."""
+    kw = args.observer_kwargs or {}
+    grid, maxshrink = float(kw.get("grid", 100.0)), float(kw.get("maxshrink", 0.20))
+    steps = int(maxshrink * grid)
+    return RangeSearch(tuple(1 - i / grid for i in range(steps)), float(kw.get("norm", 2.4)), int(kw.get("patience", 5)))
+
+
+def imatrix_search(args: QuantizationArgs) -> RangeSearch:
+    """llm-compressor's `imatrix_mse` observer: a coarse grid down to 5% of the range, error |e|^3."""
+    kw = args.observer_kwargs or {}
+    grid, maxshrink = float(kw.get("grid", 20)), float(kw.get("maxshrink", 0.95))
+    steps = max(1, int(maxshrink * grid))
+    return RangeSearch(tuple(1 - i / grid for i in range(steps + 1)), float(kw.get("norm", 3.0)), int(kw.get("patience", 5)))
+
+
+SEARCH_ELEMENTS = 1 << 24  # candidates x weights evaluated at once; bounds the search's memory
+
+
+def searched_qparams(
+    w: torch.Tensor,
+    args: QuantizationArgs,
+    dtype: torch.dtype,
+    search: RangeSearch,
+    importance: torch.Tensor | None = None,
+) -> QParams:
+    """Per group, the shrunk range whose codes have the least sum of importance * |error|^norm.
+
+    Clipping a few outliers buys finer steps for the rest of the group. `importance` weighs each
+    input column (E[x^2] of the Linear's inputs: an error on a column that is seldom activated
+    costs the output little); None weighs all alike. Every factor and every group is evaluated in
+    one batch of tensor operations (rows are cut into chunks only to bound memory), and the
+    stopping rule is applied afterwards to the whole table of errors.
+    """
+    g = grouped(w, args).float()
+    xmin, xmax = g.amin(-1), g.amax(-1)
+    shrinks = torch.tensor(search.shrinks, dtype=torch.float32, device=w.device).reshape(-1, 1, 1)
+    weights = None
+    if importance is not None:
+        imp = importance.float().to(w.device)
+        imp = imp / (imp.mean() + torch.finfo(torch.float32).tiny)
+        weights = grouped(imp.expand_as(w), args)
+    errors = torch.empty(len(search.shrinks), *xmin.shape, device=w.device)
+    chunk = max(1, SEARCH_ELEMENTS // max(1, len(search.shrinks) * g.shape[1] * g.shape[2]))
+    for r in range(0, g.shape[0], chunk):
+        rows = slice(r, r + chunk)
+        candidate = qparams_from_range(shrinks * xmin[rows], shrinks * xmax[rows], args, dtype)
+        err = (_fake_grouped(g[rows], candidate, args) - g[rows]).abs_().pow_(search.norm)
+        if weights is not None:
+            err.mul_(weights[rows])
+        errors[:, rows] = err.sum(-1)
+    tried = _searched_prefix(errors, search.patience)
+    best = errors[:tried].argmin(0, keepdim=True)  # the first of equal errors, as a strict < keeps it
+    chosen = torch.gather(shrinks.expand(-1, *xmin.shape), 0, best)[0]
+    return _shaped(qparams_from_range(chosen * xmin, chosen * xmax, args, dtype), args)
+
+
+def _searched_prefix(errors: torch.Tensor, patience: int) -> int:
+    """How many factors a sequential search with this patience would have tried."""
+    before = torch.cummin(errors, 0).values
+    before = torch.cat([torch.full_like(before[:1], float("inf")), before[:-1]])
+    improved = (errors < before).flatten(1).any(1).tolist()
+    idle = 0
+    for i, better in enumerate(improved):
+        idle = 0 if better else idle + 1
+        if patience > 0 and idle >= patience:
+            return i + 1
+    return len(improved)
+
+
+def mse_qparams(w: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype, importance: torch.Tensor | None = None) -> QParams:
+    """The `mse` observer: clipping chosen by unweighted error (`importance` is not read)."""
+    return searched_qparams(w, args, dtype, mse_search(args))
+
+
+def imatrix_mse_qparams(
+    w: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype, importance: torch.Tensor | None = None
+) -> QParams:
+    """The `imatrix_mse` observer: clipping chosen by the error weighted by E[x^2] per input column."""
+    if importance is None:
+        raise ModelPressError("weight_observer imatrix_mse: needs calibration data (E[x^2] of each Linear's inputs); pass a dataset")
+    return searched_qparams(w, args, dtype, imatrix_search(args), importance)
+
+
+def minmax_qparams(w: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype, importance: torch.Tensor | None = None) -> QParams:
+    """The `minmax` observer: each group's own range (`importance` is not read)."""
     g = grouped(w, args)
     return _shaped(qparams_from_range(g.amin(-1), g.amax(-1), args, dtype), args)
 
 
-def mse_qparams(
-    w: torch.Tensor,
-    args: QuantizationArgs,
-    dtype: torch.dtype,
-    grid: int = 100,
-    max_shrink: float = 0.2,
-    norm: float = 2.4,
-) -> QParams:
-    """Shrink each group's range by up to `max_shrink` and keep the one with least |error|^norm.
+Observer = Callable[[torch.Tensor, QuantizationArgs, torch.dtype, torch.Tensor | None], QParams]
+OBSERVERS: dict[str, Observer] = {"minmax": minmax_qparams, "mse": mse_qparams, "imatrix_mse": imatrix_mse_qparams}
+# llm-compressor's observer names (a weight is observed once: memoryless and moving-average agree)
+ObserverName = Literal["minmax", "mse", "imatrix_mse", "memoryless_minmax", "memoryless_mse", "static_minmax"]
+OBSERVER_NAMES: tuple[str, ...] = get_args(ObserverName)
 
-    Clipping a few outliers buys finer steps for the rest of the group; the search is the
-    mean-squared-error observer of llm-compressor (same grid, shrink and norm).
-    """
-    g = grouped(w, args).float()
-    xmin, xmax = g.amin(-1), g.amax(-1)
-    best_err = torch.full(xmin.shape, float("inf"), device=w.device)
-    best = qparams_from_range(xmin, xmax, args, dtype)
-    for i in range(int(max_shrink * grid)):
-        p = 1 - i / grid
-        candidate = qparams_from_range(xmin * p, xmax * p, args, dtype)
-        err = (_fake_grouped(g, candidate, args) - g).abs_().pow_(norm).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best.scale = torch.where(better, candidate.scale, best.scale)
-        if best.zero_point is not None:
-            best.zero_point = torch.where(better, candidate.zero_point, best.zero_point)
-    return _shaped(best, args)
+
+def weight_observer(name: str | None) -> Observer:
+    """An observer name (the modifier's `weight_observer` or a scheme's `observer`) to its function."""
+    name = name or "minmax"
+    if name not in OBSERVER_NAMES:
+        raise ModelPressError(f"weight_observer: {name!r} is unknown; choose one of {', '.join(OBSERVER_NAMES)}")
+    return OBSERVERS[name.removeprefix("memoryless_").removeprefix("static_")]
+
+
+def needs_importance(name: str | None) -> bool:
+    return name == "imatrix_mse"
 
 
 def quantize(w: torch.Tensor, qp: QParams, args: QuantizationArgs) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Round-to-nearest quantization (`QuantizationModifier`): each weight rounded to its nearest code.
 
 The scales come from a min-max or MSE-clipping observer on the weight alone; calibration data is
-read only for static activation scales. GPTQ (gptq.py) takes its arguments and schemes from here
+read for static activation scales, and for `imatrix_mse`, whose clipping search weighs each input
+column by E[x^2] of the Linear's inputs. GPTQ (gptq.py) takes its arguments and schemes from here
 and replaces the rounding by its Hessian-compensated sweep.
 """
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from compressed_tensors.quantization import QuantizationScheme
@@ -15,13 +16,14 @@ from modelpress.contract import shown
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import LayerState, Modifier, Plan, frozen
 from modelpress.engine.quantize import (
+    ObserverName,
     QParams,
     QuantizedLinear,
     dequantize,
-    minmax_qparams,
-    mse_qparams,
+    needs_importance,
     qparams_from_range,
     quantize,
+    weight_observer,
 )
 from modelpress.engine.schemes import (
     SchemeInput,
@@ -33,17 +35,14 @@ from modelpress.engine.schemes import (
 from modelpress.engine.statistics import ActivationStats
 from modelpress.engine.targets import check_divisibility, resolve_targets, unused_patterns
 
-Observer = Literal["minmax", "mse", "memoryless_minmax", "memoryless_mse", "static_minmax"]
-
-
 class QuantizationModifier(Modifier):
-    """Round-to-nearest quantization with a min-max or MSE-clipping weight observer."""
+    """Round-to-nearest quantization with a min-max or (importance-weighted) MSE-clipping weight observer."""
 
     config_groups: dict[str, Any] | None = None
     scheme: SchemeInput | None = None
     targets: list[str] | str = ["Linear"]
     ignore: list[str] = []
-    weight_observer: Observer | None = None
+    weight_observer: ObserverName | None = None
     kv_cache_scheme: dict[str, Any] | None = None
     bypass_divisibility_checks: bool = False
 
@@ -63,6 +62,7 @@ class QuantizationModifier(Modifier):
             self._groups = resolve_config_groups(self.config_groups or {})
         for group, scheme in self._groups.items():
             check_supported(scheme, f"{name}.{group}")
+            weight_observer(self.observer_name(scheme))  # an unknown name fails here, before any work
         return self
 
     @property
@@ -83,17 +83,24 @@ class QuantizationModifier(Modifier):
             check_divisibility(model, targeted)
         return Plan(frozen(targeted), frozen(dict(self._groups)))
 
+    def observer_name(self, scheme: QuantizationScheme) -> str:
+        """The weight observer for a scheme: the modifier's `weight_observer`, else the scheme's own."""
+        return self.weight_observer or scheme.weights.observer or "minmax"
+
+    def needs_hessians(self) -> bool:
+        return any(needs_importance(self.observer_name(s)) for s in self._groups.values())  # E[x^2] is diag(X^T X) / n
+
     def needs_ranges(self) -> bool:
         return any(needs_calibration(s) for s in self._groups.values())
 
     def needs_data(self) -> bool:
-        return self.needs_ranges()  # static activation scales; weights alone need none
+        return self.needs_ranges() or self.needs_hessians()  # weights alone need none
 
     def apply(
         self, plan: Plan, modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], state: LayerState
     ) -> dict[str, QuantizedLinear]:
         return {
-            name: quantize_linear(module, plan[name].scheme, stats.get(name), self.weight_observer)
+            name: quantize_linear(module, plan[name].scheme, stats.get(name), self.observer_name(plan[name].scheme))
             for name, module in modules.items()
             if name in plan
         }
@@ -103,16 +110,22 @@ def quantize_linear(
     module: torch.nn.Linear,
     scheme: QuantizationScheme,
     stats: ActivationStats | None,
-    observer: str | None = None,
+    observer: str = "minmax",
 ) -> QuantizedLinear:
     """Quantize one Linear in place (its weight becomes the dequantized codes) and return the codes."""
     w = module.weight.data
     args = scheme.weights
-    observer = observer or args.observer or "minmax"
-    qparams = mse_qparams(w, args, w.dtype) if "mse" in observer else minmax_qparams(w, args, w.dtype)
+    qparams = weight_observer(observer)(w, args, w.dtype, importance(observer, stats))
     q = quantize(w, qparams, args)
     module.weight.data = dequantize(q, qparams, args)
     return QuantizedLinear(scheme, q, qparams, input_qparams(scheme, stats, w.dtype))
+
+
+def importance(observer: str, stats: ActivationStats | None) -> torch.Tensor | None:
+    """E[x^2] per input column where the observer weighs errors by it and it was gathered, else None."""
+    if not needs_importance(observer) or stats is None or stats.xtx is None:
+        return None
+    return stats.mean_square
 
 
 def input_qparams(scheme: QuantizationScheme, stats: ActivationStats | None, dtype: torch.dtype) -> QParams | None:

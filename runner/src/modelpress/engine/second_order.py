@@ -35,6 +35,18 @@ def activation_order(hessian: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.diag(hessian), descending=True, stable=True)
 
 
+def group_aware_order(hessian: torch.Tensor, size: int) -> torch.Tensor:
+    """Activation order that keeps each quantization group's columns together (GPTQModel's
+    group-aware reordering, GAR): groups by their largest Hessian diagonal, descending, and the
+    columns of a group by theirs. A group is then quantized in one stretch of the sweep, so its
+    scale can be chosen when the sweep reaches it and stored as an ordinary static group scale.
+    """
+    diag = torch.diag(hessian).reshape(-1, size)
+    within = torch.argsort(diag, dim=1, descending=True, stable=True)
+    groups = torch.argsort(diag.amax(1), descending=True, stable=True)
+    return (groups[:, None] * size + within[groups]).reshape(-1)
+
+
 def inverse_hessian(hessian: torch.Tensor, dampening_frac: float, order: torch.Tensor | None = None) -> InverseHessian:
     """Damp H (its rows and columns taken in `order`, when given) and factor its inverse; raise
     the dampening tenfold until the factorisation holds.

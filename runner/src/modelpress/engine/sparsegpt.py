@@ -80,7 +80,6 @@ class SparseGPTModifier(Modifier):
     zero: every scheme maps 0 to 0, and GPTQ is told the mask.
     """
 
-    needs_hessians: ClassVar[bool] = True
     quantizes: ClassVar[bool] = False
     sparsity: float | None = Field(None, gt=0, lt=1)
     mask_structure: str = "0:0"
@@ -129,6 +128,9 @@ class SparseGPTModifier(Modifier):
         if bad:
             raise ModelPressError(f"SparseGPTModifier.mask_structure: {self.mask_structure} needs input features divisible by {m}; {bad[:4]} are not; add them to ignore")
         return Plan(frozen(targeted))
+
+    def needs_hessians(self) -> bool:
+        return True
 
     def needs_data(self) -> bool:
         return True

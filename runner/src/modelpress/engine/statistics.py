@@ -56,6 +56,14 @@ class ActivationStats:
         return full
 
     @property
+    def mean_square(self) -> torch.Tensor:
+        """E[x^2] per input channel over the calibration tokens: the diagonal of X^T X / n, the
+        importance the `imatrix_mse` observer weighs each input column's error by."""
+        if self.xtx is None:
+            raise RuntimeError("X^T X was not collected for this module")
+        return torch.diagonal(self.xtx) / self.tokens
+
+    @property
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / n, the curvature of the layer-wise squared error (GPTQ, SparseGPT).
 

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--output", required=True, type=Path, help="directory to write the checkpoint to")
     compress.add_argument("--dataset", help="calibration data: a .txt or .jsonl file")
     compress.add_argument("--group-size", type=int, help="group size for a grouped preset (e.g. 64)")
-    compress.add_argument("--observer", choices=["minmax", "mse"], help="weight observer for a preset")
+    compress.add_argument("--observer", choices=["minmax", "mse", "imatrix_mse"], help="weight observer for a preset (imatrix_mse needs --dataset)")
     compress.add_argument("--num-samples", type=int, default=512, help="calibration samples (default 512)")
     compress.add_argument("--max-seq-length", type=int, default=2048, help="tokens per sample (default 2048)")
     compress.add_argument("--device", help="cpu or cuda (default: cuda when present)")

@@ -5,6 +5,7 @@ from pathlib import Path
 from modelpress.contract import CompressionJob, ResultEvent, human_bytes, parse_uri
 from modelpress.engine.recipe import load_recipe
 from modelpress.engine.rtn import QuantizationModifier
+from modelpress.runner.presets import SERVED_AS
 
 def model_card(job: CompressionJob, result: ResultEvent, recipe: str, untied_head_bytes: int | None = None) -> str:
     """The model card, in the hub's format (YAML front matter, then Markdown).
@@ -42,6 +43,7 @@ def model_card(job: CompressionJob, result: ResultEvent, recipe: str, untied_hea
         serve,
         "```",
         "",
+        *([f"vLLM serves it as {SERVED_AS[spec.recipe.preset]}.", ""] if spec.recipe.preset in SERVED_AS else []),
         *outside_vllm(recipe, local),
         "## Size and quality",
         "",

@@ -426,7 +426,7 @@ def job_work(spec: JobSpec, modifiers: list[Any], on_host: bool) -> Work:
     return Work(
         samples=calibration.num_samples if needs_data else 0,
         sequence=sequence if needs_data else 0,
-        hessians=any(m.needs_hessians for m in modifiers),
+        hessians=any(m.needs_hessians() for m in modifiers),
         self_generated=self_generated and needs_data,
         perplexity_tokens=evaluation.perplexity.max_tokens if evaluation.perplexity is not None else 0,
         prompts=len(evaluation.prompts),

@@ -21,6 +21,19 @@ ALGORITHM_MODIFIERS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
     ],
 }
 QUANTIZERS = {"QuantizationModifier", "GPTQModifier"}
+
+# How vLLM 0.32 runs each preset's checkpoint: the quant type its compressed-tensors path reads and
+# the kernel it picks (CPU: what the vllm tier measured; GPU: its weight-only and scaled-mm paths).
+# What the 4-bit pair costs in quality is measured in bench/scales.json (README, "Scales and order").
+SERVED_AS: dict[str, str] = {
+    "W4A16": "uint4b8 (symmetric int4 groups, no zero points): CPUWNA16 on CPU, Marlin on GPU",
+    "W4A16_ASYM": "uint4 with a zero point per group: CPUWNA16 on CPU, Marlin with zero points on GPU",
+    "W8A16": "uint8b128: Marlin on GPU; vLLM's CPU build has no kernel for it",
+    "W8A8": "int8 weights, dynamic per-token int8 activations: CPUInt8ScaledMM on CPU, CUTLASS scaled_mm on GPU",
+    "INT8": "int8 weights, dynamic per-token int8 activations: CPUInt8ScaledMM on CPU, CUTLASS scaled_mm on GPU",
+    "FP8": "fp8 weights and static fp8 activations: fp8 scaled_mm on GPU; vLLM's CPU build lacks static fp8 activations",
+    "FP8_DYNAMIC": "fp8 per-channel weights, dynamic fp8 activations: ChannelWiseTorchFP8ScaledMM on CPU, fp8 scaled_mm on GPU",
+}
 IGNORE_TAKERS = QUANTIZERS | {"SparseGPTModifier"}
 
 
