@@ -34,12 +34,14 @@ from modelpress.engine.experts import (
     to_checkpoint_name,
     unfuse_experts,
 )
-from modelpress.engine.layer_pass import LayerInput
+from modelpress.contract import ActivationStorage
+from modelpress.engine.activations import Storage
+from modelpress.engine.layer_pass import Calibration
 from modelpress.engine.modifier import Modifier, Plan, plan_recipe
 from modelpress.engine.pipeline import (
     LayerReport,
     ProgressFn,
-    capture_first_layer_inputs,
+    capture_calibration,
     compress_outside_layers,
     run_pipeline,
 )
@@ -135,6 +137,8 @@ def oneshot(
     max_shard_bytes: int = 5 * 2**30,
     progress: ProgressFn | None = None,
     resume_dir: str | Path | None = None,
+    activation_storage: ActivationStorage = "memory",
+    spill_dir: str | Path | None = None,
 ) -> OneshotResult:
     """Apply `recipe` to `model` layer by layer and, with `output_dir`, write the checkpoint.
 
@@ -154,15 +158,19 @@ def oneshot(
     plans = plan(loaded, modifiers, has_data=dataset is not None)
     out = prepare_output_dir(output_dir)
     samples = Samples(dataset, tokenizer, num_calibration_samples, max_seq_length, seed, text_field, messages_field, trust_remote_code)
-    inputs, tokenizer, ids = calibrate(loaded, modifiers, samples, device)
-    resume = None
-    if resume_dir is not None:
-        if loaded.source is None or loaded.model_dir is None:
-            raise ModelPressError("resume_dir: only a model given by directory or hub id can resume; drop resume_dir")
-        key = resume_key(recipe_yaml(modifiers), ids, loaded.model_dir, len(loaded.layers))
-        resume = ResumeState(Path(resume_dir), key)
-    writer = ShardedSafetensorsWriter(out, max_shard_bytes, loaded.checkpoint_name) if out is not None else None
-    compressed = compress(loaded, modifiers, plans, inputs, writer, device, progress, resume)
+    storage = Storage(activation_storage, Path(spill_dir) if spill_dir is not None else None, device)
+    try:
+        inputs, tokenizer, ids = calibrate(loaded, modifiers, samples, device, storage)
+        resume = None
+        if resume_dir is not None:
+            if loaded.source is None or loaded.model_dir is None:
+                raise ModelPressError("resume_dir: only a model given by directory or hub id can resume; drop resume_dir")
+            key = resume_key(recipe_yaml(modifiers), ids, loaded.model_dir, len(loaded.layers))
+            resume = ResumeState(Path(resume_dir), key)
+        writer = ShardedSafetensorsWriter(out, max_shard_bytes, loaded.checkpoint_name) if out is not None else None
+        compressed = compress(loaded, modifiers, plans, inputs, writer, device, progress, resume, storage)
+    finally:
+        storage.close()
     if writer is not None:
         write(writer, loaded, modifiers, plans, compressed, tokenizer)
     if loaded.source is None:  # the parts outside the layers go back where the caller had them
@@ -220,8 +228,8 @@ def plan(loaded: Loaded, modifiers: list[Modifier], has_data: bool) -> list[Plan
 
 
 def calibrate(
-    loaded: Loaded, modifiers: list[Modifier], samples: Samples, device: torch.device
-) -> tuple[list[LayerInput] | None, Any, list[torch.Tensor]]:
+    loaded: Loaded, modifiers: list[Modifier], samples: Samples, device: torch.device, storage: Storage
+) -> tuple[Calibration | None, Any, list[torch.Tensor]]:
     """Bring what precedes the decoder layers to `device` and capture the first layer's inputs.
 
     Returns them (None when the recipe needs no data), the tokenizer, loaded from the model
@@ -242,25 +250,26 @@ def calibrate(
     )
     if not ids:
         raise ModelPressError("dataset: no usable calibration samples (all empty?)")
-    return capture_first_layer_inputs(model, loaded.layers[0], ids, device), tokenizer, ids
+    return capture_calibration(model, loaded.layers[0], ids, device, storage), tokenizer, ids
 
 
 def compress(
     loaded: Loaded,
     modifiers: list[Modifier],
     plans: list[Plan],
-    inputs: list[LayerInput] | None,
+    inputs: Calibration | None,
     writer: ShardedSafetensorsWriter | None,
     device: torch.device,
     progress: ProgressFn | None,
     resume: ResumeState | None = None,
+    storage: Storage | None = None,
 ) -> Compressed:
     """Every decoder layer in turn, each streamed out to `writer` when done, then the head and the
     rest outside the layers."""
     route_all_tokens(loaded.model, True)
     try:
         schemes, reports = run_pipeline(loaded.layers_prefix, loaded.layers, modifiers, plans, inputs, loaded.source, writer, device,
-                                        progress, resume)
+                                        progress, resume, storage)
     finally:
         route_all_tokens(loaded.model, False)  # an in-memory model goes back to routed inference
     outside = compress_outside_layers(loaded.model, loaded.inside, modifiers, plans)
