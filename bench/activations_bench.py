@@ -69,9 +69,12 @@ def main() -> None:
         report = run(storage, args, out)
         runs[storage] = {k: report[k] for k in ("wall_s", "peak_rss_mib", "rss_before_mib", "spill_files_left")}
         digests[storage] = shards(out)
+    # after every run: Linux keeps a process's peak RSS across exec, so a child started after this
+    # process had evaluated would report this process's peak as its own
+    for storage, r in runs.items():
         same = storage != "memory" and "memory" in digests and digests[storage] == digests["memory"]
-        if storage != "disk" and not same:  # a checkpoint identical to memory's measures the same
-            runs[storage]["perplexity"] = round(perplexity(out, args.perplexity_tokens), 4)
+        if not same:  # a checkpoint identical to memory's measures the same
+            r["perplexity"] = round(perplexity(args.work / storage, args.perplexity_tokens), 4)
     base = runs.get("memory")
     for storage, r in runs.items():
         if base is None or storage == "memory":

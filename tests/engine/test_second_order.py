@@ -7,6 +7,7 @@ from compressed_tensors.quantization import QuantizationArgs
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.gptq import gptq
 from modelpress.engine.quantize import dequantize, minmax_qparams, qrange, quantize
+from modelpress.engine import second_order
 from modelpress.engine.second_order import inverse_hessian
 from modelpress.engine.sparsegpt import sparsegpt
 
@@ -117,3 +118,22 @@ def test_dampening_is_raised_when_cholesky_fails_and_reported() -> None:
     assert result.dampening_frac == pytest.approx(10.0)
     with pytest.raises(ModelPressError, match="dampening_frac"):
         inverse_hessian(torch.tensor([[1.0, 30.0], [30.0, 1.0]]), 0.01)
+
+
+@pytest.mark.parametrize("rows", [200, 960])
+@pytest.mark.parametrize("strategy", [{"strategy": "group", "group_size": 64}, {"strategy": "channel"}])
+def test_the_sweep_on_threads_is_the_one_thread_sweep_bit_for_bit(layer, rows: int, strategy: dict,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _, x, h = layer
+    w = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(1))
+    keep = torch.rand(rows, COLS, generator=torch.Generator().manual_seed(2)) > 0.3
+    args = QuantizationArgs(num_bits=4, symmetric=True, **strategy)
+    results = {}
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(second_order, "SWEEP_THREADS", threads)
+        results[threads] = [gptq(w, h, args, block_size=32), gptq(w, h, args, block_size=32, keep=keep)]
+    assert rows > 2 * second_order.ROW_ALIGN  # every thread count above splits the rows
+    for threads in (2, 3):
+        for got, want in zip(results[threads], results[1]):
+            assert torch.equal(got.q, want.q) and torch.equal(got.row_loss, want.row_loss)
+            assert torch.equal(got.qparams.scale, want.qparams.scale)

@@ -6,7 +6,7 @@ layers, a norm's output, the attention's and the MLP's inner activations) is a [
 matrix, `Rows`, held in pieces of a fixed number of rows. The parts of a layer read and write it
 one piece at a time, so only the storage differs between the kinds:
 
-- `memory`: the tensors as computed (today's dtype of the model), pieces are views;
+- `memory`: the tensors as computed, in the model's dtype; pieces are views of them;
 - `bfloat16` / `float16`: stored in 16 bits, each piece widened to the dtype it was computed in
   when read and narrowed again when written back, so all arithmetic stays in the model's dtype;
 - `disk`: every piece is a file in a folder of the job's scratch volume, memory-mapped while it is

@@ -17,7 +17,7 @@ from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import LayerState, Plan
 from modelpress.engine.quantize import QParams, QuantizedLinear, dequantize, minmax_qparams, mse_qparams, qrange
 from modelpress.engine.rtn import QuantizationModifier, input_qparams
-from modelpress.engine.second_order import activation_order, aligned_block_size, inverse_hessian, sweep
+from modelpress.engine.second_order import ColumnStep, activation_order, aligned_block_size, inverse_hessian, sweep, sweep_rows
 from modelpress.engine.statistics import ActivationStats
 
 Observer = Callable[[torch.Tensor, QuantizationArgs, torch.dtype], QParams]
@@ -74,20 +74,24 @@ def gptq(
     wt = w[:, order].T.contiguous()
     keep_t = keep[:, order].T.contiguous() if keep is not None else None
     to_codes = _coder(args)
+    quantize = _quantizing_step(to_codes, scale_t, zero_t, keep_t)
 
     def step(block: torch.Tensor, i: int, col: int) -> torch.Tensor:
-        if not static and col % size == 0:
+        if col % size == 0:
             gqp = observer(block[i : i + size].T, args, dtype)
             group_scales.append(gqp.scale)
             group_zeros.append(gqp.zero_point)
             scale_t[col : col + size] = gqp.scale.float().reshape(1, rows)
             if gqp.zero_point is not None:
                 zero_t[col : col + size] = gqp.zero_point.float().reshape(1, rows)
-        x = block[i] if keep_t is None else block[i] * keep_t[col]
-        s, z = scale_t[col], zero_t[col]
-        return to_codes(x, s, z).sub_(z).mul_(s)
+        return quantize(block, i, col)
 
-    row_loss = sweep(wt, inverse.upper, aligned_block_size(block_size, size if group else 1), step)
+    blocks = aligned_block_size(block_size, size if group else 1)
+    if static:  # scales known up front: every output row is solved on its own
+        row_loss = sweep_rows(wt, inverse.upper, blocks, lambda r: _quantizing_step(
+            to_codes, scale_t[:, r].contiguous(), zero_t[:, r].contiguous(), keep_t[:, r].contiguous() if keep_t is not None else None))
+    else:
+        row_loss = sweep(wt, inverse.upper, blocks, step)
     # the swept weights are the dequantized codes up to rounding far below a code step
     codes = to_codes(wt, scale_t, zero_t)[torch.argsort(order)].T.contiguous()
     codes = codes.to(torch.float8_e4m3fn if args.type == QuantizationType.FLOAT else torch.int8)
@@ -95,6 +99,18 @@ def gptq(
         zp = torch.cat(group_zeros, dim=1) if group_zeros[0] is not None else None
         qp = QParams(torch.cat(group_scales, dim=1), zp)
     return GPTQResult(codes, qp, row_loss, inverse.dampening_frac)
+
+
+def _quantizing_step(to_codes: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], scale_t: torch.Tensor,
+                     zero_t: torch.Tensor, keep_t: torch.Tensor | None) -> ColumnStep:
+    """The sweep's step: a column (a row of W^T, masked by `keep_t`) to its dequantized codes."""
+
+    def step(block: torch.Tensor, i: int, col: int) -> torch.Tensor:
+        x = block[i] if keep_t is None else block[i] * keep_t[col]
+        s, z = scale_t[col], zero_t[col]
+        return to_codes(x, s, z).sub_(z).mul_(s)
+
+    return step
 
 
 def _coder(args: QuantizationArgs) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:

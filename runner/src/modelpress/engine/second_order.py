@@ -8,6 +8,7 @@ block, with one matrix product, so the per-column work touches only a [rows, blo
 """
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +19,12 @@ from modelpress.engine.errors import ModelPressError
 log = logging.getLogger(__name__)
 
 MAX_DAMPENING = 10.0
+# Threads a sweep whose output rows are independent runs on, each on its own rows. The column
+# loop is a few small operations per column, each too small for torch's own threads: a second
+# Python thread overlaps them (torch releases the GIL inside an operation). Rows are only split
+# in parts of whole SIMD registers, so each element is computed as the one-thread sweep does.
+SWEEP_THREADS = 2
+ROW_ALIGN = 64
 
 # step(block, i, col) -> the fixed value of row i of `block`: column `col` of W, as a row of W^T
 ColumnStep = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -91,6 +98,27 @@ def sweep(wt: torch.Tensor, upper: torch.Tensor, block_size: int, step: ColumnSt
             wt[i2:].addmm_(ratios[i1:i2, i2:].T, changes, alpha=-1)
         loss += (changes / diag[i1:i2, None]).square().sum(0) / 2
     return loss
+
+
+def sweep_rows(wt: torch.Tensor, upper: torch.Tensor, block_size: int, step_for: Callable[[slice], ColumnStep]) -> torch.Tensor:
+    """`sweep` of W^T's columns (W's output rows) in parts, each on a thread of its own, for a step
+    that treats every output row alone (`step_for(rows)` is the step of those rows): the same
+    result as one sweep, in place, with the same per-row losses."""
+    rows = wt.shape[1]
+    per = -(-rows // SWEEP_THREADS // ROW_ALIGN) * ROW_ALIGN
+    spans = [slice(lo, min(lo + per, rows)) for lo in range(0, rows, per)]
+    if len(spans) == 1:
+        return sweep(wt, upper, block_size, step_for(spans[0]))
+
+    def solve(span: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        part = wt[:, span].contiguous()
+        return part, sweep(part, upper, block_size, step_for(span))
+
+    with ThreadPoolExecutor(len(spans), thread_name_prefix="sweep") as pool:
+        done = list(pool.map(solve, spans))
+    for span, (part, _) in zip(spans, done):
+        wt[:, span] = part
+    return torch.cat([loss for _, loss in done])
 
 
 def aligned_block_size(block_size: int, unit: int) -> int:

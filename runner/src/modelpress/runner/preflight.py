@@ -230,8 +230,9 @@ def _solve_bytes(shape: Shape, hessians: bool) -> int:
 
 
 def _layer_bytes(shape: Shape) -> int:
-    """One layer being compressed: its weights as read, their dequantized replacements, the int8 codes."""
-    return shape.layer_params * (2 * shape.dtype_bytes + 1)
+    """One layer being compressed: its weights as read, their dequantized replacements, the int8 codes,
+    and the next layer's weights, read ahead meanwhile (weights.ReadAhead)."""
+    return shape.layer_params * (3 * shape.dtype_bytes + 1)
 
 
 def _compress(shape: Shape, work: Work, base: int) -> Stage:
