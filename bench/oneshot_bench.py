@@ -2,6 +2,7 @@
 
     python bench/oneshot_bench.py [--model DIR] [--recipe W4A16|FILE.yaml] [--group-size 64]
                                   [--forward] [--perplexity] [--output DIR]
+                                  [--activation-storage memory|bfloat16|float16|disk] [--spill-dir DIR]
 
 The model defaults to the SmolLM2-135M-Instruct fixture. Calibration takes `--num-samples`
 windows of `--max-seq-length` tokens from the first half of `--text` (WikiText-2 validation);
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--forward", action="store_true", help="also time one float forward of the calibration set")
     parser.add_argument("--perplexity", action="store_true", help="evaluate float and compressed on the held-out half")
+    parser.add_argument("--activation-storage", default="memory", choices=["memory", "bfloat16", "float16", "disk"])
+    parser.add_argument("--spill-dir", type=Path, default=Path("out/spill"), help="for --activation-storage disk")
     args = parser.parse_args()
 
     model = args.model or smollm2_dir()
@@ -106,6 +109,8 @@ def main() -> None:
         max_seq_length=args.max_seq_length,
         output_dir=args.output,
         device=args.device,
+        activation_storage=args.activation_storage,
+        spill_dir=args.spill_dir,
     )
     wall = time.monotonic() - start
     report = {
@@ -114,6 +119,7 @@ def main() -> None:
         "group_size": args.group_size,
         "calibration": f"{args.num_samples} x {args.max_seq_length} tokens, first half of {args.text.name}",
         "device": args.device,
+        "activation_storage": args.activation_storage,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "wall_s": round(wall, 2),

@@ -15,7 +15,8 @@ from modelpress.engine.calibration import calibration_samples
 from modelpress.engine.gptq import GPTQModifier
 from modelpress.engine.modifier import LayerState
 from modelpress.engine.sparsegpt import SparseGPTModifier
-from modelpress.engine.pipeline import capture_first_layer_inputs, compress_layer_sequential, run_layer
+from modelpress.engine.activations import Storage
+from modelpress.engine.pipeline import capture_calibration, capture_first_layer_inputs, compress_layer_sequential, run_layer
 from modelpress.engine.layer_pass import find_parts, reproduces_layer
 from modelpress.engine.weights import find_decoder_layers
 
@@ -24,7 +25,7 @@ def first_layer_inputs(model_dir: Path, model: torch.nn.Module, samples: int = 6
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = calibration_samples(CORPUS, tokenizer, samples, 32)
     _, layers = find_decoder_layers(model)
-    return layers, capture_first_layer_inputs(model, layers[0], ids, torch.device("cpu"))
+    return layers, capture_calibration(model, layers[0], ids, torch.device("cpu"), Storage())
 
 
 def test_split_reproduces_each_architecture(tiny_model: Path) -> None:
@@ -38,23 +39,23 @@ def test_split_reproduces_each_architecture(tiny_model: Path) -> None:
         ["mlp.gate_proj", "mlp.up_proj"],
         ["mlp.down_proj"],
     ]
-    assert reproduces_layer(layers[0], parts, inputs[0])
+    assert reproduces_layer(layers[0], parts, inputs.sample(0))
 
 
 def test_outputs_are_the_compressed_layers_outputs(llama_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
     layers, inputs = first_layer_inputs(llama_dir, model)
-    original = [((args[0].clone(), *args[1:]), kwargs) for args, kwargs in inputs]
+    original = [((args[0].clone(), *args[1:]), kwargs) for args, kwargs in map(inputs.sample, range(len(inputs)))]
     modifier = GPTQModifier(scheme="W4A16", ignore=["lm_head"], block_size=32, config_groups=None)
     plan = modifier.plan(model)
     before = layers[0].self_attn.q_proj.weight.clone()
     state = LayerState()
-    done = compress_layer_sequential(layers[0], "model.layers.0.", [modifier], [plan], inputs, state, last=False)
+    done = compress_layer_sequential(layers[0], "model.layers.0.", [modifier], [plan], inputs, state, False, Storage())
     assert done is not None and len(done) == 7
     assert not torch.equal(before, layers[0].self_attn.q_proj.weight)
     assert set(state.losses) == set(done) and all(v > 0 for v in state.losses.values())
     expected = run_layer(layers[0], original)  # the already-compressed layer, run whole
-    for (got, _), (want, _) in zip(inputs, expected):
+    for (got, _), (want, _) in zip(map(inputs.sample, range(len(inputs))), expected):
         assert torch.allclose(got[0], want[0], atol=1e-5)
 
 

@@ -17,8 +17,8 @@ from modelpress.engine.modifier import Modifier, plan_recipe
 from modelpress.engine.rtn import QuantizationModifier
 from modelpress.engine.smoothquant import SmoothQuantModifier
 from modelpress.engine.oneshot import oneshot
-from modelpress.engine.pipeline import capture_first_layer_inputs, run_pipeline
-from modelpress.engine.layer_pass import GroupInput
+from modelpress.engine.activations import MemoryRows, Storage
+from modelpress.engine.pipeline import capture_calibration, run_pipeline
 from modelpress.engine.smoothing import rescale_inputs
 from modelpress.engine.statistics import ActivationStats
 from modelpress.engine.weights import find_decoder_layers
@@ -85,7 +85,7 @@ def scale_only(model: torch.nn.Module, model_dir: Path, modifier: Modifier, foll
     plans = plan_recipe(recipe, model)
     samples = calibration_samples(CORPUS, AutoTokenizer.from_pretrained(model_dir), 8, 32)
     prefix, layers = find_decoder_layers(model)
-    inputs = capture_first_layer_inputs(model, layers[0], samples, torch.device("cpu"))
+    inputs = capture_calibration(model, layers[0], samples, torch.device("cpu"), Storage())
     _, reports = run_pipeline(prefix, layers, [modifier], plans[:1], inputs, None, None, torch.device("cpu"))
     return reports
 
@@ -132,7 +132,10 @@ def test_rescaled_statistics_are_those_of_the_scaled_inputs() -> None:
     expected = ActivationStats()
     for x in xs:
         expected.update(x / s, with_hessian=True)
-    rescale_inputs(stats, s, GroupInput(lambda: iter(xs)))
+    rows = MemoryRows(21, 16, torch.float32, 7, torch.device("cpu"))
+    rows.write(0, torch.cat([x[0] for x in xs]))
+    rescale_inputs(stats, s, rows)
+    assert torch.allclose(rows.read(0, 21), torch.cat([x[0] for x in xs]) / s)
     for got, want in [(stats.xtx, expected.xtx), (stats.channel_absmax, expected.channel_absmax), (stats.xmin, expected.xmin), (stats.xmax, expected.xmax)]:
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 

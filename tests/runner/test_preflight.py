@@ -15,6 +15,7 @@ from modelpress.runner import run as running
 from modelpress.runner.cli import main
 from modelpress.runner.memory import memory_limit
 from modelpress.runner.preflight import LIBRARIES, TOKENIZER, NoShape, Shape, Work, _compress, estimate, verdict
+from support.models import CORPUS
 from support.s3 import connection_env, job_document, s3, s3_endpoint, upload_dir  # noqa: F401 (fixture)
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -128,6 +129,26 @@ def test_answers_that_would_not_fit_are_skipped_not_refused() -> None:
     assert found.estimate.peak_bytes <= 12 * GiB and found.estimate.peak_stage not in ("answers", "compressed answers")
 
 
+def test_auto_keeps_activations_in_the_first_storage_that_fits() -> None:
+    fp32 = Shape.from_config({**LLAMA_8B, "torch_dtype": "float32"})
+    size = {k: peak(fp32, replace(GPTQ, activations=k)) for k in ("memory", "bfloat16", "disk")}
+    # the hidden states, a norm's output and the MLP's inner activation: 36 GiB in bfloat16, 72 in float32, none spilled
+    assert size["memory"] - size["bfloat16"] > 30 * GiB and size["bfloat16"] - size["disk"] > 30 * GiB
+    auto = replace(GPTQ, activations="auto")
+    for limit, picked in [(None, "memory"), (size["memory"], "memory"), (size["bfloat16"], "bfloat16"), (size["disk"], "disk")]:
+        found = verdict(fp32, auto, RUNTIME, limit)
+        assert (found.activations, found.problem, found.estimate.activation_storage) == (picked, None, picked)
+    short = verdict(fp32, auto, RUNTIME, size["disk"] - 1)
+    assert short.activations == "disk" and short.problem.endswith("would fit (activationStorage disk)")
+    bf16 = Shape.from_config(LLAMA_8B)  # a bfloat16 model keeps bfloat16 activations already: 16 bits halve nothing
+    assert verdict(bf16, auto, RUNTIME, peak(bf16, GPTQ) - 1).activations == "disk"
+    assert verdict(bf16, replace(auto, on_host=False), RUNTIME, None).activations == "memory"
+    asked = verdict(fp32, GPTQ, RUNTIME, size["bfloat16"]).problem
+    assert "memory limit; activationStorage bfloat16 or numSamples " in asked  # memory asked for, 16 bits offered
+    assert verdict(fp32, replace(GPTQ, activations="disk"), RUNTIME, size["disk"]).problem is None
+    assert verdict(fp32, Work(), RUNTIME, None).estimate.activation_storage is None  # no data: no activations kept
+
+
 def run_job(tmp_path: Path, doc: dict, *extra: str) -> tuple[int, dict]:
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
     term = tmp_path / "termination-log"
@@ -155,7 +176,8 @@ def test_a_job_that_would_not_fit_is_refused_before_anything_is_downloaded(
     assert first.memory.peak_stage == "compress" and first.memory.peak_bytes > 4 * GiB
     assert not (tmp_path / "scratch").exists()  # nothing was fetched: the model's config.json was read alone
     shape = Shape.from_config(json.loads((llama_dir / "config.json").read_text()))
-    work = Work(samples=samples, sequence=4096, hessians=True)
+    assert lines[0].endswith("would fit (activationStorage disk)") and first.memory.activation_storage == "disk"
+    work = Work(samples=samples, sequence=4096, hessians=True, activations="disk")  # auto's most frugal storage
     assert verdict(shape, work, RUNTIME, 4 * GiB).problem is None  # what the message offers does fit
 
 
@@ -192,6 +214,29 @@ def test_the_estimate_is_the_first_progress_event_and_a_line_per_stage_for_peopl
     start = next(i for i, line in enumerate(err) if line.startswith("memory estimate: peak "))
     assert code == 0 and err[start].endswith(", limit 64.0 GiB)")
     assert [line.split()[0] for line in err[start + 1 : start + 5]] == ["runtime", "perplexity", "compress", "compressed"]
+
+
+def test_a_job_spills_its_activations_inside_its_scratch_folder_when_the_spec_says_so(
+        llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from modelpress.engine.activations import DiskRows
+
+    seen: list[Path] = []
+    made = DiskRows.__init__
+
+    def record(self, *args, **kwargs) -> None:
+        made(self, *args, **kwargs)
+        seen.append(self.folder)
+
+    monkeypatch.setattr(DiskRows, "__init__", record)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(CORPUS))
+    doc = job_document(str(llama_dir), str(tmp_path / "out"), recipe={"preset": "W4A16", "algorithm": "GPTQ"},
+                       calibration={"dataset": str(calib), "numSamples": 4, "maxSequenceLength": 32, "activationStorage": "disk"})
+    code, _ = run_job(tmp_path, doc, "--format", "json")
+    first = parse_event(capsys.readouterr().out.splitlines()[0])
+    assert code == 0 and first.memory.activation_storage == "disk"
+    assert seen and all(f.resolve().is_relative_to((tmp_path / "scratch").resolve()) for f in seen)
+    assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]
 
 
 def test_a_memory_limit_that_is_not_a_quantity_exits_2(llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -68,6 +68,10 @@ QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 SELF_GENERATED = "self-generated"
 MIN_SEQUENCE_LENGTH = 16  # calibration.maxSequenceLength, at least
 MIN_PERPLEXITY_TOKENS = 64  # evaluation.perplexity.maxTokens, at least
+# Where calibration activations are kept while layers are compressed (engine/activations.py);
+# `auto` lets the runner's memory preflight pick the first of the others that fits.
+ActivationStorage = Literal["memory", "bfloat16", "float16", "disk"]
+ActivationStorageChoice = Literal["auto", "memory", "bfloat16", "float16", "disk"]
 
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=K8S_NAME)]
 Short = Annotated[str, Field(min_length=1, max_length=256)]
@@ -525,6 +529,10 @@ class Calibration(Strict):
     num_samples: Annotated[int, Field(ge=1, le=100_000)] = 512
     max_sequence_length: Annotated[int, Field(ge=MIN_SEQUENCE_LENGTH, le=131_072)] = 2048
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
+    activation_storage: ActivationStorageChoice = Field(
+        "auto", description="where calibration activations are kept: memory, in 16 bits (bfloat16, float16), spilled to "
+        "the scratch volume (disk), or auto: the first of those the memory estimate fits under the limit"
+    )
 
 
 class Perplexity(Strict):
@@ -839,6 +847,7 @@ class MemoryEstimate(Wire):
     peak_stage: str
     limit_bytes: int | None = None  # the pod's memory limit (cgroup), --memory-limit, or the machine's memory
     stages: list[StageMemory] = Field(default_factory=list)
+    activation_storage: ActivationStorage | None = None  # where compression keeps the calibration activations
 
 
 class ProgressEvent(Wire):

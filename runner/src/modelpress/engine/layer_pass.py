@@ -16,24 +16,19 @@ does not reproduce goes through the generic calibrate-then-propagate path instea
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from modelpress.engine.activations import Rows, Storage
 from modelpress.engine.weights import trim_heap
 
 LayerInput = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's (args, kwargs) for one sample
 
 
-@dataclass
-class GroupInput:
-    """A Linear group's input over all calibration tokens, as [tokens, features] chunks of kept
-    tensors: changes made in place (smoothing divides them) are what the next part reads."""
-
-    chunks: Callable[[], Iterator[torch.Tensor]]  # re-iterable
-
-
-GroupCompressor = Callable[[list[str], GroupInput], None]  # compress the named Linears given their input
+# compress the named Linears given their input over all calibration tokens: changes made to it
+# (smoothing divides it, through Rows.update) are what the next part reads
+GroupCompressor = Callable[[list[str], Rows], None]
 
 # tokens per call of a token-wise part and per X^T X product: bounds the MLP's temporaries,
 # and the products are as fast per token as with 16384
@@ -147,104 +142,107 @@ def reproduces_layer(layer: torch.nn.Module, parts: PreNormParts, sample: LayerI
     return complete and same_inputs and torch.allclose(y, expected, rtol=1e-4, atol=1e-5)
 
 
-def _token_rows(inputs: list[LayerInput]) -> torch.Tensor:
-    """Every sample's hidden states as one [tokens, hidden] matrix, and the samples as views of it.
+@dataclass
+class Calibration:
+    """Every calibration sample's input to the current decoder layer: all samples' hidden states
+    as one [tokens, hidden] `Rows` (sample i is rows bounds[i]..bounds[i+1]), and each sample's
+    other arguments (position tensors, masks), which stay the same from layer to layer."""
 
-    The previous layer leaves its outputs that way, so only the first layer copies.
-    """
-    hidden = [args[0] for args, _ in inputs]
-    base = hidden[0]._base
-    offset, reuse = 0, base is not None and base.dim() == 2
-    for h in hidden:
-        reuse = reuse and h._base is base and h.data_ptr() == base.data_ptr() + offset * base.stride(0) * base.element_size()
-        offset += h.shape[-2]
-    rows = base if reuse and offset == base.shape[0] else torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden])
-    _as_views(inputs, rows)
-    return rows
+    hidden: Rows
+    bounds: list[int]
+    rest: list[LayerInput]  # each sample's (arguments after the hidden states, keyword arguments)
 
+    def __len__(self) -> int:
+        return len(self.rest)
 
-def _as_views(inputs: list[LayerInput], rows: torch.Tensor) -> None:
-    offset = 0
-    for i, (args, kwargs) in enumerate(inputs):
-        length = args[0].shape[-2]
-        inputs[i] = ((rows[offset : offset + length].view(1, length, -1), *args[1:]), kwargs)
-        offset += length
+    def sample(self, i: int) -> LayerInput:
+        """Sample i's call arguments: a view of the hidden states where they are in memory as computed."""
+        args, kwargs = self.rest[i]
+        lo, hi = self.bounds[i], self.bounds[i + 1]
+        return (self.hidden.read(lo, hi).view(1, hi - lo, -1), *args), kwargs
 
 
-def _chunks(rows: torch.Tensor, size: int = TOKEN_CHUNK) -> Iterator[torch.Tensor]:
-    yield from rows.split(size)
-
-
-def _per_token(fn: Callable[[torch.Tensor], torch.Tensor], chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+def _per_token(fn: Callable[[torch.Tensor], torch.Tensor], chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
     """A token-wise part (norm, MLP) chunk by chunk, so that its temporaries stay small."""
     for chunk in chunks:
         yield fn(chunk.unsqueeze(0))[0]
 
 
-def _collect(chunks: Iterator[torch.Tensor], tokens: int) -> torch.Tensor:
+def _collect(chunks: Iterator[torch.Tensor], tokens: int, storage: Storage, piece: int, separate: bool = False) -> Rows:
     out = None
     start = 0
     for y in chunks:
-        out = out if out is not None else y.new_empty(tokens, y.shape[-1])
-        out[start : start + y.shape[0]] = y
+        out = out if out is not None else storage.rows(tokens, y.shape[-1], y.dtype, piece, separate)
+        out.write(start, y)
         start += y.shape[0]
+    assert out is not None, "no calibration tokens"
     return out
 
 
-def _consume(chunks: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """The chunks in TOKEN_CHUNK pieces, each chunk dropped from the list once all read."""
-    while chunks:
-        yield from _chunks(chunks[0])
-        del chunks[0]
+def _blocks(rows: Rows, size: int) -> Iterator[torch.Tensor]:
+    """Rows in blocks of `size` (a multiple of the pieces' size), each read as it is reached."""
+    for start in range(0, rows.tokens, size):
+        yield rows.read(start, min(start + size, rows.tokens))
 
 
-def _add_residual(hidden: torch.Tensor, inner: torch.Tensor, out: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """hidden += out(inner), chunk by chunk. A function of its own so that no loop variable
-    outlives it: a last chunk left in the caller's frame would keep all of `inner` alive."""
-    for rows, x in zip(_chunks(hidden), _chunks(inner)):
-        rows += out(x)
+def _consume(rows: Rows) -> Iterator[torch.Tensor]:
+    """The rows in TOKEN_CHUNK pieces, each of their pieces released once all read."""
+    for piece in rows.drain():
+        yield from piece.split(TOKEN_CHUNK)
+
+
+def _add_residual(hidden: Rows, inner: Rows, out: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """hidden += out(inner), piece by piece."""
+    hidden.update(lambda rows, x: rows.add_(out(x)), inner)
 
 
 @torch.no_grad()
 def compress_sequential(
     parts: PreNormParts,
-    inputs: list[LayerInput],
+    calibration: Calibration,
     compress_group: GroupCompressor,
     last: bool,
+    storage: Storage,
 ) -> None:
-    """Compress the layer group by group; `inputs` become the layer's outputs, in place.
+    """Compress the layer group by group; the calibration's hidden states become the layer's
+    outputs, in place.
 
     Token-wise parts (norms, projections, MLP) run over all samples' tokens in chunks; only
     attention runs sample by sample. Each part runs once: a norm's output is kept until the
     group that reads it is compressed and the next part has read it too. The MLP's norm output
-    is dropped chunk by chunk as the MLP's inner activation (the widest tensor) is built, so it
-    never adds to the peak. The last layer's outputs are not computed.
+    is dropped piece by piece as the MLP's inner activation (the widest tensor) is built, so it
+    never adds to the peak. The last layer's outputs are not computed. Every activation kept for
+    all tokens is made by `storage` (activations.py).
     """
-    hidden = _token_rows(inputs)
-    bounds = [0]
-    for args, _ in inputs:
-        bounds.append(bounds[-1] + args[0].shape[-2])
+    hidden, bounds = calibration.hidden, calibration.bounds
+    tokens = hidden.tokens
 
-    normed = _collect(_per_token(parts.attn_norm, _chunks(hidden)), hidden.shape[0])
-    compress_group(parts.groups[0], GroupInput(lambda: _chunks(normed)))
+    normed = _collect(_per_token(parts.attn_norm, hidden.chunks()), tokens, storage, TOKEN_CHUNK)
+    compress_group(parts.groups[0], normed)
     inner = _collect(
         (
-            _attention_inner(parts, normed[bounds[i] : bounds[i + 1]].unsqueeze(0), kwargs)[0]
-            for i, (_, kwargs) in enumerate(inputs)
+            _attention_inner(parts, normed.read(bounds[i], bounds[i + 1]).unsqueeze(0), kwargs)[0]
+            for i, (_, kwargs) in enumerate(calibration.rest)
         ),
-        hidden.shape[0],
+        tokens,
+        storage,
+        TOKEN_CHUNK,
     )
+    normed.close()
     del normed
-    compress_group(parts.groups[1], GroupInput(lambda: _chunks(inner)))
+    compress_group(parts.groups[1], inner)
     _add_residual(hidden, inner, lambda x: _post(parts.post_attn_norm, parts.o_proj(x)))
+    inner.close()
     del inner
     trim_heap()  # what attention left on the heap, before the MLP's wider activations
 
-    normed_chunks = list(_per_token(parts.mlp_norm, _chunks(hidden, DROPPED_CHUNK)))
-    compress_group(parts.groups[2], GroupInput(lambda: iter(normed_chunks)))
-    # one buffer rather than a list of chunks: the chunks would interleave with the MLP's
+    normed = _collect(_per_token(parts.mlp_norm, _blocks(hidden, DROPPED_CHUNK)), tokens, storage, DROPPED_CHUNK, separate=True)
+    compress_group(parts.groups[2], normed)
+    # one buffer rather than separate pieces: the pieces would interleave with the MLP's
     # temporaries on the heap, which then grows by twice the activation
-    inner = _collect(_per_token(lambda x: _mlp_inner(parts, x), _consume(normed_chunks)), hidden.shape[0])
-    compress_group(parts.groups[3], GroupInput(lambda: _chunks(inner)))
+    inner = _collect(_per_token(lambda x: _mlp_inner(parts, x), _consume(normed)), tokens, storage, TOKEN_CHUNK)
+    normed.close()
+    compress_group(parts.groups[3], inner)
     if not last:
         _add_residual(hidden, inner, lambda x: _post(parts.post_mlp_norm, parts.down_proj(x)))
+    inner.close()

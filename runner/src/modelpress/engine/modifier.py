@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from modelpress.contract import shown
 from modelpress.engine.errors import ModelPressError
-from modelpress.engine.layer_pass import GroupInput
+from modelpress.engine.activations import Rows
 from modelpress.engine.quantize import QuantizedLinear
 from modelpress.engine.statistics import ActivationStats
 from modelpress.engine.targets import TargetedModule
@@ -66,7 +66,7 @@ class LayerState:
     dampening: dict[str, float] = field(default_factory=dict)  # only where it had to be raised
     # sequential path: the current group's inputs, which smoothing rescales in place, and what
     # earlier groups of the layer quantized (a smooth Linear may already be quantized)
-    inputs: GroupInput | None = None
+    inputs: Rows | None = None
     quantized: dict[str, QuantizedLinear] = field(default_factory=dict)
 
 

@@ -34,12 +34,14 @@ from modelpress.engine.experts import (
     to_checkpoint_name,
     unfuse_experts,
 )
-from modelpress.engine.layer_pass import LayerInput
+from modelpress.contract import ActivationStorage
+from modelpress.engine.activations import Storage
+from modelpress.engine.layer_pass import Calibration
 from modelpress.engine.modifier import Modifier, Plan, plan_recipe
 from modelpress.engine.pipeline import (
     LayerReport,
     ProgressFn,
-    capture_first_layer_inputs,
+    capture_calibration,
     compress_outside_layers,
     run_pipeline,
 )
@@ -136,6 +138,8 @@ def oneshot(
     max_shard_bytes: int = 5 * 2**30,
     progress: ProgressFn | None = None,
     resume_dir: str | Path | None = None,
+    activation_storage: ActivationStorage = "memory",
+    spill_dir: str | Path | None = None,
 ) -> OneshotResult:
     """Apply `recipe` to `model` layer by layer and, with `output_dir`, write the checkpoint.
 
@@ -157,15 +161,19 @@ def oneshot(
     samples = Samples(dataset, tokenizer, num_calibration_samples, max_seq_length, seed, text_field, messages_field, trust_remote_code)
     bring_outside(loaded, modifiers, device)
     plans = transform(loaded, modifiers, plans)
-    inputs, tokenizer, ids = calibrate(loaded, modifiers, samples, device)
-    resume = None
-    if resume_dir is not None:
-        if loaded.source is None or loaded.model_dir is None:
-            raise ModelPressError("resume_dir: only a model given by directory or hub id can resume; drop resume_dir")
-        key = resume_key(recipe_yaml(modifiers), ids, loaded.model_dir, len(loaded.layers))
-        resume = ResumeState(Path(resume_dir), key)
-    writer = ShardedSafetensorsWriter(out, max_shard_bytes, loaded.checkpoint_name) if out is not None else None
-    compressed = compress(loaded, modifiers, plans, inputs, writer, device, progress, resume)
+    storage = Storage(activation_storage, Path(spill_dir) if spill_dir is not None else None, device)
+    try:
+        inputs, tokenizer, ids = calibrate(loaded, modifiers, samples, device, storage)
+        resume = None
+        if resume_dir is not None:
+            if loaded.source is None or loaded.model_dir is None:
+                raise ModelPressError("resume_dir: only a model given by directory or hub id can resume; drop resume_dir")
+            key = resume_key(recipe_yaml(modifiers), ids, loaded.model_dir, len(loaded.layers))
+            resume = ResumeState(Path(resume_dir), key)
+        writer = ShardedSafetensorsWriter(out, max_shard_bytes, loaded.checkpoint_name) if out is not None else None
+        compressed = compress(loaded, modifiers, plans, inputs, writer, device, progress, resume, storage)
+    finally:
+        storage.close()
     if writer is not None:
         write(writer, loaded, modifiers, plans, compressed, tokenizer)
     if loaded.source is None:  # the parts outside the layers go back where the caller had them
@@ -245,9 +253,9 @@ def transform(loaded: Loaded, modifiers: list[Modifier], plans: list[Plan]) -> l
 
 
 def calibrate(
-    loaded: Loaded, modifiers: list[Modifier], samples: Samples, device: torch.device
-) -> tuple[list[LayerInput] | None, Any, list[torch.Tensor]]:
-    """Capture the first decoder layer's inputs (the parts before it are on `device`).
+    loaded: Loaded, modifiers: list[Modifier], samples: Samples, device: torch.device, storage: Storage
+) -> tuple[Calibration | None, Any, list[torch.Tensor]]:
+    """Capture the first decoder layer's inputs (the parts before it are on `device`), kept in `storage`.
 
     Returns them (None when the recipe needs no data), the tokenizer, loaded from the model
     when none was given and samples need one, and the calibration token ids.
@@ -264,7 +272,7 @@ def calibrate(
     )
     if not ids:
         raise ModelPressError("dataset: no usable calibration samples (all empty?)")
-    inputs = capture_first_layer_inputs(model, loaded.layers[0], ids, device)
+    inputs = capture_calibration(model, loaded.layers[0], ids, device, storage)
     if rereadable(loaded, modifiers):  # read again once the layers are done: a large vocabulary's embeddings are GBs
         release_outside(model, loaded.inside)
     return inputs, tokenizer, ids
@@ -280,18 +288,19 @@ def compress(
     loaded: Loaded,
     modifiers: list[Modifier],
     plans: list[Plan],
-    inputs: list[LayerInput] | None,
+    inputs: Calibration | None,
     writer: ShardedSafetensorsWriter | None,
     device: torch.device,
     progress: ProgressFn | None,
     resume: ResumeState | None = None,
+    storage: Storage | None = None,
 ) -> Compressed:
     """Every decoder layer in turn, each streamed out to `writer` when done, then the head and the
     rest outside the layers."""
     route_all_tokens(loaded.model, True)
     try:
         schemes, reports = run_pipeline(loaded.layers_prefix, loaded.layers, modifiers, plans, inputs, loaded.source, writer, device,
-                                        progress, resume)
+                                        progress, resume, storage)
     finally:
         route_all_tokens(loaded.model, False)  # an in-memory model goes back to routed inference
     if rereadable(loaded, modifiers):

@@ -15,12 +15,13 @@ import torch
 from compressed_tensors.quantization import QuantizationScheme
 
 from modelpress.engine.checkpoint_writer import ShardedSafetensorsWriter, write_module
-from modelpress.engine.layer_pass import GroupInput, LayerInput, compress_sequential, find_parts, reproduces_layer
+from modelpress.engine.activations import Rows, Storage
+from modelpress.engine.layer_pass import TOKEN_CHUNK, Calibration, LayerInput, compress_sequential, find_parts, reproduces_layer
 from modelpress.engine.modifier import LayerState, Modifier, Plan
 from modelpress.engine.quantize import QuantizedLinear
 from modelpress.engine.resume import FinishedLayer, LayerRecorder, ResumeState
 from modelpress.engine.statistics import ActivationStats, StatsCollector, group_stats
-from modelpress.engine.weights import SafetensorsSource, materialize, release, trim_heap, untie_from_embeddings
+from modelpress.engine.weights import ReadAhead, SafetensorsSource, materialize, release, trim_heap, untie_from_embeddings
 
 
 
@@ -62,19 +63,24 @@ class _Captured(Exception):
 
 @torch.no_grad()
 def capture_first_layer_inputs(
-    model: torch.nn.Module, first_layer: torch.nn.Module, samples: list[torch.Tensor], device: torch.device
-) -> list[LayerInput]:
-    """Run embeddings (and whatever precedes layer 0) per sample; keep layer 0's call arguments.
+    model: torch.nn.Module,
+    first_layer: torch.nn.Module,
+    samples: list[torch.Tensor],
+    device: torch.device,
+    keep: Callable[[LayerInput], Any] = lambda sample: sample,
+) -> list[Any]:
+    """Run embeddings (and whatever precedes layer 0) per sample; keep layer 0's call arguments
+    (what `keep` makes of them, as each sample is captured).
 
     Samples of one length get equal position tensors (rotary cos/sin, position ids); one copy of
     each is kept, since every sample would otherwise hold its own.
     """
-    captured: list[LayerInput] = []
+    captured: list[Any] = []
     pool: dict[tuple, list[torch.Tensor]] = {}
 
     def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        captured.append((args, _share_equal(kwargs, pool)))
+        captured.append(keep((args, _share_equal(kwargs, pool))))
         raise _Captured
 
     handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
@@ -87,6 +93,28 @@ def capture_first_layer_inputs(
     finally:
         handle.remove()
     return captured
+
+
+def capture_calibration(
+    model: torch.nn.Module, first_layer: torch.nn.Module, samples: list[torch.Tensor], device: torch.device, storage: Storage
+) -> Calibration:
+    """The first layer's inputs with every sample's hidden states written into one `Rows` of
+    `storage` as it is captured, so that no more than one sample's are held besides."""
+    tokens = sum(ids.numel() for ids in samples)
+    bounds = [0]
+    rows: list[Rows] = []
+
+    def keep(sample: LayerInput) -> LayerInput:
+        (hidden, *args), kwargs = sample
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if not rows:
+            rows.append(storage.rows(tokens, hidden.shape[-1], hidden.dtype, TOKEN_CHUNK))
+        rows[0].write(bounds[-1], hidden)
+        bounds.append(bounds[-1] + hidden.shape[0])
+        return tuple(args), kwargs
+
+    rest = capture_first_layer_inputs(model, first_layer, samples, device, keep)
+    return Calibration(rows[0], bounds, rest)
 
 
 def _share_equal(value: Any, pool: dict[tuple, list[torch.Tensor]]) -> Any:
@@ -115,6 +143,25 @@ def run_layer(layer: torch.nn.Module, inputs: list[LayerInput]) -> list[LayerInp
     return outputs
 
 
+@torch.no_grad()
+def run_layer_rows(layer: torch.nn.Module, calibration: Calibration, storage: Storage | None) -> Calibration | None:
+    """Forward every sample through one layer; with `storage`, the outputs (the next layer's
+    inputs) are kept in new Rows of it and the inputs' are released, else they are dropped."""
+    out: Rows | None = None
+    for i in range(len(calibration)):
+        args, kwargs = calibration.sample(i)
+        y = layer(*args, **kwargs)
+        y = y[0] if isinstance(y, tuple) else y
+        if storage is not None:
+            y = y.reshape(-1, y.shape[-1])
+            out = out if out is not None else storage.rows(calibration.hidden.tokens, y.shape[-1], y.dtype, TOKEN_CHUNK)
+            out.write(calibration.bounds[i], y)
+    if out is None:
+        return None
+    calibration.hidden.close()
+    return Calibration(out, calibration.bounds, calibration.rest)
+
+
 def _statistics_wanted(modifiers: list[Modifier]) -> tuple[bool, bool]:
     """Whether any modifier reads X^T X, and whether any reads input ranges."""
     return any(m.needs_hessians() for m in modifiers), any(m.needs_ranges() for m in modifiers)
@@ -126,7 +173,7 @@ def compress_layer(
     prefix: str,
     modifiers: list[Modifier],
     plans: list[Plan],
-    inputs: list[LayerInput] | None,
+    inputs: Calibration | None,
     state: LayerState,
 ) -> dict[str, QuantizedLinear]:
     """The generic path: calibrate the whole layer on its inputs, then apply every modifier.
@@ -140,7 +187,7 @@ def compress_layer(
     if inputs is not None and any(m.needs_data() for m in modifiers):
         hessians, ranges = _statistics_wanted(modifiers)
         with StatsCollector(targeted, hessians, ranges) as collector:
-            run_layer(layer, inputs)
+            run_layer_rows(layer, inputs, None)
         stats = collector.stats
         if any(getattr(m, "offload_hessians", False) for m in modifiers):
             for s in stats.values():
@@ -169,22 +216,23 @@ def compress_layer_sequential(
     prefix: str,
     modifiers: list[Modifier],
     plans: list[Plan],
-    inputs: list[LayerInput],
+    inputs: Calibration,
     state: LayerState,
     last: bool,
+    storage: Storage,
 ) -> dict[str, QuantizedLinear] | None:
     """The one-pass path (see layer_pass.py), or None when the layer's layout is not known.
 
-    `inputs` becomes the layer's outputs in place.
+    The hidden states of `inputs` become the layer's outputs in place.
     """
     parts = find_parts(layer)
-    if parts is None or not reproduces_layer(layer, parts, inputs[0]):
+    if parts is None or not reproduces_layer(layer, parts, inputs.sample(0)):
         return None
     quantized: dict[str, QuantizedLinear] = {}
     state.quantized = quantized
     hessians, ranges = _statistics_wanted(modifiers)
 
-    def compress_group(names: list[str], rows: GroupInput) -> None:
+    def compress_group(names: list[str], rows: Rows) -> None:
         modules = {f"{prefix}{n}": layer.get_submodule(n) for n in names}
         modules = {n: m for n, m in modules.items() if any(n in plan for plan in plans)}
         if modules:
@@ -195,7 +243,7 @@ def compress_layer_sequential(
             del shared
             trim_heap()  # the statistics and the algorithms' temporaries
 
-    compress_sequential(parts, inputs, compress_group, last)
+    compress_sequential(parts, inputs, compress_group, last, storage)
     return quantized
 
 
@@ -204,20 +252,23 @@ def run_pipeline(
     layers: torch.nn.ModuleList,
     modifiers: list[Modifier],
     plans: list[Plan],
-    inputs: list[LayerInput] | None,
+    inputs: Calibration | None,
     source: SafetensorsSource | None,
     writer: ShardedSafetensorsWriter | None,
     device: torch.device,
     progress: ProgressFn | None = None,
     resume: ResumeState | None = None,
+    storage: Storage | None = None,
 ) -> tuple[dict[str, QuantizationScheme], list[LayerReport]]:
     """Compress every decoder layer in order; stream each one in from `source` and out to `writer`.
 
     With `source` None the model is already in memory: layers visit `device` and go back.
     With `resume`, each finished layer is kept there, and the layers an earlier run finished are
-    replayed from it rather than computed. Returns the scheme of every quantized module, and a
-    report per layer.
+    replayed from it rather than computed. `storage` makes the activations kept for all
+    calibration tokens (in memory as computed when None). Returns the scheme of every quantized
+    module, and a report per layer.
     """
+    storage = storage or Storage(device=device)
     schemes: dict[str, QuantizationScheme] = {}
     reports: list[LayerReport] = []
     start = time.monotonic()
@@ -231,51 +282,58 @@ def run_pipeline(
         schemes.update(finished.schemes)
         reports.append(finished.report)
     if first and inputs is not None:
-        hidden = resume.load_activations(device)  # type: ignore[union-attr]
-        inputs = [((h, *args[1:]), kwargs) for h, (args, kwargs) in zip(hidden, inputs)]
-    for i, layer in enumerate(layers):
-        if i < first:
-            continue
-        t0 = time.monotonic()
-        prefix = f"{layers_prefix}.{i}."
-        home = None
-        if source is not None:
-            materialize(layer, prefix, source, device)
-        else:
-            home = next(layer.parameters()).device
-            layer.to(device)
-        for modifier, plan in zip(modifiers, plans):
-            modifier.transform_layer(plan, layer, prefix)
-        state = LayerState()
-        last = i + 1 == len(layers)
-        done = None
-        if inputs is not None and uses_data:
-            done = compress_layer_sequential(layer, prefix, modifiers, plans, inputs, state, last)
-        sequential = done is not None
-        if done is None:
-            done = compress_layer(layer, prefix, modifiers, plans, inputs, state)
-            if inputs is not None and not last:
-                inputs = run_layer(layer, inputs)
-        recorder = LayerRecorder(writer) if resume is not None else None
-        sink = recorder or writer
-        if sink is not None:
-            write_module(sink, prefix, layer, done)
-        if source is not None:
-            release(layer)
-        else:
-            layer.to(home)
-        layer_schemes = {name: ql.scheme for name, ql in done.items()}
-        schemes.update(layer_schemes)
-        report = LayerReport(i, time.monotonic() - t0, sequential, sorted(done), state.losses, state.sparsity, state.dampening)
-        reports.append(report)
-        if resume is not None and recorder is not None:
-            resume.save_layer(i, FinishedLayer(recorder.tensors, layer_schemes, report))
-            if inputs is not None and not last:
-                resume.save_activations(i, [args[0] for args, _ in inputs])
-        del recorder
-        if progress is not None:
-            per_layer = (time.monotonic() - start) / (i + 1 - first)
-            progress(LayerProgress(i + 1, len(layers), round(per_layer * (len(layers) - i - 1)), first))
+        resume.load_activations(inputs.hidden)  # type: ignore[union-attr]
+    ahead = ReadAhead(source) if source is not None else None
+    try:
+        for i in range(first, len(layers)):
+            layer = layers[i]
+            t0 = time.monotonic()
+            prefix = f"{layers_prefix}.{i}."
+            home = None
+            if ahead is not None:
+                tensors = ahead.take(prefix)
+                if i + 1 < len(layers):
+                    ahead.start(f"{layers_prefix}.{i + 1}.")
+                materialize(layer, prefix, tensors, device)
+                del tensors
+            else:
+                home = next(layer.parameters()).device
+                layer.to(device)
+            for modifier, plan in zip(modifiers, plans):
+                modifier.transform_layer(plan, layer, prefix)
+            state = LayerState()
+            last = i + 1 == len(layers)
+            done = None
+            if inputs is not None and uses_data:
+                done = compress_layer_sequential(layer, prefix, modifiers, plans, inputs, state, last, storage)
+            sequential = done is not None
+            if done is None:
+                done = compress_layer(layer, prefix, modifiers, plans, inputs, state)
+                if inputs is not None and not last:
+                    inputs = run_layer_rows(layer, inputs, storage)
+            recorder = LayerRecorder(writer) if resume is not None else None
+            sink = recorder or writer
+            if sink is not None:
+                write_module(sink, prefix, layer, done)
+            if source is not None:
+                release(layer)
+            else:
+                layer.to(home)
+            layer_schemes = {name: ql.scheme for name, ql in done.items()}
+            schemes.update(layer_schemes)
+            report = LayerReport(i, time.monotonic() - t0, sequential, sorted(done), state.losses, state.sparsity, state.dampening)
+            reports.append(report)
+            if resume is not None and recorder is not None:
+                resume.save_layer(i, FinishedLayer(recorder.tensors, layer_schemes, report))
+                if inputs is not None and not last:
+                    resume.save_activations(i, inputs.hidden)
+            del recorder
+            if progress is not None:
+                per_layer = (time.monotonic() - start) / (i + 1 - first)
+                progress(LayerProgress(i + 1, len(layers), round(per_layer * (len(layers) - i - 1)), first))
+    finally:
+        if ahead is not None:
+            ahead.close()
     return schemes, reports
 
 

@@ -1,8 +1,9 @@
 """What a killed compression leaves for its retry: every finished layer, and what the next layer reads.
 
 After decoder layer i is compressed, its checkpoint tensors (as the writer got them), its schemes
-and its report go to `layer-i.pt`, then the activations layer i+1 reads to `activations.pt`
-(replacing the previous layer's). A retry replays the finished layers into a fresh writer in the
+and its report go to `layer-i.pt`, then the hidden states layer i+1 reads to `activations-i.bin`
+(raw rows, written piece by piece from wherever they are kept, memory or disk) and
+`activations.json`, which names that file and replaces the previous layer's. A retry replays the finished layers into a fresh writer in the
 same order, which gives the same shards byte for byte, and continues at the first unfinished
 layer. A layer whose activations were not saved yet is redone: a kill costs at most one layer.
 
@@ -24,10 +25,11 @@ from compressed_tensors.quantization import QuantizationScheme
 from modelpress.engine.checkpoint_writer import TensorSink
 
 if TYPE_CHECKING:  # the pipeline imports this module
+    from modelpress.engine.activations import Rows
     from modelpress.engine.pipeline import LayerReport
 
 KEY_FILE = "key"
-ACTIVATIONS = "activations.pt"
+ACTIVATIONS = "activations.json"
 
 
 def resume_key(recipe: str, samples: list[torch.Tensor], model_dir: Path, layers: int) -> str:
@@ -85,9 +87,13 @@ class ResumeState:
             done = min(done, saved + 1) if saved is not None else 0
         return done
 
-    def _saved_after(self) -> int | None:
+    def _saved(self) -> dict | None:
         path = self.folder / ACTIVATIONS
-        return torch.load(path, weights_only=True, mmap=True)["after"] if path.is_file() else None  # the tensors stay unread
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _saved_after(self) -> int | None:
+        saved = self._saved()
+        return saved["after"] if saved is not None else None
 
     def load_layer(self, i: int) -> FinishedLayer:
         from modelpress.engine.pipeline import LayerReport
@@ -105,11 +111,41 @@ class ResumeState:
         }
         _save(body, self._layer(i))
 
-    def load_activations(self, device: torch.device) -> list[torch.Tensor]:
-        return torch.load(self.folder / ACTIVATIONS, map_location=device, weights_only=True)["hidden"]
+    def load_activations(self, into: "Rows") -> None:
+        """The saved hidden states into `into`, piece by piece."""
+        saved = self._saved()
+        assert saved is not None and saved["shape"] == [into.tokens, into.features] and saved["dtype"] == str(into.dtype)
+        with (self.folder / saved["file"]).open("rb") as f:
+            for start in range(0, into.tokens, into.piece):
+                rows = min(into.piece, into.tokens - start)
+                buffer = torch.empty(rows * into.features * into.dtype.itemsize, dtype=torch.uint8)
+                if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
+                    raise RuntimeError(f"{saved['file']} is shorter than its note says ({saved['shape']})")
+                into.write(start, buffer.view(into.dtype).view(rows, into.features))
 
-    def save_activations(self, after: int, hidden: list[torch.Tensor]) -> None:
-        _save({"after": after, "hidden": [h.detach().to("cpu") for h in hidden]}, self.folder / ACTIVATIONS)
+    def save_activations(self, after: int, hidden: "Rows") -> None:
+        """The rows to a file of their own, then the note naming it: a kill before the note leaves the previous pair."""
+        name = f"activations-{after:05d}.bin"
+        tmp = self.folder / f".{name}.tmp"
+        with tmp.open("wb") as f:
+            for piece in hidden.chunks():
+                f.write(memoryview(piece.detach().contiguous().cpu().view(torch.uint8).numpy()))
+            os.fsync(f.fileno())
+        tmp.replace(self.folder / name)
+        note = {"after": after, "file": name, "shape": [hidden.tokens, hidden.features], "dtype": str(hidden.dtype)}
+        _write_text(json.dumps(note), self.folder / ACTIVATIONS)
+        for old in self.folder.glob("activations-*.bin"):
+            if old.name != name:
+                old.unlink()
+
+
+def _write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 def _save(body: object, path: Path) -> None:

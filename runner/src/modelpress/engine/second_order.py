@@ -18,7 +18,6 @@ from modelpress.engine.errors import ModelPressError
 log = logging.getLogger(__name__)
 
 MAX_DAMPENING = 10.0
-
 # step(block, i, col) -> the fixed value of row i of `block`: column `col` of W, as a row of W^T
 ColumnStep = Callable[[torch.Tensor, int, int], torch.Tensor]
 

@@ -22,7 +22,7 @@ from compressed_tensors.quantization import QuantizationScheme, QuantizationStra
 from pydantic import field_validator
 
 from modelpress.engine.errors import ModelPressError
-from modelpress.engine.layer_pass import GroupInput
+from modelpress.engine.activations import Rows
 from modelpress.engine.mappings import Mapping, MappingSpec, resolve_mappings
 from modelpress.engine.modifier import LayerState, Modifier, Plan, Planned, frozen
 from modelpress.engine.quantize import QParams, QuantizedLinear, dequantize
@@ -104,7 +104,7 @@ def fold_into_columns(module: torch.nn.Module, s: torch.Tensor) -> None:
     module.weight.data = (w.float() * s[None, :]).to(w.dtype)
 
 
-def rescale_inputs(stats: ActivationStats, s: torch.Tensor, xs: GroupInput | None) -> None:
+def rescale_inputs(stats: ActivationStats, s: torch.Tensor, xs: Rows | None) -> None:
     """Make collected inputs and their statistics those of the smoothed model: X -> X / s.
 
     X^T X becomes S^-1 X^T X S^-1 and channel maxima divide by s; the inputs at hand are divided
@@ -117,12 +117,15 @@ def rescale_inputs(stats: ActivationStats, s: torch.Tensor, xs: GroupInput | Non
         inv = (1 / s).to(stats.xtx.device, stats.xtx.dtype)
         stats.xtx.mul_(inv[:, None]).mul_(inv[None, :])
     if xs is not None:
-        lo, hi = None, None
-        for x in xs.chunks():
+        lows, highs = [], []
+
+        def divide(x: torch.Tensor) -> None:
             x.div_(s.to(x.device, x.dtype))
-            lo = x.min() if lo is None else torch.minimum(lo, x.min())
-            hi = x.max() if hi is None else torch.maximum(hi, x.max())
-        stats.xmin, stats.xmax = lo.float(), hi.float()
+            lows.append(x.min())
+            highs.append(x.max())
+
+        xs.update(divide)
+        stats.xmin, stats.xmax = torch.stack(lows).min().float(), torch.stack(highs).max().float()
     elif stats.channel_absmax is not None:
         bound = stats.channel_absmax.amax()
         stats.xmin, stats.xmax = -bound, bound

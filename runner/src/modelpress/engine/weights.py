@@ -11,8 +11,9 @@ with the file's name instead of turning into weights read from beyond a file's e
 import ctypes
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 import transformers
@@ -91,6 +92,52 @@ class SafetensorsSource:
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+
+class TensorSource(Protocol):
+    def names(self) -> set[str]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class LayerTensors:
+    """One decoder layer's tensors, read already, standing in for the source they came from."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors.pop(name)  # handed over: the layer's parameter is now its only holder
+
+
+class ReadAhead:
+    """Reads the next decoder layer's tensors on a thread of its own while the current layer is
+    worked on. File reads release the GIL, and a compression's threads are busy only inside its
+    larger products, so the read costs no wall time; one more layer's weights are held meanwhile."""
+
+    def __init__(self, source: SafetensorsSource) -> None:
+        self.source = source
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        self.pending: dict[str, Future[LayerTensors]] = {}
+
+    def start(self, prefix: str) -> None:
+        names = sorted(n for n in self.source.names() if n.startswith(prefix))
+        self.pending[prefix] = self.pool.submit(lambda: LayerTensors({n: self.source.get(n) for n in names}))
+
+    def take(self, prefix: str) -> LayerTensors:
+        """The layer's tensors: read ahead when `start` asked for them, else now."""
+        if prefix not in self.pending:
+            self.start(prefix)
+        return self.pending.pop(prefix).result()
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
 
 
 def shard_files(model_dir: Path) -> list[Path]:
@@ -237,7 +284,7 @@ def missing_weights(model: torch.nn.Module, source: SafetensorsSource) -> list[s
 def materialize(
     module: torch.nn.Module,
     prefix: str,
-    source: SafetensorsSource,
+    source: TensorSource,
     device: torch.device,
     skip_prefix: str | None = None,
 ) -> None:

@@ -8,11 +8,13 @@ then what the stage adds:
 - compression with calibration data keeps every calibration token's hidden state ([tokens, hidden])
   and, while a layer is compressed (layer_pass.py), a norm's output of the same size, the
   attention's output, or the MLP's inner activation ([tokens, intermediate], the widest), plus the
-  MLP's per-chunk temporaries; one group's X^T X at a time (float32, input features squared), and
-  while GPTQ or SparseGPT solves it, the Hessian and the damped inverse's factors (two more
-  matrices of that size at once) and float32 copies of the stacked weights. The embeddings and
-  head are not held while the layers are compressed: they are read before (to embed the samples)
-  and after (to be written, or quantized). A layer the split does not drive
+  MLP's per-chunk temporaries. Those kept activations take the model's dtype in memory, 16 bits
+  with a compact `activation_storage`, or only the pieces in use when they are spilled to disk
+  (activations.py); one group's X^T X at a time (float32, input features squared), and while GPTQ
+  or SparseGPT solves it, the Hessian and the damped inverse's factors (two more matrices of that
+  size at once) and float32 copies of the stacked weights. The embeddings and head are not held
+  while the layers are compressed: they are read before (to embed the samples) and after (to be
+  written, or quantized). A layer the split does not drive
   (mixture-of-experts MLPs) keeps every Linear's X^T X of the layer at once, and its outputs beside
   its inputs;
 - perplexity, read layer by layer from disk (streamed_eval.py), keeps every window's hidden state
@@ -28,8 +30,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from modelpress.contract import (MIN_PERPLEXITY_TOKENS, MIN_SEQUENCE_LENGTH, SELF_GENERATED, JobSpec, MemoryEstimate, StageMemory,
-                                 human_bytes)
+from modelpress.contract import (MIN_PERPLEXITY_TOKENS, MIN_SEQUENCE_LENGTH, SELF_GENERATED, ActivationStorage, JobSpec,
+                                 MemoryEstimate, StageMemory, human_bytes)
 
 MiB = 1 << 20
 F32 = 4
@@ -39,6 +41,9 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,
 TOKENIZER = 48 * MiB
 LIBRARIES = 64 * MiB
 TOKEN_CHUNK = 4096  # tokens per call of a token-wise part (layer_pass.TOKEN_CHUNK)
+DROPPED_CHUNK = 16384  # tokens per piece of the MLP's norm output (layer_pass.DROPPED_CHUNK)
+# `auto` tries these in order: exact ones first, the 16-bit dtype only where it halves something
+AUTO_STORAGE: tuple[ActivationStorage, ...] = ("memory", "bfloat16", "disk")
 EVAL_WINDOW = 512  # tokens per perplexity window (runner.run.evaluate)
 GENERATION_BATCH = 16  # self-generated samples per batch (runner.data.SELF_GENERATED_BATCH)
 GENERATION_LENGTH = 512  # tokens per self-generated sample, at most (runner.data.SELF_GENERATED_MAX_LENGTH)
@@ -209,6 +214,7 @@ class Work:
     new_tokens: int = 0
     head_quantized: bool = False  # round-to-nearest on the head (a recipe without data that does not ignore it)
     on_host: bool = True  # False: the engine's tensors sit on an accelerator, host memory holds the runtime and transfers
+    activations: str = "memory"  # where the calibration activations are kept (an ActivationStorage), or "auto"
 
     @property
     def tokens(self) -> int:
@@ -236,8 +242,9 @@ def _solve_bytes(shape: Shape, hessians: bool) -> int:
 
 def _layer_bytes(shape: Shape) -> int:
     """One layer being compressed: each Linear's weight (as read, then its dequantized
-    replacement) and its int8 codes, and the widest Linear's replacement beside its original."""
-    return shape.layer_params * (shape.dtype_bytes + 1) + shape.dtype_bytes * max(r * c for r, c in shape.linears())
+    replacement) and its int8 codes, the widest Linear's replacement beside its original, and the
+    next layer's weights, read ahead meanwhile (weights.ReadAhead)."""
+    return shape.layer_params * (2 * shape.dtype_bytes + 1) + shape.dtype_bytes * max(r * c for r, c in shape.linears())
 
 
 def _compress(shape: Shape, work: Work, base: int) -> Stage:
@@ -254,9 +261,9 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
         largest = "the widest decoder layer" if layer > outside + head else "the embeddings and head"
         return Stage("compress", base + holes + max(layer, outside + head), largest)
     tokens = work.tokens
-    hidden = tokens * h * d
+    hidden = tokens * h * _kept_bytes(work.activations, d)
     base += holes + ARENAS + tokens * 24  # and the samples' token ids: tensors, the dataset handed to the engine, its copy
-    resident = base + _layer_bytes(shape)
+    resident = base + _layer_bytes(shape) + _pieces_in_use(shape, work)
     upcast = min(tokens, TOKEN_CHUNK) * max(c for _, c in shape.stacks()) * F32 if d != F32 else 0  # a chunk of input, in float32
     solve = _solve_bytes(shape, work.hessians) + upcast
     if shape.moe:  # generic path: inputs, outputs, every X^T X of the layer, per-sample temporaries
@@ -265,17 +272,33 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
         return Stage("compress", resident + 2 * hidden + grams + max(solve, per_sample),
                      f"calibration activations, {human_bytes(2 * hidden)}")
     chunk = min(tokens, TOKEN_CHUNK)
-    attention = tokens * shape.q_width * d
-    inner = tokens * shape.intermediate * d
+    attention = tokens * shape.q_width * kept
+    inner = tokens * shape.intermediate * kept
     scores = 2 * shape.heads * work.sequence**2 * F32
     phases = [
-        3 * hidden + solve,  # the first layer: the samples' own copies stay until the heap is trimmed
+        2 * hidden + solve,  # the hidden states and the attention's norm output
         2 * hidden + attention + scores,
         hidden + attention + solve,
         2 * hidden + inner + MLP_TEMPORARIES * chunk * shape.intermediate * d,
         hidden + inner + solve,
     ]
     return Stage("compress", max(resident + max(phases), base + outside + hidden), f"calibration activations, {human_bytes(hidden + inner)}")
+
+
+def _kept_bytes(storage: str, d: int) -> int:
+    """Bytes a kept activation takes per element: the model's dtype, 16 bits, or none resident (disk)."""
+    return 0 if storage == "disk" else min(d, 2) if storage in ("bfloat16", "float16") else d
+
+
+def _pieces_in_use(shape: Shape, work: Work) -> int:
+    """What storage other than `memory` holds besides the kept activations: the pieces being read
+    and written, widened to the model's dtype (a block of the MLP's norm output and its source
+    rows, and a piece each of an input, an output and a residual update)."""
+    if work.activations == "memory":
+        return 0
+    d, tokens = shape.dtype_bytes, work.tokens
+    widest = max(shape.intermediate, shape.expert_intermediate, shape.q_width, shape.hidden)
+    return 2 * min(tokens, DROPPED_CHUNK) * shape.hidden * d + 3 * min(tokens, TOKEN_CHUNK) * widest * d
 
 
 def _perplexity(shape: Shape, work: Work, base: int, compressed: bool) -> Stage:
@@ -338,6 +361,7 @@ class Verdict:
     """The estimate as the job's first progress event carries it, and what the runner does about it."""
 
     estimate: MemoryEstimate
+    activations: ActivationStorage  # where compression keeps the calibration activations
     answers_skipped: str | None  # why the prompts will not be answered (the whole model would not fit)
     problem: str | None  # why the job is refused (exit 2), naming the settings that would fit
 
@@ -356,22 +380,51 @@ def _largest(fits: Callable[[int], bool], high: int) -> int:
 
 def _compress_fix(shape: Shape, work: Work, runtime: int, limit: int) -> str:
     """The calibration settings that would fit under `limit`, or what would have to change instead."""
-    def fits(**change: int) -> bool:
-        return _compress(shape, replace(work, **change), runtime + TOKENIZER + LIBRARIES).bytes <= limit
+    def fits(**change: Any) -> bool:
+        return _compress_fits(shape, replace(work, **change), runtime, limit)
 
+    other = next((k for k in _storages(shape, work) if k != work.activations and fits(activations=k)), None)
+    ways = [f"activationStorage {other}" + (" (activations offloaded to the scratch volume)" if other == "disk" else "")] if other else []
     samples = _largest(lambda n: fits(samples=n), work.samples - 1)
     sequence = _largest(lambda n: fits(sequence=n), work.sequence - 1)
     sequence = sequence if sequence >= MIN_SEQUENCE_LENGTH else 0
-    if not samples and not sequence:
+    if not samples and not sequence and not other:
         return "no smaller calibration set fits; give the job more memory"
-    ways = ([f"numSamples {samples} at maxSequenceLength {work.sequence}"] if samples else []) + (
+    ways += ([f"numSamples {samples} at maxSequenceLength {work.sequence}"] if samples else []) + (
         [f"maxSequenceLength {sequence} at numSamples {work.samples}"] if sequence else [])
-    return f"{' or '.join(ways)} would fit"
+    storage = f" (activationStorage {work.activations})" if work.activations != "memory" else ""
+    return f"{' or '.join(ways)} would fit{storage}"
+
+
+def _storages(shape: Shape, work: Work) -> list[ActivationStorage]:
+    """The activation storages `auto` may pick, in order: on an accelerator only memory, and 16
+    bits only where the model computes in more."""
+    if not work.on_host:
+        return ["memory"]
+    return [k for k in AUTO_STORAGE if k != "bfloat16" or shape.dtype_bytes > 2]
+
+
+def _compress_fits(shape: Shape, work: Work, runtime: int, limit: int) -> bool:
+    return _compress(shape, work, runtime + TOKENIZER + LIBRARIES).bytes <= limit
+
+
+def choose_storage(shape: Shape, work: Work, runtime: int, limit: int | None) -> ActivationStorage:
+    """`auto` resolved: the first storage whose compression fits under `limit` (memory when none
+    is known, or when the recipe keeps no activations), else the most frugal one, which the
+    refusal's settings are then reckoned with."""
+    if work.activations != "auto":
+        return work.activations  # type: ignore[return-value]
+    candidates = _storages(shape, work)
+    if limit is None or not work.samples:
+        return "memory"
+    return next((k for k in candidates if _compress_fits(shape, replace(work, activations=k), runtime, limit)), candidates[-1])
 
 
 def verdict(shape: Shape, work: Work, runtime: int, limit: int | None) -> Verdict:
     """The estimate against `limit` (bytes; None: no limit known): answers that would not fit are
-    skipped, and any other stage that would not fit refuses the job with the settings that would."""
+    skipped, and any other stage that would not fit refuses the job with the settings that would.
+    An `auto` activation storage is resolved first (`choose_storage`)."""
+    work = replace(work, activations=choose_storage(shape, work, runtime, limit))
     stages = estimate(shape, work, runtime)
     answers_skipped = None
     answering = max((s.bytes for s in stages if s.name in ANSWERS), default=0)
@@ -405,10 +458,11 @@ def verdict(shape: Shape, work: Work, runtime: int, limit: int | None) -> Verdic
         peak_bytes=peak.bytes,
         peak_stage=peak.name,
         limit_bytes=limit,
+        activation_storage=work.activations if work.samples else None,
         stages=[StageMemory(stage=s.name, bytes=s.bytes, skipped=True if answers_skipped and s.name in ANSWERS else None)
                 for s in stages],
     )
-    return Verdict(estimate_event, answers_skipped, "; ".join(dict.fromkeys(problems)) or None)
+    return Verdict(estimate_event, work.activations, answers_skipped, "; ".join(dict.fromkeys(problems)) or None)
 
 
 def head_ignored(ignore: list[str]) -> bool:
@@ -434,14 +488,16 @@ def job_work(spec: JobSpec, modifiers: list[Any], on_host: bool) -> Work:
         # a recipe that reads data refuses to target the head (it sits outside the layers)
         head_quantized=not needs_data and any(m.quantizes and not head_ignored(list(getattr(m, "ignore", []))) for m in modifiers),
         on_host=on_host,
+        activations=calibration.activation_storage,
     )
 
 
 def lines(estimate: MemoryEstimate) -> list[str]:
     """The estimate for people: a line per stage."""
     limit = f", limit {human_bytes(estimate.limit_bytes)}" if estimate.limit_bytes else ""
+    storage = f", activations in {estimate.activation_storage}" if estimate.activation_storage else ""
     width = max(len(s.stage) for s in estimate.stages)
-    out = [f"memory estimate: peak {human_bytes(estimate.peak_bytes)} ({estimate.peak_stage}{limit})"]
+    out = [f"memory estimate: peak {human_bytes(estimate.peak_bytes)} ({estimate.peak_stage}{limit}{storage})"]
     for s in estimate.stages:
         note = "  (skipped: would not fit)" if s.skipped else ""
         out.append(f"  {s.stage:<{width}}  {human_bytes(s.bytes):>10}{note}")

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from modelpress.contract import (SELF_GENERATED, CompressionJob, JobSpec, Recipe, ResultEvent, Served, ServedNll, TransferEvent,
-                                 connection_uses, parse_uri)
+from modelpress.contract import (SELF_GENERATED, ActivationStorage, CompressionJob, JobSpec, Recipe, ResultEvent, Served, ServedNll,
+                                 TransferEvent, connection_uses, parse_uri)
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import Modifier
 from modelpress.engine.recipe import load_recipe, parse_recipe, recipe_yaml
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 COMPRESSED_MARKER = "compressed.done"  # holds the reuse key (spec and source) the staged model was made for
 CALIBRATION = "calibration"  # the calibration samples, kept in scratch for a retry
 ORIGINAL_EVALUATION = "original-evaluation"  # the original model's perplexity and answers, likewise
+SPILLED = "activations"  # calibration activations spilled to disk while compressing (removed when it ends)
 
 
 class GateFailed(Exception):
@@ -99,6 +100,7 @@ class State:
     started: float  # time.monotonic() when the job began
     answers_skipped: str | None = None  # the memory preflight found the whole model would not fit for the answers
     vllm: Vllm | None = None  # where the servable stage runs vLLM (spec.evaluation.servable)
+    activations: ActivationStorage = "memory"  # where compression keeps calibration activations (the preflight's pick for auto)
     resumed: bool = False  # a model compressed for this very spec and source waits in scratch (known after fetch)
     source: str | None = None  # the source's identity: hub commit, S3 listing or folder digest
     model_dir: Path | None = None
@@ -200,32 +202,36 @@ def prepare(job: CompressionJob, ctx: Context) -> State:
     if needs_data and spec.calibration.dataset is None:
         raise ModelPressError(f"spec.calibration.dataset: the recipe needs calibration data; give a dataset or {SELF_GENERATED}")
     device = torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    answers_skipped = memory_preflight(spec, modifiers, device, clients, token, ctx)
+    answers_skipped, activations = memory_preflight(spec, modifiers, device, clients, token, ctx)
     work = ctx.scratch / job_id.replace("/", "_")
     work.mkdir(parents=True, exist_ok=True)
     return State(job=job, ctx=ctx, job_id=job_id, token=token, clients=clients, output=output, modifiers=modifiers,
-                 needs_data=needs_data, work=work, device=device, started=started, answers_skipped=answers_skipped, vllm=vllm)
+                 needs_data=needs_data, work=work, device=device, started=started, answers_skipped=answers_skipped, vllm=vllm,
+                 activations=activations)
 
 
 def memory_preflight(spec: JobSpec, modifiers: list[Modifier], device: torch.device, clients: dict[str, Any], token: str | None,
-                     ctx: Context) -> str | None:
+                     ctx: Context) -> tuple[str | None, ActivationStorage]:
     """The job's memory estimate from the model's config.json alone, before any download: reported
     in the first progress event, and a job that would not fit refused with the settings that would.
-    Returns why the answers will be skipped, if they will."""
+    Returns why the answers will be skipped, if they will, and where compression keeps the
+    calibration activations (`auto`: the first storage that fits; memory when nothing is known)."""
+    asked = spec.calibration.activation_storage
+    unknown: ActivationStorage = "memory" if asked == "auto" else asked
     config = source_config(spec.model.uri, spec.model.revision, token, clients.get("model"), ctx.env)
     if config is None:
-        return None
+        return None, unknown
     try:
         shape = Shape.from_config(config)
     except NoShape as err:
         log.warning("no memory estimate: %s", err)
-        return None
+        return None, unknown
     limit = ctx.memory_limit if ctx.memory_limit is not None else memory_limit()
     found = verdict(shape, job_work(spec, modifiers, on_host=device.type == "cpu"), resident_bytes(), limit)
     ctx.reporter.memory(found.estimate)
     if found.problem is not None:
         raise ModelPressError(found.problem)
-    return found.answers_skipped
+    return found.answers_skipped, found.activations
 
 
 # --- the stages, in order --------------------------------------------------------------------------
@@ -351,6 +357,8 @@ def compress(state: State) -> None:
         trust_remote_code=spec.model.trust_remote_code,
         progress=state.ctx.reporter.engine_progress,
         resume_dir=state.work / "layers",
+        activation_storage=state.activations,
+        spill_dir=state.work / SPILLED,
     )
     state.marker.write_text(reuse_key(spec, state.source))
 
