@@ -261,7 +261,8 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
         largest = "the widest decoder layer" if layer > outside + head else "the embeddings and head"
         return Stage("compress", base + holes + max(layer, outside + head), largest)
     tokens = work.tokens
-    hidden = tokens * h * _kept_bytes(work.activations, d)
+    kept = _kept_bytes(work.activations, d)
+    hidden = tokens * h * kept
     base += holes + ARENAS + tokens * 24  # and the samples' token ids: tensors, the dataset handed to the engine, its copy
     resident = base + _layer_bytes(shape) + _pieces_in_use(shape, work)
     upcast = min(tokens, TOKEN_CHUNK) * max(c for _, c in shape.stacks()) * F32 if d != F32 else 0  # a chunk of input, in float32
