@@ -12,7 +12,7 @@ from compressed_tensors.quantization import preset_name_to_scheme
 from modelpress import ModelPressError
 from modelpress.engine.calibration import calibration_samples
 from modelpress.engine.rtn import quantize_linear
-from modelpress.engine.statistics import StatsCollector
+from modelpress.engine.statistics import ActivationStats, StatsCollector
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.", ""]
 
@@ -174,3 +174,14 @@ def test_rtn_with_imatrix_mse_gathers_what_it_needs(llama_dir: Path, tmp_path: P
         oneshot(model=llama_dir, recipe=rtn, output_dir=tmp_path / "a")
     result = oneshot(model=llama_dir, recipe=rtn, dataset=CORPUS, num_calibration_samples=8, max_seq_length=16, output_dir=tmp_path / "b")
     assert result.quantized_modules == 14
+
+
+def test_mean_square_is_the_same_before_and_after_the_hessian_takes_its_storage() -> None:
+    """GPTQ asks for the Hessian (made in X^T X's place) before imatrix_mse asks for E[x^2]."""
+    x = torch.randn(50, 12, generator=torch.Generator().manual_seed(0))
+    stats = ActivationStats()
+    stats.update(x, with_hessian=True)
+    before = stats.mean_square.clone()
+    stats.hessian
+    assert torch.allclose(before, x.square().mean(0), rtol=1e-6)
+    assert torch.allclose(stats.mean_square, before, rtol=1e-6)

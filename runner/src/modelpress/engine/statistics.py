@@ -61,6 +61,8 @@ class ActivationStats:
         importance the `imatrix_mse` observer weighs each input column's error by."""
         if self.xtx is None:
             raise RuntimeError("X^T X was not collected for this module")
+        if self.made_hessian:  # xtx holds H = 2 X^T X / n
+            return torch.diagonal(self.xtx) / 2.0
         return torch.diagonal(self.xtx) / self.tokens
 
     @property
