@@ -114,6 +114,7 @@ def test_smoothquant_gptq_w8a8_stays_within_two_percent(
     assert ppl <= float_ppl * 1.02
 
 
+@pytest.mark.exhaustive  # 80 s each on 2 cores: `make test-all`
 def test_sparsegpt_2of4_beats_magnitude_2of4(smollm2: Path, tokenizer, eval_text: str, calibration: dict) -> None:
     sparse = perplexity(in_memory(smollm2, SparseGPTModifier(mask_structure="2:4", ignore=["lm_head"]), calibration), tokenizer, eval_text)
     model = AutoModelForCausalLM.from_pretrained(smollm2)
@@ -129,6 +130,7 @@ def test_sparsegpt_2of4_beats_magnitude_2of4(smollm2: Path, tokenizer, eval_text
 
 
 
+@pytest.mark.exhaustive  # 80 s each on 2 cores: `make test-all`
 def test_awq_beats_rtn(smollm2: Path, tokenizer, eval_text: str, float_ppl: float, rtn_w4_ppl: float, calibration: dict) -> None:
     recipe = [AWQModifier(), QuantizationModifier(config_groups=W4_G64, ignore=["lm_head"])]
     awq = perplexity(in_memory(smollm2, recipe, calibration), tokenizer, eval_text)
