@@ -11,10 +11,11 @@ from transformers import AutoTokenizer
 
 from modelpress import GPTQModifier, SmoothQuantModifier, oneshot
 from modelpress.engine import activations, gptq, layer_pass, pipeline
-from modelpress.engine.activations import DiskRows, Storage
+from modelpress.engine.activations import Storage
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.streamed_eval import streamed_perplexity
 from support.models import CORPUS, make_model
+from support.spills import spill_folders
 
 # 16-bit storage rounds every kept activation to 8 (bfloat16) or 11 (float16) significant bits:
 # on the tiny model the compressed perplexity moves by less than this fraction
@@ -58,14 +59,7 @@ def spilled(folder: Path) -> list[Path]:
 
 @pytest.mark.parametrize("recipe", [gptq_w4, smoothquant_gptq_w8a8])
 def test_a_spilled_run_writes_the_bytes_an_in_memory_run_writes(deep_llama: Path, tmp_path: Path, recipe, monkeypatch) -> None:
-    seen: list[Path] = []
-    made = DiskRows.__init__
-
-    def record(self, *args, **kwargs) -> None:
-        made(self, *args, **kwargs)
-        seen.append(self.folder)
-
-    monkeypatch.setattr(DiskRows, "__init__", record)
+    seen = spill_folders(monkeypatch)
     memory = shards(compress(deep_llama, tmp_path / "memory", recipe()))
     assert not seen
     scratch = tmp_path / "scratch"

@@ -17,6 +17,7 @@ from modelpress.runner.memory import memory_limit
 from modelpress.runner.preflight import LIBRARIES, TOKENIZER, NoShape, Shape, Work, _compress, estimate, verdict
 from support.models import CORPUS
 from support.s3 import connection_env, job_document, s3, s3_endpoint, upload_dir  # noqa: F401 (fixture)
+from support.spills import spill_folders
 
 MiB, GiB = 1 << 20, 1 << 30
 RUNTIME = 400 * MiB
@@ -218,16 +219,7 @@ def test_the_estimate_is_the_first_progress_event_and_a_line_per_stage_for_peopl
 
 def test_a_job_spills_its_activations_inside_its_scratch_folder_when_the_spec_says_so(
         llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    from modelpress.engine.activations import DiskRows
-
-    seen: list[Path] = []
-    made = DiskRows.__init__
-
-    def record(self, *args, **kwargs) -> None:
-        made(self, *args, **kwargs)
-        seen.append(self.folder)
-
-    monkeypatch.setattr(DiskRows, "__init__", record)
+    seen = spill_folders(monkeypatch)
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(CORPUS))
     doc = job_document(str(llama_dir), str(tmp_path / "out"), recipe={"preset": "W4A16", "algorithm": "GPTQ"},

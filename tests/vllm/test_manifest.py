@@ -9,7 +9,6 @@ by SmolLM2). A flag or a value vLLM does not know fails the test, and is shown t
 """
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,9 @@ import pytest
 import yaml
 
 from support.models import REPO
+from support.vllm_tier import TIER, VLLM_PYTHON
 
-VLLM_PYTHON = os.environ.get("MODELPRESS_VLLM_PYTHON")
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(not VLLM_PYTHON, reason="vLLM is not installed for the tests: `make test-vllm` builds its "
-                       "venv (.venv-vllm) and runs this tier with MODELPRESS_VLLM_PYTHON set"),
-]
+pytestmark = TIER
 
 PARSER = Path(__file__).with_name("serve_args.py")
 EXAMPLE = REPO / "deploy" / "examples" / "compress-register-serve.yaml"

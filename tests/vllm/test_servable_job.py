@@ -17,13 +17,9 @@ import yaml
 
 from modelpress.contract import SERVED_NLL_BOUND, ExitCode, ResultEvent, parse_event
 from support.models import REPO
+from support.vllm_tier import TIER, VLLM_PYTHON
 
-VLLM_PYTHON = os.environ.get("MODELPRESS_VLLM_PYTHON")
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(not VLLM_PYTHON, reason="vLLM is not installed for the tests: `make test-vllm` builds its "
-                       "venv (.venv-vllm) and runs this tier with MODELPRESS_VLLM_PYTHON set"),
-]
+pytestmark = TIER
 
 PROMPTS = ["What is the capital of France?", "Name three colours of the rainbow."]
 

@@ -31,13 +31,9 @@ import torch
 from modelpress.contract import SERVED_NLL_BOUND
 from support.damage import Tensors, damaged_copy, missing_scale, swapped_heads, wrong_packed_shape, zero_point_dtype
 from support.models import REPO, WIKITEXT
+from support.vllm_tier import TIER, VLLM_PYTHON
 
-VLLM_PYTHON = os.environ.get("MODELPRESS_VLLM_PYTHON")
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(not VLLM_PYTHON, reason="vLLM is not installed for the tests: `make test-vllm` builds its "
-                       "venv (.venv-vllm) and runs this tier with MODELPRESS_VLLM_PYTHON set"),
-]
+pytestmark = TIER
 
 DRIVER = Path(__file__).with_name("serve_checkpoints.py")
 REPORT = REPO / "out" / "vllm"
