@@ -2,7 +2,7 @@
 
 Run with llm-compressor's own venv (it does not import modelpress):
 
-    /work/venv-llmc/bin/python bench/llmc_gptq.py --model DIR --windows windows.json \
+    .venv-llmc/bin/python bench/llmc_gptq.py --model DIR --windows windows.json \
         --symmetric false --group-size 64 --observer minmax --output out/llmc-asym
 
 `windows.json` is what `bench/scales_bench.py windows` writes: the token ids of every calibration

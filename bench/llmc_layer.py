@@ -1,7 +1,7 @@
 """One Linear stack, two engines: ModelPress's GPTQ and llm-compressor's on the same weight and Hessian.
 
     python bench/llmc_layer.py dump out/scales/layer0.pt                        # project venv
-    /work/venv-llmc/bin/python bench/llmc_layer.py llmc out/scales/layer0.pt    # llm-compressor's venv
+    .venv-llmc/bin/python bench/llmc_layer.py llmc out/scales/layer0.pt    # llm-compressor's venv
     python bench/llmc_layer.py compare out/scales/layer0.pt --output bench/llmc_layer.json
 
 `dump` takes SmolLM2's layer-0 q/k/v (they share an input, so one stacked weight) and the Hessian
