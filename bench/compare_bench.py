@@ -232,8 +232,7 @@ def compare_case(model_name: str, model: Path, recipe: Recipe, peers: list[Peer]
 
 def prepare_models(names: list[str], work: Path) -> dict[str, Path]:
     """SmolLM2 from its GGUF package and, when asked, the synthetic Llama of bench/memory_bench.py, each by a child."""
-    found = memory_bench.models(work, set(names))
-    return {name: found[name] for name in names}
+    return {name: memory_bench.model_dir(name, work) for name in names}
 
 
 def run_matrix(models: list[str], recipes: list[Recipe], peers: list[Peer], settings: Settings, work: Path,
