@@ -41,6 +41,7 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,
 TOKENIZER = 48 * MiB
 LIBRARIES = 64 * MiB
 TOKEN_CHUNK = 4096  # tokens per call of a token-wise part (layer_pass.TOKEN_CHUNK)
+MLP_CHUNK = 1024  # tokens per call of the MLP (layer_pass.MLP_CHUNK)
 DROPPED_CHUNK = 16384  # tokens per piece of the MLP's norm output (layer_pass.DROPPED_CHUNK)
 # `auto` tries these in order: exact ones first, the 16-bit dtype only where it halves something
 AUTO_STORAGE: tuple[ActivationStorage, ...] = ("memory", "bfloat16", "disk")
@@ -272,7 +273,6 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
         grams = shape.layer_gram_bytes() if work.hessians else 0
         return Stage("compress", resident + 2 * hidden + grams + max(solve, per_sample),
                      f"calibration activations, {human_bytes(2 * hidden)}")
-    chunk = min(tokens, TOKEN_CHUNK)
     attention = tokens * shape.q_width * kept
     inner = tokens * shape.intermediate * kept
     scores = 2 * shape.heads * work.sequence**2 * F32
@@ -280,7 +280,7 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
         2 * hidden + solve,  # the hidden states and the attention's norm output
         2 * hidden + attention + scores,
         hidden + attention + solve,
-        2 * hidden + inner + MLP_TEMPORARIES * chunk * shape.intermediate * d,
+        2 * hidden + inner + MLP_TEMPORARIES * min(tokens, MLP_CHUNK) * shape.intermediate * d,
         hidden + inner + solve,
     ]
     return Stage("compress", max(resident + max(phases), base + outside + hidden), f"calibration activations, {human_bytes(hidden + inner)}")
