@@ -73,6 +73,9 @@ KV_COPIES = 2  # a growing KV cache is copied as it grows (torch.cat), and sampl
 # it runs first, a dozen after a stage that ran the model (evaluation, self-generation) has raised
 # the threshold
 MMAP_THRESHOLD_MAX = 32 * MiB
+# vLLM's own process in the servable check, besides the weights it loads and its KV cache: measured
+# 0.75 GB resident in all for SmolLM2 on the CPU build (0.32), with about 0.3 GB of it the weights
+SERVE_RUNTIME = 480 * MiB
 HEAP_HOLES = 4
 HEAP_HOLES_AFTER_MODEL = 12
 # and the torch threads' own malloc arenas, more of them the busier the machine: the same
@@ -216,6 +219,7 @@ class Work:
     head_quantized: bool = False  # round-to-nearest on the head (a recipe without data that does not ignore it)
     on_host: bool = True  # False: the engine's tensors sit on an accelerator, host memory holds the runtime and transfers
     activations: str = "memory"  # where the calibration activations are kept (an ActivationStorage), or "auto"
+    served_kv_cache: int = 0  # bytes of vLLM's KV cache in the servable check; 0: no such check
 
     @property
     def tokens(self) -> int:
@@ -348,7 +352,18 @@ def estimate(shape: Shape, work: Work, runtime: int) -> list[Stage]:
     if work.prompts:
         model = _whole_model(shape, 1, PROMPT_TOKENS + work.new_tokens, DEQUANTIZING_LOAD)
         stages.append(Stage("compressed answers", compressing + model, "the whole model, dequantized"))
+    if work.served_kv_cache:
+        stages.append(_servable(shape, work, compressing))
     return stages
+
+
+def _servable(shape: Shape, work: Work, base: int) -> Stage:
+    """vLLM in a process of its own beside the runner (the pod's limit counts both): its runtime,
+    and on the host its KV cache and the weights at the model's dtype (the packed ones are smaller)."""
+    if not work.on_host:
+        return Stage("servable", base + SERVE_RUNTIME, "vLLM's runtime; the model and its KV cache are on the accelerator")
+    return Stage("servable", base + SERVE_RUNTIME + work.served_kv_cache + shape.total_params * shape.dtype_bytes,
+                 f"vLLM's KV cache, {human_bytes(work.served_kv_cache)} (VLLM_CPU_KVCACHE_SPACE)")
 
 
 # --- the verdict -------------------------------------------------------------------------------------
@@ -455,6 +470,9 @@ def verdict(shape: Shape, work: Work, runtime: int, limit: int | None) -> Verdic
                 problems.append(f"spec.calibration.numSamples: compression {need}; {_compress_fix(shape, work, runtime, limit)}")
             elif stage.name == "compress":
                 problems.append(f"memory limit: compression {need}; give the job more memory")
+            elif stage.name == "servable":
+                problems.append(f"spec.evaluation.servable: vLLM's check {need}; lower VLLM_CPU_KVCACHE_SPACE (GiB) in the "
+                                "runner's environment, give the job more memory, or set servable: false")
     estimate_event = MemoryEstimate(
         peak_bytes=peak.bytes,
         peak_stage=peak.name,
@@ -471,9 +489,10 @@ def head_ignored(ignore: list[str]) -> bool:
     return any(p == "lm_head" or (p.startswith("re:") and re.match(p[3:], "lm_head")) for p in ignore)
 
 
-def job_work(spec: JobSpec, modifiers: list[Any], on_host: bool) -> Work:
+def job_work(spec: JobSpec, modifiers: list[Any], on_host: bool, kv_cache_gib: float = 0.0) -> Work:
     """What the job asks of the model, from its spec and its recipe's modifiers (read by their
-    `needs_data`, `needs_hessians`, `quantizes` and `ignore`)."""
+    `needs_data`, `needs_hessians`, `quantizes` and `ignore`); `kv_cache_gib` is the servable
+    check's KV cache (VLLM_CPU_KVCACHE_SPACE)."""
     needs_data = any(m.needs_data() for m in modifiers)
     calibration, evaluation = spec.calibration, spec.evaluation
     self_generated = calibration.dataset == SELF_GENERATED
@@ -490,6 +509,7 @@ def job_work(spec: JobSpec, modifiers: list[Any], on_host: bool) -> Work:
         head_quantized=not needs_data and any(m.quantizes and not head_ignored(list(getattr(m, "ignore", []))) for m in modifiers),
         on_host=on_host,
         activations=calibration.activation_storage,
+        served_kv_cache=int(kv_cache_gib * (1 << 30)) if evaluation.servable else 0,
     )
 
 
