@@ -36,6 +36,7 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(layer_pass, "TOKEN_CHUNK", 40)
     monkeypatch.setattr(pipeline, "TOKEN_CHUNK", 40)
     monkeypatch.setattr(layer_pass, "DROPPED_CHUNK", 120)
+    monkeypatch.setattr(layer_pass, "MLP_CHUNK", 16)  # MLP outputs written across the pieces' edges
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,7 @@ def test_rows_read_write_update_and_drain_across_pieces(tmp_path: Path, kind: st
     rows = storage.rows(50, 6, torch.float32, 16)
     rows.write(0, values[:21])
     rows.write(21, values[21:])
+    rows.write(30, values[30:33])  # a few rows inside a piece: written into it, not around it
     exact = values.bfloat16().float() if kind == "bfloat16" else values
     assert torch.equal(rows.read(0, 50), exact) and torch.equal(rows.read(13, 35), exact[13:35])
     assert [c.shape[0] for c in rows.chunks()] == [16, 16, 16, 2]

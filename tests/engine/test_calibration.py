@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from compressed_tensors.quantization import preset_name_to_scheme
 
 from modelpress import ModelPressError
-from modelpress.engine.calibration import calibration_samples
+from modelpress.engine.calibration import calibration_samples, needs_tokenizer
 from modelpress.engine.rtn import quantize_linear
 from modelpress.engine.statistics import ActivationStats, StatsCollector
 
@@ -42,6 +42,17 @@ def test_sources(tokenizer, tmp_path: Path) -> None:
     windows = calibration_samples(tmp_path / "t.txt", tokenizer, 4, 16)
     assert len(windows) == 4 and all(w.shape == (1, 16) for w in windows)
     assert [w.tolist() for w in windows] == [w.tolist() for w in calibration_samples(tmp_path / "t.txt", tokenizer, 4, 16)]
+
+
+def test_token_ids_go_in_as_they_are_without_a_tokenizer() -> None:
+    ids = [[5, 6, 7, 8, 9], [1, 2], []]
+    samples = calibration_samples(ids, None, 10, 4)
+    assert sorted(s.tolist() for s in samples) == [[[1, 2]], [[5, 6, 7, 8]]]
+    from_dataset = calibration_samples(Dataset.from_dict({"input_ids": ids}), None, 10, 4)
+    assert sorted(s.tolist() for s in from_dataset) == sorted(s.tolist() for s in samples)
+    assert not needs_tokenizer(ids) and not needs_tokenizer(Dataset.from_dict({"input_ids": ids})) and not needs_tokenizer(None)
+    assert needs_tokenizer(TEXTS) and needs_tokenizer([[1, 2], "text"]) and needs_tokenizer(Dataset.from_dict({"text": TEXTS}))
+    assert needs_tokenizer(Path("calibration.txt")) and needs_tokenizer([[1.5, 2.0]])
 
 
 def test_bad_sources(tokenizer, tmp_path: Path) -> None:

@@ -76,3 +76,24 @@ def test_bad_model_inputs(tmp_path: Path) -> None:
         oneshot(model=tmp_path / "empty", recipe=W8, output_dir=tmp_path / "out")
     with pytest.raises(ModelPressError, match="recipe"):
         oneshot(model=tmp_path / "empty", output_dir=tmp_path / "out")
+
+
+def test_token_ids_calibrate_without_loading_a_tokenizer(llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelpress import GPTQModifier
+    from modelpress.engine import oneshot as oneshot_module
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    ids = [tokenizer(t)["input_ids"] for t in CORPUS[:8]]
+    recipe = [GPTQModifier(scheme="W4A16", ignore=["lm_head"])]
+    by_text = oneshot(model=llama_dir, recipe=recipe, dataset=CORPUS[:8], output_dir=tmp_path / "text", max_seq_length=64)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a tokenizer was loaded for token ids")
+
+    monkeypatch.setattr(oneshot_module, "load_tokenizer", refuse)
+    by_ids = oneshot(model=llama_dir, recipe=recipe, dataset=ids, output_dir=tmp_path / "ids", max_seq_length=64)
+    assert [r.quantized for r in by_ids.layers] == [r.quantized for r in by_text.layers]
+    shards = sorted(p.name for p in (tmp_path / "text").glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "ids").glob("*.safetensors"))
+    assert all((tmp_path / "ids" / f).read_bytes() == (tmp_path / "text" / f).read_bytes() for f in [*shards, "tokenizer_config.json"])

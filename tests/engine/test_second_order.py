@@ -137,3 +137,21 @@ def test_group_aware_order_keeps_groups_whole_most_important_first(layer) -> Non
     assert torch.all(peaks[:-1] >= peaks[1:])
     assert torch.all(diag[blocks][:, :-1] >= diag[blocks][:, 1:])
 
+
+
+def test_the_sweep_runs_on_one_thread_and_gives_the_threads_back() -> None:
+    from modelpress.engine import second_order
+
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that "one" differs from what the test starts with
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    step = lambda block, i, col: (seen.append(torch.get_num_threads()), block[i].round())[1]  # noqa: E731
+    wt, h = torch.randn(8, 3), torch.eye(8) * 2
+    second_order.sweep(wt, second_order.inverse_hessian(h, 0.01, torch.arange(8)).upper, 4, step)
+    assert seen == [1] * 8 and torch.get_num_threads() == before
+    with pytest.raises(ZeroDivisionError):
+        with second_order.one_thread():
+            1 / 0
+    assert torch.get_num_threads() == before == 2
+    torch.set_num_threads(original)

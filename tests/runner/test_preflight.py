@@ -11,10 +11,12 @@ import pytest
 import yaml
 
 from modelpress.contract import ProgressEvent, parse_event
+from modelpress.engine.errors import ModelPressError
 from modelpress.runner import run as running
 from modelpress.runner.cli import main
 from modelpress.runner.memory import memory_limit
-from modelpress.runner.preflight import LIBRARIES, TOKENIZER, NoShape, Shape, Work, _compress, estimate, verdict
+from modelpress.runner.preflight import LIBRARIES, SERVE_RUNTIME, TOKENIZER, NoShape, Shape, Work, _compress, estimate, verdict
+from modelpress.runner.served import kv_cache_gib
 from support.models import CORPUS
 from support.s3 import connection_env, job_document, s3, s3_endpoint, upload_dir  # noqa: F401 (fixture)
 from support.spills import spill_folders
@@ -128,6 +130,29 @@ def test_answers_that_would_not_fit_are_skipped_not_refused() -> None:
         "answers need the whole model in memory, about 20.0 GiB in all, more than the 12.0 GiB this job may use")
     assert {s.stage for s in found.estimate.stages if s.skipped} == {"answers", "compressed answers"}
     assert found.estimate.peak_bytes <= 12 * GiB and found.estimate.peak_stage not in ("answers", "compressed answers")
+
+
+def test_the_servable_check_is_a_stage_with_vllms_kv_cache_and_refuses_with_the_fix() -> None:
+    shape = Shape.from_config({**LLAMA_8B, "num_hidden_layers": 2, "vocab_size": 32000})  # about 1.2 GB of bfloat16
+    work = replace(GPTQ, samples=16, sequence=256, perplexity_tokens=512)
+    assert "servable" not in {s.name for s in estimate(shape, work, RUNTIME)}
+    served = replace(work, served_kv_cache=4 * GiB)
+    stages = {s.name: s.bytes for s in estimate(shape, served, RUNTIME)}
+    assert list(stages)[-1] == "servable"
+    assert stages["servable"] == RUNTIME + TOKENIZER + LIBRARIES + SERVE_RUNTIME + 4 * GiB + shape.total_params * 2
+    others = max(b for n, b in stages.items() if n != "servable")
+    assert stages["servable"] > others  # here the check, not compression, is the job's peak
+    limit = (others + stages["servable"]) // 2
+    assert verdict(shape, work, RUNTIME, limit).problem is None
+    found = verdict(shape, served, RUNTIME, limit)
+    assert found.estimate.peak_stage == "servable" and found.problem.startswith("spec.evaluation.servable: vLLM's check needs about ")
+    assert "lower VLLM_CPU_KVCACHE_SPACE" in found.problem and found.problem.endswith("or set servable: false")
+    on_gpu = {s.name: s.bytes for s in estimate(shape, replace(served, on_host=False), RUNTIME)}
+    assert on_gpu["servable"] == RUNTIME + TOKENIZER + LIBRARIES + SERVE_RUNTIME  # weights and cache on the accelerator
+    assert kv_cache_gib({}) == 2.0 and kv_cache_gib({"VLLM_CPU_KVCACHE_SPACE": "0.5"}) == 0.5
+    for bad in ("two", "0", "-1", "nan"):
+        with pytest.raises(ModelPressError, match="VLLM_CPU_KVCACHE_SPACE: .* is not a positive number of GiB; set it like"):
+            kv_cache_gib({"VLLM_CPU_KVCACHE_SPACE": bad})
 
 
 def test_auto_keeps_activations_in_the_first_storage_that_fits() -> None:

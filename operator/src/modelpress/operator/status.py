@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from modelpress.operator.faults import Blocker, creation_blocker, parse_time, pod_blocker
-from modelpress.contract import (EXIT_REASONS, PERMANENT_EXIT_CODES, ExitCode, FailureEvent, MemoryEstimate, ProgressEvent, ResultEvent,
-                                 Served, parse_event)
+from modelpress.contract import (EXIT_REASONS, PERMANENT_EXIT_CODES, ActivationStorage, ExitCode, FailureEvent, MemoryEstimate,
+                                 ProgressEvent, ResultEvent, Served, parse_event)
 from modelpress.operator.conditions import RECONCILING, TERMINAL_PHASES, kstatus_conditions
 
 Phase = Literal["Pending", "Queued", "Suspended", "Running", "Succeeded", "Failed"]
@@ -66,6 +66,7 @@ class MemoryStatus(Wire):
     peak_stage: Annotated[str, Field(max_length=64)]
     limit_bytes: Count | None = None
     stages: Annotated[list[StageMemory], Field(max_length=16)] = Field(default_factory=list)
+    activation_storage: ActivationStorage | None = None  # what `activationStorage: auto` chose, or the spec's choice
 
 
 class Metric(Wire):
@@ -378,7 +379,8 @@ def parse_memory_estimate(log_tail: str) -> MemoryStatus | None:
             return MemoryStatus(peak_bytes=max(0, memory.peak_bytes), peak_stage=memory.peak_stage[:64],
                                 limit_bytes=_count(memory.limit_bytes),
                                 stages=[StageMemory(stage=s.stage[:64], bytes=max(0, s.bytes), skipped=s.skipped)
-                                        for s in memory.stages[:16]])
+                                        for s in memory.stages[:16]],
+                                activation_storage=memory.activation_storage)
     return None
 
 

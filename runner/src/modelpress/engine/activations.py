@@ -113,9 +113,7 @@ class MemoryRows(Rows):
             self.parts = list(self.base.split(piece))
 
     def _load(self, k: int) -> torch.Tensor:
-        part = self.parts[k]
-        if part is None:
-            raise RuntimeError(f"activation rows {self._span(k)} were read after they were released")
+        part = self._load_kept(k)
         return part if self.kept == self.dtype else part.to(self.dtype)
 
     def _store(self, k: int, value: torch.Tensor) -> None:
@@ -126,6 +124,21 @@ class MemoryRows(Rows):
         self.parts[k] = None
         if all(p is None for p in self.parts):
             self.base = None
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        """Straight into the kept pieces (narrowed on the way in): no widened copy of a whole piece
+        for a write of a few rows."""
+        end = start + values.shape[0]
+        for k in range(start // self.piece, (end - 1) // self.piece + 1):
+            lo, hi = self._span(k)
+            a, b = max(start, lo), min(end, hi)
+            self._load_kept(k)[a - lo : b - lo].copy_(values[a - start : b - start])
+
+    def _load_kept(self, k: int) -> torch.Tensor:
+        part = self.parts[k]
+        if part is None:
+            raise RuntimeError(f"activation rows {self._span(k)} were read after they were released")
+        return part
 
     def read(self, start: int, end: int) -> torch.Tensor:
         if self.base is not None and self.kept == self.dtype:

@@ -1,4 +1,4 @@
-"""Calibration data: a dataset, a file or a list of texts turned into token-id samples.
+"""Calibration data: a dataset, a file, a list of texts or of token ids turned into token-id samples.
 
 Samples are token-id tensors of shape [1, length]; what the algorithms read from them is
 gathered per Linear in statistics.py.
@@ -16,7 +16,22 @@ from modelpress.engine.errors import ModelPressError
 
 log = logging.getLogger(__name__)
 
-CalibrationData = str | Path | list[str] | Any  # Any: a datasets.Dataset
+CalibrationData = str | Path | list[str] | list[list[int]] | Any  # Any: a datasets.Dataset
+
+
+def is_token_ids(record: Any) -> bool:
+    return isinstance(record, list) and all(isinstance(t, int) for t in record)
+
+
+def needs_tokenizer(data: CalibrationData | None) -> bool:
+    """Whether turning `data` into samples tokenizes anything: token ids given as they are
+    (an input_ids column, or lists of ints) do not, and then no tokenizer is loaded, which
+    keeps its tens of MB out of the job's peak."""
+    if data is None:
+        return False
+    if isinstance(data, list):
+        return not all(is_token_ids(r) for r in data)
+    return not (hasattr(data, "column_names") and "input_ids" in data.column_names)
 
 
 def calibration_samples(
@@ -38,7 +53,7 @@ def calibration_samples(
     if isinstance(data, (str, Path)):
         path = Path(data)
         if not path.is_file():
-            raise ModelPressError(f"dataset: {path} is not a file; give a .txt or .jsonl file, a list of texts, or a Dataset")
+            raise ModelPressError(f"dataset: {path} is not a file; give a .txt or .jsonl file, a list of texts or token ids, or a Dataset")
         if path.suffix == ".jsonl":
             samples = [_tokenize(r, tokenizer, max_seq_length, text_field, messages_field) for r in _jsonl(path)]
         else:
@@ -51,7 +66,7 @@ def calibration_samples(
         else:
             samples = [_tokenize(r, tokenizer, max_seq_length, text_field, messages_field) for r in data]
     else:
-        raise ModelPressError(f"dataset: unsupported type {type(data).__name__}; give a path, a list of texts or a Dataset")
+        raise ModelPressError(f"dataset: unsupported type {type(data).__name__}; give a path, a list of texts or token ids, or a Dataset")
     samples = [s for s in samples if s]
     random.Random(seed).shuffle(samples)
     if len(samples) < num_samples:
@@ -69,6 +84,8 @@ def _jsonl(path: Path) -> Iterable[dict]:
 
 
 def _tokenize(record: Any, tokenizer: Any, max_len: int, text_field: str, messages_field: str) -> list[int]:
+    if is_token_ids(record):
+        return record[:max_len]
     if isinstance(record, str):
         return tokenizer(record, truncation=True, max_length=max_len)["input_ids"]
     if isinstance(record, dict) and record.get(messages_field) is not None:

@@ -17,7 +17,7 @@ from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import LayerState, Plan
 from modelpress.engine.quantize import Observer, QParams, QuantizedLinear, dequantize, minmax_qparams, qrange, weight_observer
 from modelpress.engine.rtn import QuantizationModifier, importance, input_qparams
-from modelpress.engine.second_order import activation_order, aligned_block_size, group_aware_order, inverse_hessian, sweep
+from modelpress.engine.second_order import activation_order, aligned_block_size, group_aware_order, inverse_hessian, one_thread, sweep
 from modelpress.engine.statistics import ActivationStats
 
 Order = Literal["static", "group_aware"] | None
@@ -41,6 +41,7 @@ def sweep_order(hessian: torch.Tensor, args: QuantizationArgs, actorder: Order) 
     return activation_order(hessian)
 
 
+@one_thread()  # its many small steps lose far more to threads' joins than they gain
 def gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,

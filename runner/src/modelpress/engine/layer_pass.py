@@ -30,9 +30,12 @@ LayerInput = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's (args, 
 # (smoothing divides it, through Rows.update) are what the next part reads
 GroupCompressor = Callable[[list[str], Rows], None]
 
-# tokens per call of a token-wise part and per X^T X product: bounds the MLP's temporaries,
-# and the products are as fast per token as with 16384
+# tokens per call of a token-wise part and per X^T X product: the products are as fast per
+# token as with 16384
 TOKEN_CHUNK = 4096
+# tokens per call of the MLP: its gate, up and product temporaries ([chunk, intermediate] each)
+# are a layer's widest tensors, and GEMMs of 1024 rows run as fast per token as of 4096
+MLP_CHUNK = 1024
 # tokens per chunk of a norm output that is dropped piece by piece: from 512 features up, such a
 # chunk is above glibc's largest mmap threshold (32 MiB), so it is a mapping of its own whose
 # memory goes back to the system when dropped, not into a heap hole that still counts as resident
@@ -185,10 +188,10 @@ def _blocks(rows: Rows, size: int) -> Iterator[torch.Tensor]:
         yield rows.read(start, min(start + size, rows.tokens))
 
 
-def _consume(rows: Rows) -> Iterator[torch.Tensor]:
-    """The rows in TOKEN_CHUNK pieces, each of their pieces released once all read."""
+def _consume(rows: Rows, size: int) -> Iterator[torch.Tensor]:
+    """The rows in chunks of `size`, each of their pieces released once all read."""
     for piece in rows.drain():
-        yield from piece.split(TOKEN_CHUNK)
+        yield from piece.split(size)
 
 
 def _add_residual(hidden: Rows, inner: Rows, out: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -240,7 +243,7 @@ def compress_sequential(
     compress_group(parts.groups[2], normed)
     # one buffer rather than separate pieces: the pieces would interleave with the MLP's
     # temporaries on the heap, which then grows by twice the activation
-    inner = _collect(_per_token(lambda x: _mlp_inner(parts, x), _consume(normed)), tokens, storage, TOKEN_CHUNK)
+    inner = _collect(_per_token(lambda x: _mlp_inner(parts, x), _consume(normed, MLP_CHUNK)), tokens, storage, TOKEN_CHUNK)
     normed.close()
     compress_group(parts.groups[3], inner)
     if not last:

@@ -16,7 +16,7 @@ import torch
 from compressed_tensors.quantization import QuantizationScheme
 from transformers import PreTrainedModel
 
-from modelpress.engine.calibration import CalibrationData, calibration_samples
+from modelpress.engine.calibration import CalibrationData, calibration_samples, needs_tokenizer
 from modelpress.engine.checkpoint_writer import (
     ShardedSafetensorsWriter,
     model_bytes,
@@ -258,14 +258,15 @@ def calibrate(
     """Capture the first decoder layer's inputs (the parts before it are on `device`), kept in `storage`.
 
     Returns them (None when the recipe needs no data), the tokenizer, loaded from the model
-    when none was given and samples need one, and the calibration token ids.
+    when none was given and the samples need tokenizing, and the calibration token ids.
     """
     model = loaded.model
     needs_data = any(m.needs_data() for m in modifiers)
     tokenizer = samples.tokenizer
     if not needs_data:
         return None, tokenizer, []
-    if tokenizer is None:
+    # without a model folder to copy its files from, the output needs the tokenizer object itself
+    if tokenizer is None and (needs_tokenizer(samples.dataset) or loaded.model_dir is None):
         tokenizer = load_tokenizer(loaded.model_dir or model.name_or_path, samples.trust_remote_code)
     ids = calibration_samples(
         samples.dataset, tokenizer, samples.num_samples, samples.max_seq_length, samples.seed, samples.text_field, samples.messages_field

@@ -16,7 +16,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.modifier import LayerState, Modifier, Plan, frozen
 from modelpress.engine.quantize import QuantizedLinear
-from modelpress.engine.second_order import aligned_block_size, inverse_hessian, sweep
+from modelpress.engine.second_order import aligned_block_size, inverse_hessian, one_thread, sweep
 from modelpress.engine.statistics import ActivationStats
 from modelpress.engine.targets import TargetedModule, is_matched, unused_patterns
 
@@ -29,6 +29,7 @@ class SparseGPTResult:
     dampening_frac: float
 
 
+@one_thread()  # as gptq: small steps, each slowed by threads' joins
 def sparsegpt(
     weight: torch.Tensor,
     hessian: torch.Tensor,

@@ -41,6 +41,7 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,
 TOKENIZER = 48 * MiB
 LIBRARIES = 64 * MiB
 TOKEN_CHUNK = 4096  # tokens per call of a token-wise part (layer_pass.TOKEN_CHUNK)
+MLP_CHUNK = 1024  # tokens per call of the MLP (layer_pass.MLP_CHUNK)
 DROPPED_CHUNK = 16384  # tokens per piece of the MLP's norm output (layer_pass.DROPPED_CHUNK)
 # `auto` tries these in order: exact ones first, the 16-bit dtype only where it halves something
 AUTO_STORAGE: tuple[ActivationStorage, ...] = ("memory", "bfloat16", "disk")
@@ -72,6 +73,9 @@ KV_COPIES = 2  # a growing KV cache is copied as it grows (torch.cat), and sampl
 # it runs first, a dozen after a stage that ran the model (evaluation, self-generation) has raised
 # the threshold
 MMAP_THRESHOLD_MAX = 32 * MiB
+# vLLM's own process in the servable check, besides the weights it loads and its KV cache: measured
+# 0.75 GB resident in all for SmolLM2 on the CPU build (0.32), with about 0.3 GB of it the weights
+SERVE_RUNTIME = 480 * MiB
 HEAP_HOLES = 4
 HEAP_HOLES_AFTER_MODEL = 12
 # and the torch threads' own malloc arenas, more of them the busier the machine: the same
@@ -215,6 +219,7 @@ class Work:
     head_quantized: bool = False  # round-to-nearest on the head (a recipe without data that does not ignore it)
     on_host: bool = True  # False: the engine's tensors sit on an accelerator, host memory holds the runtime and transfers
     activations: str = "memory"  # where the calibration activations are kept (an ActivationStorage), or "auto"
+    served_kv_cache: int = 0  # bytes of vLLM's KV cache in the servable check; 0: no such check
 
     @property
     def tokens(self) -> int:
@@ -272,7 +277,6 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
         grams = shape.layer_gram_bytes() if work.hessians else 0
         return Stage("compress", resident + 2 * hidden + grams + max(solve, per_sample),
                      f"calibration activations, {human_bytes(2 * hidden)}")
-    chunk = min(tokens, TOKEN_CHUNK)
     attention = tokens * shape.q_width * kept
     inner = tokens * shape.intermediate * kept
     scores = 2 * shape.heads * work.sequence**2 * F32
@@ -280,7 +284,7 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
         2 * hidden + solve,  # the hidden states and the attention's norm output
         2 * hidden + attention + scores,
         hidden + attention + solve,
-        2 * hidden + inner + MLP_TEMPORARIES * chunk * shape.intermediate * d,
+        2 * hidden + inner + MLP_TEMPORARIES * min(tokens, MLP_CHUNK) * shape.intermediate * d,
         hidden + inner + solve,
     ]
     return Stage("compress", max(resident + max(phases), base + outside + hidden), f"calibration activations, {human_bytes(hidden + inner)}")
@@ -348,7 +352,18 @@ def estimate(shape: Shape, work: Work, runtime: int) -> list[Stage]:
     if work.prompts:
         model = _whole_model(shape, 1, PROMPT_TOKENS + work.new_tokens, DEQUANTIZING_LOAD)
         stages.append(Stage("compressed answers", compressing + model, "the whole model, dequantized"))
+    if work.served_kv_cache:
+        stages.append(_servable(shape, work, compressing))
     return stages
+
+
+def _servable(shape: Shape, work: Work, base: int) -> Stage:
+    """vLLM in a process of its own beside the runner (the pod's limit counts both): its runtime,
+    and on the host its KV cache and the weights at the model's dtype (the packed ones are smaller)."""
+    if not work.on_host:
+        return Stage("servable", base + SERVE_RUNTIME, "vLLM's runtime; the model and its KV cache are on the accelerator")
+    return Stage("servable", base + SERVE_RUNTIME + work.served_kv_cache + shape.total_params * shape.dtype_bytes,
+                 f"vLLM's KV cache, {human_bytes(work.served_kv_cache)} (VLLM_CPU_KVCACHE_SPACE)")
 
 
 # --- the verdict -------------------------------------------------------------------------------------
@@ -455,6 +470,9 @@ def verdict(shape: Shape, work: Work, runtime: int, limit: int | None) -> Verdic
                 problems.append(f"spec.calibration.numSamples: compression {need}; {_compress_fix(shape, work, runtime, limit)}")
             elif stage.name == "compress":
                 problems.append(f"memory limit: compression {need}; give the job more memory")
+            elif stage.name == "servable":
+                problems.append(f"spec.evaluation.servable: vLLM's check {need}; lower VLLM_CPU_KVCACHE_SPACE (GiB) in the "
+                                "runner's environment, give the job more memory, or set servable: false")
     estimate_event = MemoryEstimate(
         peak_bytes=peak.bytes,
         peak_stage=peak.name,
@@ -471,9 +489,10 @@ def head_ignored(ignore: list[str]) -> bool:
     return any(p == "lm_head" or (p.startswith("re:") and re.match(p[3:], "lm_head")) for p in ignore)
 
 
-def job_work(spec: JobSpec, modifiers: list[Any], on_host: bool) -> Work:
+def job_work(spec: JobSpec, modifiers: list[Any], on_host: bool, kv_cache_gib: float = 0.0) -> Work:
     """What the job asks of the model, from its spec and its recipe's modifiers (read by their
-    `needs_data`, `needs_hessians`, `quantizes` and `ignore`)."""
+    `needs_data`, `needs_hessians`, `quantizes` and `ignore`); `kv_cache_gib` is the servable
+    check's KV cache (VLLM_CPU_KVCACHE_SPACE)."""
     needs_data = any(m.needs_data() for m in modifiers)
     calibration, evaluation = spec.calibration, spec.evaluation
     self_generated = calibration.dataset == SELF_GENERATED
@@ -490,6 +509,7 @@ def job_work(spec: JobSpec, modifiers: list[Any], on_host: bool) -> Work:
         head_quantized=not needs_data and any(m.quantizes and not head_ignored(list(getattr(m, "ignore", []))) for m in modifiers),
         on_host=on_host,
         activations=calibration.activation_storage,
+        served_kv_cache=int(kv_cache_gib * (1 << 30)) if evaluation.servable else 0,
     )
 
 

@@ -39,7 +39,7 @@ from modelpress.runner.progress import Reporter
 from modelpress.paths import PathEscape, confined, refuse_escaping_links
 from modelpress.runner.publish import Output, folder_output, s3_output
 from modelpress.runner.result import build_result, job_identity, job_ref, reuse_key
-from modelpress.runner.served import Vllm, driver_plan, find_vllm, model_len, run_driver, served_outcome, served_problem
+from modelpress.runner.served import Vllm, driver_plan, find_vllm, kv_cache_gib, model_len, run_driver, served_outcome, served_problem
 from modelpress.runner.storage import (
     build_manifest,
     download_object,
@@ -227,7 +227,8 @@ def memory_preflight(spec: JobSpec, modifiers: list[Modifier], device: torch.dev
         log.warning("no memory estimate: %s", err)
         return None, unknown
     limit = ctx.memory_limit if ctx.memory_limit is not None else memory_limit()
-    found = verdict(shape, job_work(spec, modifiers, on_host=device.type == "cpu"), resident_bytes(), limit)
+    kv_cache = kv_cache_gib(ctx.env) if spec.evaluation.servable else 0.0
+    found = verdict(shape, job_work(spec, modifiers, on_host=device.type == "cpu", kv_cache_gib=kv_cache), resident_bytes(), limit)
     ctx.reporter.memory(found.estimate)
     if found.problem is not None:
         raise ModelPressError(found.problem)

@@ -28,6 +28,7 @@ FIELD = "spec.evaluation.servable"
 FIX = "run the job in a runner image with vLLM (the CUDA image), or set servable: false"
 # vLLM's KV cache on CPU, in GiB, when the environment does not say (the default is far larger than a check needs).
 CPU_KVCACHE_GIB = "2"
+KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 # Loading a model takes minutes on a busy CPU; a vLLM that has not finished by then is stopped.
 SERVE_TIMEOUT_S = 1800
 PROBE_TIMEOUT_S = 60
@@ -54,6 +55,18 @@ def vllm_python(env: Mapping[str, str]) -> str | None:
     if env.get(Env.VLLM_PYTHON):
         return env[Env.VLLM_PYTHON]
     return sys.executable if getattr(importlib.util.find_spec("vllm"), "origin", None) is not None else None
+
+
+def kv_cache_gib(env: Mapping[str, str]) -> float:
+    """The KV cache vLLM will take on CPU, in GiB, as the environment sets it for the driver."""
+    raw = env.get(KVCACHE_ENV, CPU_KVCACHE_GIB)
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = -1.0
+    if not math.isfinite(gib) or gib <= 0:
+        raise ModelPressError(f"{KVCACHE_ENV}: {raw!r} is not a positive number of GiB; set it like {KVCACHE_ENV}={CPU_KVCACHE_GIB}")
+    return gib
 
 
 def find_vllm(env: Mapping[str, str]) -> Vllm:
@@ -99,7 +112,7 @@ def run_driver(vllm: Vllm, plan: dict[str, Any], work: Path, env: Mapping[str, s
     plan_file.write_text(json.dumps(plan), encoding="utf-8")
     results.unlink(missing_ok=True)
     child_env = {**env, "TRANSFORMERS_VERBOSITY": "warning"}
-    child_env.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
+    child_env.setdefault(KVCACHE_ENV, CPU_KVCACHE_GIB)
     with log.open("wb") as out:
         process = subprocess.Popen([vllm.python, str(DRIVER), str(plan_file), str(results)], stdin=subprocess.DEVNULL,
                                    stdout=out, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
