@@ -53,8 +53,14 @@ METHODS = {
     "spinquant_hadamard_gptq": "SpinQuant R1/R2 Hadamard(64) + GPTQ",
 }
 OBSERVED = ("gptq", "spinquant_hadamard_gptq")  # the methods run with each observer
+OBSERVERS = {  # observer -> the recipe file's suffix; imatrix_mse+ends: ModelPress's `separate_ends` search, no peer has it
+    "minmax": "",
+    "imatrix_mse": "imatrix",
+    "imatrix_mse+ends": "imatrix_ends",
+}
 FIRST = [  # priority a, in this order: (method, symmetric, observer) at group 64
     ("spinquant_hadamard_gptq", False, "imatrix_mse"),
+    ("spinquant_hadamard_gptq", False, "imatrix_mse+ends"),
     ("gptq", False, "minmax"),
     ("gptq", False, "imatrix_mse"),
     ("gptq", True, "minmax"),
@@ -78,7 +84,7 @@ class Cell:
     def stem(self) -> str:
         """The recipe's file name in bench/recipes/, without .yaml."""
         scheme = ("sym" if self.symmetric else "asym") if self.method.startswith("spinquant") else ("" if self.symmetric else "asym")
-        parts = [self.method, "w4a16", scheme, self.grouping, "imatrix" if self.observer == "imatrix_mse" else ""]
+        parts = [self.method, "w4a16", scheme, self.grouping, OBSERVERS[self.observer]]
         return "_".join(p for p in parts if p)
 
     @property
@@ -97,8 +103,10 @@ class Cell:
 
     def recipe(self) -> Recipe:
         """The compare_bench recipe; a peer without this method or observer is mapped to None."""
-        gptqmodel_has = self.method in ("gptq", "awq") and self.observer == "minmax"
-        return Recipe(self.name, self.label, RECIPES / f"{self.stem}.yaml", peers={} if gptqmodel_has else {GPTQMODEL: None})
+        peers: dict[str, Path | None] = {} if self.method in ("gptq", "awq") and self.observer == "minmax" else {GPTQMODEL: None}
+        if self.observer == "imatrix_mse+ends":
+            peers[LLMC] = None
+        return Recipe(self.name, self.label, RECIPES / f"{self.stem}.yaml", peers=peers)
 
 
 def _cells() -> list[Cell]:
@@ -111,6 +119,7 @@ def _cells() -> list[Cell]:
         for observer in (("minmax", "imatrix_mse") if method in OBSERVED else ("minmax",))
         if grouping != "g128" or (method in ("rtn", "gptq") and observer == "minmax")
     ]
+    cells.append(Cell("spinquant_hadamard_gptq", False, "g64", "imatrix_mse+ends"))
 
     def order(c: Cell) -> tuple[str, int]:
         key = (c.method, c.symmetric, c.observer)
