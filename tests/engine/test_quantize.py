@@ -189,7 +189,7 @@ def test_separate_ends_never_worse_than_the_joint_shrink_and_better_with_a_one_s
     separate = imatrix_mse_qparams(w, apart, w.dtype, importance)
     assert imatrix_search(apart).separate_ends and not imatrix_search(args).separate_ends
     assert torch.all(weighted_error(separate) <= weighted_error(joint) * (1 + 1e-6))
-    assert weighted_error(separate)[:, 0].sum() < weighted_error(joint)[:, 0].sum() * 0.97
+    assert weighted_error(separate)[:, 0].sum() < weighted_error(joint)[:, 0].sum() * 0.985
     symmetric = ARGS["int4-group-sym"]
     both = QuantizationArgs(**{**symmetric.model_dump(), "observer_kwargs": {"separate_ends": True}})
     assert torch.equal(imatrix_mse_qparams(w, both, w.dtype, importance).scale, imatrix_mse_qparams(w, symmetric, w.dtype, importance).scale)
