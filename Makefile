@@ -22,7 +22,7 @@ CUDA_TORCH_INDEX_URL := https://pypi.org/simple
 # vLLM in the CUDA runner image, for jobs with spec.evaluation.servable (the version the vLLM tier checks).
 VLLM_VERSION := 0.32.0
 
-.PHONY: demo test test-all test-vllm test-vllm-ci bench bench-compare bench-selfgen crd bundle images
+.PHONY: demo test test-all test-vllm test-vllm-ci bench bench-compare bench-quality bench-selfgen crd bundle images
 
 $(STAMP): pyproject.toml operator/requirements.txt runner/requirements-smollm2.txt tests/requirements.txt tests/operator/requirements.txt
 	python3 -m venv $(VENV)
@@ -75,6 +75,8 @@ $(LLMC_VENV)/.installed: bench/peers/llmcompressor-constraints.txt
 	touch $@
 bench-compare: $(STAMP) $(LLMC_VENV)/.installed
 	$(PY) bench/compare_bench.py --compare-llmcompressor $(LLMC_VENV) --work out/bench-compare
+bench-quality: $(STAMP) $(LLMC_VENV)/.installed
+	$(PY) bench/quality_bench.py --compare-llmcompressor $(LLMC_VENV) --work out/bench-quality
 
 bench-selfgen: $(STAMP)
 	$(PY) bench/selfgen_bench.py --repeats 2 --output out/bench-selfgen.json

@@ -20,6 +20,8 @@ RECIPES = [  # name -> recipe file in bench/recipes
     "gptq_w4a16_g64",
     "gptq_w4a16_asym_g64",
     *(f"spinquant_{t}_{q}_w4a16_{s}_g64" for q in ("rtn", "gptq") for s in ("sym", "asym") for t in ("hadamard", "learned")),
+    "spinquant_hadamard_gptq_w4a16_asym_g64_imatrix",
+    "spinquant_hadamard_gptq_w4a16_asym_g64_imatrix_ends",
 ]
 
 

@@ -172,6 +172,29 @@ def test_imatrix_mse_never_worse_than_minmax_in_weighted_error(name: str, seed: 
         assert weighted_error(ours).sum() < weighted_error(minmax).sum()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_separate_ends_never_worse_than_the_joint_shrink_and_better_with_a_one_sided_outlier(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(32, 128, generator=gen)
+    w[:, 5] = 9.0  # every row's first group has one large positive weight, nothing as far below
+    importance = torch.rand(128, generator=gen) ** 2
+    args = ARGS["int4-group-asym"]
+    apart = QuantizationArgs(**{**args.model_dump(), "observer_kwargs": {"separate_ends": True}})
+
+    def weighted_error(qp) -> torch.Tensor:
+        err = (dequantize(quantize(w, qp, args), qp, args) - w).abs().pow(3) * importance
+        return err.reshape(32, -1, args.group_size).sum(-1)
+
+    joint = imatrix_mse_qparams(w, args, w.dtype, importance)
+    separate = imatrix_mse_qparams(w, apart, w.dtype, importance)
+    assert imatrix_search(apart).separate_ends and not imatrix_search(args).separate_ends
+    assert torch.all(weighted_error(separate) <= weighted_error(joint) * (1 + 1e-6))
+    assert weighted_error(separate)[:, 0].sum() < weighted_error(joint)[:, 0].sum() * 0.985
+    symmetric = ARGS["int4-group-sym"]
+    both = QuantizationArgs(**{**symmetric.model_dump(), "observer_kwargs": {"separate_ends": True}})
+    assert torch.equal(imatrix_mse_qparams(w, both, w.dtype, importance).scale, imatrix_mse_qparams(w, symmetric, w.dtype, importance).scale)
+
+
 def test_imatrix_mse_needs_data() -> None:
     with pytest.raises(ModelPressError, match="imatrix_mse: needs calibration data"):
         imatrix_mse_qparams(torch.randn(4, 32), ARGS["int4-group-sym"], torch.float32)

@@ -68,11 +68,18 @@ class RangeSearch:
 
     The factors are 1, 1 - 1/grid, ... as llm-compressor 0.14 steps them; the search stops once
     `patience` factors in a row improved no group of the tensor (0: never stops early).
+    `separate_ends` (ModelPress's own, asymmetric only) then refines each end of every group's
+    range on its own: a group with an outlier on one side need not clip the other side as much.
     """
 
     shrinks: tuple[float, ...]
     norm: float
     patience: int
+    separate_ends: bool = False
+
+
+def _search(kw: dict, shrinks: tuple[float, ...], norm: float) -> RangeSearch:
+    return RangeSearch(shrinks, float(kw.get("norm", norm)), int(kw.get("patience", 5)), bool(kw.get("separate_ends", False)))
 
 
 def mse_search(args: QuantizationArgs) -> RangeSearch:
@@ -80,7 +87,7 @@ def mse_search(args: QuantizationArgs) -> RangeSearch:
     kw = args.observer_kwargs or {}
     grid, maxshrink = float(kw.get("grid", 100.0)), float(kw.get("maxshrink", 0.20))
     steps = int(maxshrink * grid)
-    return RangeSearch(tuple(1 - i / grid for i in range(steps)), float(kw.get("norm", 2.4)), int(kw.get("patience", 5)))
+    return _search(kw, tuple(1 - i / grid for i in range(steps)), 2.4)
 
 
 def imatrix_search(args: QuantizationArgs) -> RangeSearch:
@@ -88,7 +95,7 @@ def imatrix_search(args: QuantizationArgs) -> RangeSearch:
     kw = args.observer_kwargs or {}
     grid, maxshrink = float(kw.get("grid", 20)), float(kw.get("maxshrink", 0.95))
     steps = max(1, int(maxshrink * grid))
-    return RangeSearch(tuple(1 - i / grid for i in range(steps + 1)), float(kw.get("norm", 3.0)), int(kw.get("patience", 5)))
+    return _search(kw, tuple(1 - i / grid for i in range(steps + 1)), 3.0)
 
 
 SEARCH_ELEMENTS = 1 << 24  # candidates x weights evaluated at once; bounds the search's memory
@@ -117,19 +124,31 @@ def searched_qparams(
         imp = importance.float().to(w.device)
         imp = imp / (imp.mean() + torch.finfo(torch.float32).tiny)
         weights = grouped(imp.expand_as(w), args)
-    errors = torch.empty(len(search.shrinks), *xmin.shape, device=w.device)
-    chunk = max(1, SEARCH_ELEMENTS // max(1, len(search.shrinks) * g.shape[1] * g.shape[2]))
-    for r in range(0, g.shape[0], chunk):
-        rows = slice(r, r + chunk)
-        candidate = qparams_from_range(shrinks * xmin[rows], shrinks * xmax[rows], args, dtype)
-        err = (_fake_grouped(g[rows], candidate, args) - g[rows]).abs_().pow_(search.norm)
-        if weights is not None:
-            err.mul_(weights[rows])
-        errors[:, rows] = err.sum(-1)
-    tried = _searched_prefix(errors, search.patience)
-    best = errors[:tried].argmin(0, keepdim=True)  # the first of equal errors, as a strict < keeps it
-    chosen = torch.gather(shrinks.expand(-1, *xmin.shape), 0, best)[0]
-    return _shaped(qparams_from_range(chosen * xmin, chosen * xmax, args, dtype), args)
+
+    def errors(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """[candidates, rows, groups]: each group's error with the range [low * xmin, high * xmax];
+        `low` and `high` are the grid ([K, 1, 1]) or one factor per group ([1, rows, groups])."""
+        table = torch.empty(max(len(low), len(high)), *xmin.shape, device=w.device)
+        chunk = max(1, SEARCH_ELEMENTS // max(1, len(table) * g.shape[1] * g.shape[2]))
+        for r in range(0, g.shape[0], chunk):
+            rows = slice(r, r + chunk)
+            lo, hi = (f if f.shape[1] == 1 else f[:, rows] for f in (low, high))
+            candidate = qparams_from_range(lo * xmin[rows], hi * xmax[rows], args, dtype)
+            err = (_fake_grouped(g[rows], candidate, args) - g[rows]).abs_().pow_(search.norm)
+            if weights is not None:
+                err.mul_(weights[rows])
+            table[:, rows] = err.sum(-1)
+        return table
+
+    def pick(table: torch.Tensor) -> torch.Tensor:  # the first of equal errors, as a strict < keeps it
+        return torch.gather(shrinks.expand(-1, *xmin.shape), 0, table.argmin(0, keepdim=True))
+
+    joint = errors(shrinks, shrinks)
+    low = high = pick(joint[: _searched_prefix(joint, search.patience)])
+    if search.separate_ends and not args.symmetric:  # each pass keeps the factor it starts from among its candidates
+        low = pick(errors(shrinks, high))
+        high = pick(errors(low, shrinks))
+    return _shaped(qparams_from_range(low[0] * xmin, high[0] * xmax, args, dtype), args)
 
 
 def _searched_prefix(errors: torch.Tensor, patience: int) -> int:
