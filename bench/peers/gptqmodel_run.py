@@ -176,6 +176,8 @@ def main() -> None:
 
     # The packed form is thrown away: its C++ packer, compiled on first use, would only add minutes.
     os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+    # Its CPU pool defaults to half the cores: one on two, fewer than the two its model loader's pool asks for.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.looper.gptq_processor import GPTQProcessor
