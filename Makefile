@@ -73,8 +73,22 @@ $(LLMC_VENV)/.installed: bench/peers/llmcompressor-constraints.txt
 	$(LLMC_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(LLMC_VENV)/bin/python -m pip install --quiet -c bench/peers/llmcompressor-constraints.txt llmcompressor
 	touch $@
-bench-compare: $(STAMP) $(LLMC_VENV)/.installed
-	$(PY) bench/compare_bench.py --compare-llmcompressor $(LLMC_VENV) --work out/bench-compare
+# GPTQModel likewise (GPTQM_VENV may name another). Its requirements ask torch>=2.14.1, which PyPI serves as a
+# CUDA build: it goes in without its dependencies, and they under the constraints, which keep the CPU torch.
+GPTQM_VENV ?= .venv-gptqmodel
+$(GPTQM_VENV)/.installed: bench/peers/gptqmodel-constraints.txt
+	python3 -m venv $(GPTQM_VENV)
+	$(GPTQM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(GPTQM_VENV)/bin/python -m pip download --quiet --no-deps --no-binary :all: -c bench/peers/gptqmodel-constraints.txt \
+		-d $(GPTQM_VENV)/sdist gptqmodel
+	tar -xzf $(GPTQM_VENV)/sdist/gptqmodel-*.tar.gz -O --wildcards --no-wildcards-match-slash '*/requirements.txt' \
+		| grep -v '^torch>=' > $(GPTQM_VENV)/requirements.txt
+	$(GPTQM_VENV)/bin/python -m pip install --quiet -c bench/peers/gptqmodel-constraints.txt -r $(GPTQM_VENV)/requirements.txt
+	$(GPTQM_VENV)/bin/python -m pip install --quiet --no-deps $(GPTQM_VENV)/sdist/gptqmodel-*.tar.gz
+	$(GPTQM_VENV)/bin/python -c "import gptqmodel"
+	touch $@
+bench-compare: $(STAMP) $(LLMC_VENV)/.installed $(GPTQM_VENV)/.installed
+	$(PY) bench/compare_bench.py --compare-llmcompressor $(LLMC_VENV) --compare-gptqmodel $(GPTQM_VENV) --work out/bench-compare
 bench-quality: $(STAMP) $(LLMC_VENV)/.installed
 	$(PY) bench/quality_bench.py --compare-llmcompressor $(LLMC_VENV) --work out/bench-quality
 

@@ -1,17 +1,19 @@
 """ModelPress side by side with peer engines on the same inputs: wall time, peak RSS and perplexity, as JSON and Markdown.
 
     python bench/compare_bench.py [--models smollm2 synthetic] [--recipes gptq-w4a16-g64 ...]
-        [--compare-llmcompressor .venv-llmc] [--repeats 2] [--json FILE] [--markdown FILE]
+        [--compare-llmcompressor .venv-llmc] [--compare-gptqmodel .venv-gptqmodel] [--repeats 2]
+        [--json FILE] [--markdown FILE]
 
 For each model and recipe, each side runs `oneshot` in a process of its own (ModelPress in this
-venv through bench/peers/modelpress_run.py, llm-compressor in its venv through
-bench/peers/llmcompressor_run.py), one after the other, never at once, `--repeats` times in turn.
-Both read the same model directory and the same calibration windows, written once to a file by
+venv through bench/peers/modelpress_run.py, llm-compressor and GPTQModel each in its own venv through
+bench/peers/llmcompressor_run.py and bench/peers/gptqmodel_run.py), one after the other, never at
+once, `--repeats` times in turn. All read the same model directory and the same calibration windows, written once to a file by
 bench/held_out.py from the calibration span of `--text`. A process is measured whole: wall time
 from start to exit, CPU time and peak RSS from GNU time (`/usr/bin/time -v`; wait4's rusage when
 it is missing), and the machine's load average sampled while it runs. Each output's perplexity on
 the evaluation span (never calibrated on) is measured afterwards by the same code, ours. The
-ratios are ModelPress / peer: below 1 is faster, smaller or closer to float.
+ratios are ModelPress / peer, per peer: below 1 is faster, smaller or closer to float. A recipe a
+peer has no equivalent for (Recipe.peers maps it to None) is not run on that side.
 
 This process imports no torch; models, windows and perplexities are made by children. Other benches
 (a quality matrix of more recipes, another peer) import `Recipe`, `Peer`, `Settings` and
@@ -90,14 +92,23 @@ class Run:
     error: str | None = None
 
 
+# GPTQModel runs only a lone GPTQModifier (bench/peers/gptqmodel_run.py); llm-compressor has no group-aware order.
+NO_GPTQMODEL: dict[str, Path | None] = {"gptqmodel": None}
+NO_LLMC: dict[str, Path | None] = {"llmcompressor": None}
 MATRIX = [
-    Recipe("rtn-w4a16-g64", "RTN W4A16 g64", RECIPES / "rtn_w4a16_g64.yaml"),
+    Recipe("rtn-w4a16-g64", "RTN W4A16 g64", RECIPES / "rtn_w4a16_g64.yaml", NO_GPTQMODEL),
     Recipe("gptq-w4a16-g64", "GPTQ W4A16 g64", RECIPES / "gptq_w4a16_g64.yaml", target=(0.4, 0.6)),
-    Recipe("awq-w4a16-g64", "AWQ W4A16 g64", RECIPES / "awq_w4a16_g64.yaml"),
-    Recipe("smoothquant-gptq-w8a8", "SmoothQuant 0.8 + GPTQ W8A8", RECIPES / "smoothquant_gptq_w8a8.yaml", target=(0.3, 0.6)),
-    Recipe("sparsegpt-2of4", "SparseGPT 2:4", RECIPES / "sparsegpt_2of4.yaml"),
+    Recipe("gptq-w4a16-sym-g64-group-aware", "GPTQ W4A16 g64, group-aware order",
+           RECIPES / "gptq_w4a16_sym_g64_group_aware.yaml", NO_LLMC),
+    Recipe("gptq-w4a16-asym-g64-group-aware", "GPTQ W4A16 asym g64, group-aware order",
+           RECIPES / "gptq_w4a16_asym_g64_group_aware.yaml", NO_LLMC),
+    Recipe("awq-w4a16-g64", "AWQ W4A16 g64", RECIPES / "awq_w4a16_g64.yaml", NO_GPTQMODEL),
+    Recipe("smoothquant-gptq-w8a8", "SmoothQuant 0.8 + GPTQ W8A8", RECIPES / "smoothquant_gptq_w8a8.yaml", NO_GPTQMODEL,
+           target=(0.3, 0.6)),
+    Recipe("sparsegpt-2of4", "SparseGPT 2:4", RECIPES / "sparsegpt_2of4.yaml", NO_GPTQMODEL),
 ]
 OURS = "modelpress"
+PEER_LABELS = {"llmcompressor": "llm-compressor 0.14", "gptqmodel": "GPTQModel 7.7"}
 
 
 def _load_sampler(stop: threading.Event, samples: list[float]) -> None:
@@ -271,8 +282,8 @@ def _x(value: float | None) -> str:
     return f"{value:.2f}×" if value is not None else "—"
 
 
-def markdown(report: dict[str, Any], peer: str = "llmcompressor", peer_label: str = "llm-compressor 0.14") -> str:
-    """The README table: each side's wall, peak RSS and perplexity, and the ratios ModelPress / peer."""
+def markdown(report: dict[str, Any]) -> str:
+    """The README table: each side's wall, peak RSS and perplexity, and per peer the ratios ModelPress / peer."""
     settings = report["settings"]
     lines = [f"{report['machine']}; calibration {settings['num_samples']} × {settings['max_seq_length']} tokens from span "
              f"{settings['calibration_span']} of `{Path(settings['text']).name}`, perplexity on span {settings['evaluation_span']} "
@@ -280,16 +291,20 @@ def markdown(report: dict[str, Any], peer: str = "llmcompressor", peer_label: st
     floats = [f"{name} {m['float_perplexity']:.2f}" for name, m in report["models"].items() if m["float_perplexity"] is not None]
     if floats:
         lines += ["Float perplexity: " + ", ".join(floats) + ".", ""]
-    lines += [f"| model | recipe | ModelPress: wall, peak RSS, perplexity | {peer_label} | wall × | peak RSS × | perplexity × | target (wall, RSS) | load |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    peers = list(dict.fromkeys(name for case in report["cases"] for name in case["sides"] if name != OURS))
+    head = "".join(f" {PEER_LABELS.get(p, p)} | wall × | peak RSS × | perplexity × |" for p in peers)
+    lines += [f"| model | recipe | ModelPress: wall, peak RSS, perplexity |{head} target (wall, RSS) | load |",
+              "|---|---|---|" + "---|---|---|---|" * len(peers) + "---|---|"]
     for case in report["cases"]:
-        r = case["ratios"].get(peer, {})
-        theirs = _side_cell(case["sides"][peer]) if peer in case["sides"] else "not run"
+        cells = ""
+        for peer in peers:
+            r = case["ratios"].get(peer, {})
+            theirs = _side_cell(case["sides"][peer]) if peer in case["sides"] else "no equivalent"
+            cells += f" {theirs} | {_x(r.get('wall'))} | {_x(r.get('peak_rss'))} | {_x(r.get('perplexity'))} |"
         target = case.get("target")
         goal = f"≤ {target['wall']}×, ≤ {target['peak_rss']}×: {'met' if target['met'] else 'missed'}" if target else ""
         loads = [run["load"] for side in case["sides"].values() for run in side["runs"]]
-        lines.append(f"| {case['model']} | {case['label']} | {_side_cell(case['sides'][OURS])} | {theirs} | "
-                     f"{_x(r.get('wall'))} | {_x(r.get('peak_rss'))} | {_x(r.get('perplexity'))} | {goal} | "
+        lines.append(f"| {case['model']} | {case['label']} | {_side_cell(case['sides'][OURS])} |{cells} {goal} | "
                      f"{min(loads):.1f}–{max(loads):.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -299,6 +314,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2"], choices=["smollm2", "synthetic"])
     parser.add_argument("--recipes", nargs="+", default=[r.name for r in MATRIX], choices=[r.name for r in MATRIX])
     parser.add_argument("--compare-llmcompressor", type=Path, metavar="VENV", help="llm-compressor's venv (its bin/python runs the peer)")
+    parser.add_argument("--compare-gptqmodel", type=Path, metavar="VENV", help="GPTQModel's venv (its bin/python runs the peer)")
     parser.add_argument("--text", type=Path, default=WIKITEXT, help="calibration and evaluation text")
     parser.add_argument("--calibration-span", default="0:0.5", help="fractions of the text calibration reads")
     parser.add_argument("--evaluation-span", default="0.5:1", help="fractions of the text perplexity reads; keep it apart")
@@ -321,11 +337,14 @@ def main() -> None:
     if not args.text.is_file():
         raise SystemExit(f"--text: {args.text} is not a file; give the calibration and evaluation text")
     peers = []
-    if args.compare_llmcompressor is not None:
-        python = args.compare_llmcompressor / "bin" / "python"
+    for option, venv, name, label in (("--compare-llmcompressor", args.compare_llmcompressor, "llmcompressor", "llm-compressor"),
+                                      ("--compare-gptqmodel", args.compare_gptqmodel, "gptqmodel", "GPTQModel")):
+        if venv is None:
+            continue
+        python = venv / "bin" / "python"
         if not python.is_file():
-            raise SystemExit(f"--compare-llmcompressor: {python} is missing; give the venv llm-compressor is installed in")
-        peers.append(Peer("llmcompressor", "llm-compressor", python, BENCH / "peers" / "llmcompressor_run.py"))
+            raise SystemExit(f"{option}: {python} is missing; give the venv {label} is installed in")
+        peers.append(Peer(name, label, python, BENCH / "peers" / f"{name}_run.py"))
     (cal_start, cal_end), (eval_start, eval_end) = parse_span(args.calibration_span), parse_span(args.evaluation_span)
     if cal_start < eval_end and eval_start < cal_end:
         raise SystemExit("--evaluation-span: overlaps --calibration-span; perplexity must be on text calibration never saw")

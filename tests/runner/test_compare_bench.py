@@ -67,3 +67,20 @@ def test_both_sides_read_the_same_windows(llama_dir: Path, tmp_path: Path) -> No
               "cases": [case]}
     row = compare_bench.markdown(report).splitlines()[-1]
     assert row.startswith("| tiny | GPTQ W4A16 g64 |") and "≤ 0.4×, ≤ 0.6×" in row
+
+
+def test_markdown_has_columns_per_peer_and_says_where_a_peer_has_no_equivalent() -> None:
+    def side(wall: float, ppl: float) -> dict:
+        return compare_bench.summary([compare_bench.Run(wall, wall, 500.0, 0, 1.0)], ppl)
+
+    cases = [{"model": "m", "label": "GAR", "sides": {"modelpress": side(10, 30.0), "gptqmodel": side(20, 32.0)},
+              "ratios": {"gptqmodel": {"wall": 0.5, "peak_rss": 1.0, "perplexity": 0.938}}},
+             {"model": "m", "label": "AWQ", "sides": {"modelpress": side(10, 30.0), "llmcompressor": side(40, 31.0)},
+              "ratios": {"llmcompressor": {"wall": 0.25, "peak_rss": 1.0, "perplexity": 0.968}}}]
+    settings = {"num_samples": 1, "max_seq_length": 2, "calibration_span": "0:0.5", "text": "t.txt",
+                "evaluation_span": "0.5:1", "perplexity_tokens": 0, "repeats": 1}
+    lines = compare_bench.markdown({"machine": "x", "settings": settings, "models": {}, "cases": cases}).splitlines()
+    head, rule, gar, awq = lines[-4:]
+    assert "GPTQModel 7.7" in head and "llm-compressor 0.14" in head
+    assert head.count("|") == rule.count("|") == gar.count("|") == awq.count("|")
+    assert "0.94×" in gar and "no equivalent" in gar and "0.97×" in awq and "no equivalent" in awq
