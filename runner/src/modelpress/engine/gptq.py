@@ -41,7 +41,6 @@ def sweep_order(hessian: torch.Tensor, args: QuantizationArgs, actorder: Order) 
     return activation_order(hessian)
 
 
-@one_thread()  # its many small steps lose far more to threads' joins than they gain
 def gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -70,56 +69,59 @@ def gptq(
 
     order = sweep_order(hessian, args, actorder)
     inverse = inverse_hessian(hessian, dampening_frac, order)
-    # W^T in sweep order: a column of W is a contiguous row (see sweep); the only float copy of W
-    wt = torch.index_select(weight.T, 0, order).float()
-    wt[inverse.dead] = 0
-    keep_t = torch.index_select(keep.T, 0, order) if keep is not None else None
-    if keep_t is not None:
-        wt *= keep_t
-    natural = torch.argsort(order)
+    # the rest is many small steps, which lose far more to threads' joins than they gain (one_thread);
+    # the inverse before it is a few large factorisations, which gain
+    with one_thread():
+        # W^T in sweep order: a column of W is a contiguous row (see sweep); the only float copy of W
+        wt = torch.index_select(weight.T, 0, order).float()
+        wt[inverse.dead] = 0
+        keep_t = torch.index_select(keep.T, 0, order) if keep is not None else None
+        if keep_t is not None:
+            wt *= keep_t
+        natural = torch.argsort(order)
 
-    # a column's scale and zero point are its group's: rows of [groups, rows] tables, never
-    # spread to the weight's size
-    static = not group or actorder == "static"
-    groups = cols // size if group else 1
-    column_group = (order // size).tolist() if group else [0] * cols
-    if static:
-        qp = observer(wt[natural].T, args, dtype, importance)
-        scale_g, zero_g = _per_group(qp, rows)
-    else:
-        scale_g = torch.empty(groups, rows, dtype=torch.float32, device=weight.device)
-        zero_g = torch.zeros(groups, rows, dtype=torch.float32, device=weight.device)
-        group_scales, group_zeros = [], []
-        importance_t = importance[order] if importance is not None else None
-    to_codes = _coder(args)
+        # a column's scale and zero point are its group's: rows of [groups, rows] tables, never
+        # spread to the weight's size
+        static = not group or actorder == "static"
+        groups = cols // size if group else 1
+        column_group = (order // size).tolist() if group else [0] * cols
+        if static:
+            qp = observer(wt[natural].T, args, dtype, importance)
+            scale_g, zero_g = _per_group(qp, rows)
+        else:
+            scale_g = torch.empty(groups, rows, dtype=torch.float32, device=weight.device)
+            zero_g = torch.zeros(groups, rows, dtype=torch.float32, device=weight.device)
+            group_scales, group_zeros = [], []
+            importance_t = importance[order] if importance is not None else None
+        to_codes = _coder(args)
 
-    def step(block: torch.Tensor, i: int, col: int) -> torch.Tensor:
-        g = column_group[col]
-        if not static and col % size == 0:
-            part = importance_t[col : col + size] if importance_t is not None else None
-            gqp = observer(block[i : i + size].T, args, dtype, part)
-            group_scales.append(gqp.scale)
-            group_zeros.append(gqp.zero_point)
-            scale_g[g] = gqp.scale.float().reshape(rows)
-            if gqp.zero_point is not None:
-                zero_g[g] = gqp.zero_point.float().reshape(rows)
-        x = block[i] if keep_t is None else block[i] * keep_t[col]
-        s, z = scale_g[g], zero_g[g]
-        return to_codes(x, s, z).sub_(z).mul_(s)
+        def step(block: torch.Tensor, i: int, col: int) -> torch.Tensor:
+            g = column_group[col]
+            if not static and col % size == 0:
+                part = importance_t[col : col + size] if importance_t is not None else None
+                gqp = observer(block[i : i + size].T, args, dtype, part)
+                group_scales.append(gqp.scale)
+                group_zeros.append(gqp.zero_point)
+                scale_g[g] = gqp.scale.float().reshape(rows)
+                if gqp.zero_point is not None:
+                    zero_g[g] = gqp.zero_point.float().reshape(rows)
+            x = block[i] if keep_t is None else block[i] * keep_t[col]
+            s, z = scale_g[g], zero_g[g]
+            return to_codes(x, s, z).sub_(z).mul_(s)
 
-    row_loss = sweep(wt, inverse.upper, aligned_block_size(block_size, size if group else 1), step)
-    # the swept weights are the dequantized codes up to rounding far below a code step; coded in
-    # natural column order, in place, each group against its own row of the tables
-    w = wt[natural]
-    del wt
-    by_group = w.view(groups, -1, rows)
-    to_codes(by_group, scale_g[:, None], zero_g[:, None], by_group)
-    codes = w.T.to(torch.float8_e4m3fn if args.type == QuantizationType.FLOAT else torch.int8).contiguous()
-    if not static:
-        visited = torch.argsort(order[::size] // size)  # the groups were observed in sweep order
-        zp = torch.cat(group_zeros, dim=1)[:, visited] if group_zeros[0] is not None else None
-        qp = QParams(torch.cat(group_scales, dim=1)[:, visited], zp)
-    return GPTQResult(codes, qp, row_loss, inverse.dampening_frac)
+        row_loss = sweep(wt, inverse.upper, aligned_block_size(block_size, size if group else 1), step)
+        # the swept weights are the dequantized codes up to rounding far below a code step; coded in
+        # natural column order, in place, each group against its own row of the tables
+        w = wt[natural]
+        del wt
+        by_group = w.view(groups, -1, rows)
+        to_codes(by_group, scale_g[:, None], zero_g[:, None], by_group)
+        codes = w.T.to(torch.float8_e4m3fn if args.type == QuantizationType.FLOAT else torch.int8).contiguous()
+        if not static:
+            visited = torch.argsort(order[::size] // size)  # the groups were observed in sweep order
+            zp = torch.cat(group_zeros, dim=1)[:, visited] if group_zeros[0] is not None else None
+            qp = QParams(torch.cat(group_scales, dim=1)[:, visited], zp)
+        return GPTQResult(codes, qp, row_loss, inverse.dampening_frac)
 
 
 def _coder(args: QuantizationArgs) -> Callable[..., torch.Tensor]:
