@@ -52,7 +52,8 @@ def test_a_served_output_carries_vllms_answers_and_nll_to_status_and_card(
     # (the perplexity is rounded to 4 decimals, which near 1 moves its log by up to 5e-5 / perplexity)
     ppl = result.metrics.perplexity_compressed
     assert nll.transformers == pytest.approx(math.log(ppl), abs=5e-5 / ppl + 1e-6)
-    assert nll.vllm == pytest.approx(nll.transformers, rel=1e-6) and nll.passed and nll.bound == SERVED_NLL_BOUND
+    # both are reported to 5 decimals, so the same NLL computed twice can land one step apart
+    assert nll.vllm == pytest.approx(nll.transformers, abs=1.01e-5) and nll.passed and nll.bound == SERVED_NLL_BOUND
     assert served.tokens > 0 and result.durations_s["serve"] > 0
 
     status = parse_result(term)
