@@ -69,6 +69,15 @@ class Peer:
     driver: Path
 
 
+def venv_peer(option: str, venv: Path, name: str, label: str) -> Peer:
+    """The peer `name` run by its driver bench/peers/{name}_run.py with the python of `venv`
+    (given as `option`), refused with the fix when that venv has none."""
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        raise SystemExit(f"{option}: {python} is missing; give the venv {label} is installed in")
+    return Peer(name, label, python, BENCH / "peers" / f"{name}_run.py")
+
+
 @dataclass(frozen=True)
 class Settings:
     text: Path
@@ -336,15 +345,10 @@ def main() -> None:
 
     if not args.text.is_file():
         raise SystemExit(f"--text: {args.text} is not a file; give the calibration and evaluation text")
-    peers = []
-    for option, venv, name, label in (("--compare-llmcompressor", args.compare_llmcompressor, "llmcompressor", "llm-compressor"),
-                                      ("--compare-gptqmodel", args.compare_gptqmodel, "gptqmodel", "GPTQModel")):
-        if venv is None:
-            continue
-        python = venv / "bin" / "python"
-        if not python.is_file():
-            raise SystemExit(f"{option}: {python} is missing; give the venv {label} is installed in")
-        peers.append(Peer(name, label, python, BENCH / "peers" / f"{name}_run.py"))
+    peers = [venv_peer(option, venv, name, label)
+             for option, venv, name, label in (("--compare-llmcompressor", args.compare_llmcompressor, "llmcompressor", "llm-compressor"),
+                                               ("--compare-gptqmodel", args.compare_gptqmodel, "gptqmodel", "GPTQModel"))
+             if venv is not None]
     (cal_start, cal_end), (eval_start, eval_end) = parse_span(args.calibration_span), parse_span(args.evaluation_span)
     if cal_start < eval_end and eval_start < cal_end:
         raise SystemExit("--evaluation-span: overlaps --calibration-span; perplexity must be on text calibration never saw")

@@ -34,11 +34,11 @@ from compare_bench import (  # noqa: E402
     RECIPES,
     WIKITEXT,
     ChildFailed,
-    Peer,
     Recipe,
     Settings,
     memory_bench,
     run_matrix,
+    venv_peer,
 )
 
 LLMC = "llmcompressor"
@@ -235,12 +235,7 @@ def main() -> None:
         raise SystemExit(f"--text: {args.text} is not a file; give the calibration and evaluation text")
     if args.num_samples < 1 or args.max_seq_length < 2:
         raise SystemExit("--num-samples: at least 1; --max-seq-length: at least 2")
-    peers = []
-    if args.compare_llmcompressor is not None:
-        python = args.compare_llmcompressor / "bin" / "python"
-        if not python.is_file():
-            raise SystemExit(f"--compare-llmcompressor: {python} is missing; give the venv llm-compressor is installed in")
-        peers.append(Peer(LLMC, "llm-compressor", python, BENCH / "peers" / "llmcompressor_run.py"))
+    peers = [venv_peer("--compare-llmcompressor", args.compare_llmcompressor, LLMC, "llm-compressor")] if args.compare_llmcompressor else []
     settings = Settings(args.text, "0:0.5", "0.5:1", args.num_samples, args.max_seq_length, args.perplexity_tokens, 1, True)
     work = args.work or Path(tempfile.mkdtemp(prefix="modelpress-quality-"))
     work.mkdir(parents=True, exist_ok=True)
