@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +178,7 @@ def main() -> None:
     # Its CPU pool defaults to half the cores: one on two, fewer than the two its model loader's pool asks for.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     import torch
+    from driver_report import write_report  # beside this file
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.looper.gptq_processor import GPTQProcessor
     from transformers import AutoModelForCausalLM
@@ -217,16 +217,8 @@ def main() -> None:
     for name in TOKENIZER_FILES:
         if (args.model / name).is_file():
             shutil.copy2(args.model / name, args.output / name)
-    report = {
-        "peer": "gptqmodel",
-        "versions": {name: version(name) for name in ("gptqmodel", "transformers", "torch")},
-        "quantize_config": {k: v for k, v in fields.items() if v is not None},
-        "linears": len(captured),
-        "threads": torch.get_num_threads(),
-        "import_s": round(imported - STARTED, 2),
-        "oneshot_s": round(done - imported, 2),
-    }
-    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.report, "gptqmodel", ("gptqmodel", "transformers", "torch"), STARTED, imported, done,
+                 quantize_config={k: v for k, v in fields.items() if v is not None}, linears=len(captured))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ of the `oneshot` call alone and the versions.
 import argparse
 import json
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 STARTED = time.monotonic()
@@ -29,8 +28,8 @@ def main() -> None:
     parser.add_argument("--report", type=Path, required=True)
     args = parser.parse_args()
 
-    import torch
     from datasets import Dataset
+    from driver_report import write_report  # beside this file
     from llmcompressor import oneshot
 
     windows = json.loads(args.windows.read_text())["input_ids"]
@@ -46,14 +45,7 @@ def main() -> None:
         output_dir=str(args.output),
     )
     done = time.monotonic()
-    report = {
-        "peer": "llmcompressor",
-        "versions": {name: version(name) for name in ("llmcompressor", "compressed-tensors", "transformers", "torch")},
-        "threads": torch.get_num_threads(),
-        "import_s": round(imported - STARTED, 2),
-        "oneshot_s": round(done - imported, 2),
-    }
-    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.report, "llmcompressor", ("llmcompressor", "compressed-tensors", "transformers", "torch"), STARTED, imported, done)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ process; the report adds the time of the `oneshot` call alone and the versions.
 import argparse
 import json
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 STARTED = time.monotonic()
@@ -28,8 +27,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    import torch
-
+    from driver_report import write_report  # beside this file
     from modelpress.engine.oneshot import oneshot
 
     windows = json.loads(args.windows.read_text())["input_ids"]
@@ -44,15 +42,8 @@ def main() -> None:
         device=args.device,
     )
     done = time.monotonic()
-    report = {
-        "peer": "modelpress",
-        "versions": {name: version(name) for name in ("modelpress", "compressed-tensors", "transformers", "torch")},
-        "threads": torch.get_num_threads(),
-        "import_s": round(imported - STARTED, 2),
-        "oneshot_s": round(done - imported, 2),
-        "layer_s": [round(r.seconds, 3) for r in result.layers],
-    }
-    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.report, "modelpress", ("modelpress", "compressed-tensors", "transformers", "torch"), STARTED, imported, done,
+                 layer_s=[round(r.seconds, 3) for r in result.layers])
 
 
 if __name__ == "__main__":
