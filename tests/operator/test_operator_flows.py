@@ -301,6 +301,28 @@ async def test_suspend_suspends_and_resumes_the_job(kube) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_suspend_that_lands_while_the_job_is_created_still_suspends_it(kube, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's patch arrives between the Job's creation and the status that names it: kopf folds
+    it into the creation, where the field handler sees no change, so the sync must carry it."""
+    from modelpress.operator import kube as operator_kube
+
+    loop, real = asyncio.get_running_loop(), operator_kube.create_job
+
+    def create_then_suspend(client: Any, manifest: dict[str, Any]) -> Any:
+        made = real(client, manifest)
+        patch = api(kube, "PATCH", cr_path("tiny"), {"spec": {"runtime": {"suspend": True}}})
+        asyncio.run_coroutine_threadsafe(patch, loop).result(timeout=10)
+        return made
+
+    monkeypatch.setattr(operator_kube, "create_job", create_then_suspend)
+    await preload_secrets(kube)
+    async with operator_running():
+        await create_cr(kube, "tiny", SPEC)
+        await eventually(lambda: job_of(kube)["spec"]["suspend"] is True)
+        await eventually(lambda: status_of(kube).get("phase") == "Suspended")
+
+
+@pytest.mark.asyncio
 async def test_kueue_owns_suspension_and_the_job_shows_queued(kube) -> None:
     await preload_secrets(kube)
     async with operator_running() as calls:

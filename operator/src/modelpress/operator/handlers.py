@@ -149,7 +149,7 @@ def launch(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.
         logger.info("adopted the existing Job %s", manifest["metadata"]["name"])
 
 
-def sync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def sync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Mirror the Job, its newest pod and the runner's progress into status; post an event on each
     transition; once the run has ended, let go of what it held."""
     status = body.get("status") or {}
@@ -172,6 +172,7 @@ def sync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         observation = observe_without_job(pods, name)
     else:
         # FailedCreate events matter only while the Job runs and has no pod on its way.
+        _hold_suspend(body, memo, job, logger)
         making = (newest is None or finished(newest)) and not _job_finished(job)
         events = kube.job_events(memo.api, namespace, name) if making else []
         observation = observe(job, pods, kueue=is_kueue_managed(body), events=events)
@@ -243,16 +244,31 @@ def _seconds(start: str, end: str) -> float:
     return max(0.0, (datetime.datetime.fromisoformat(end) - datetime.datetime.fromisoformat(start)).total_seconds())
 
 
-def suspend(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    """Carry a change of spec.runtime.suspend to the Job, unless Kueue owns the Job's suspension."""
-    name = (body.get("status") or {}).get("jobName")
-    if old is None or not name or (body.get("status") or {}).get("phase") in TERMINAL_PHASES:
+def suspend(body: kopf.Body, old: Any, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Carry a change of spec.runtime.suspend to the Job at once, unless Kueue owns the Job's suspension."""
+    status = body.get("status") or {}
+    name = status.get("jobName")
+    if not name or status.get("phase") in TERMINAL_PHASES:
         return
     if is_kueue_managed(body):
-        kopf.event(body, type="Normal", reason="SuspendIgnored", message="Kueue manages this Job's suspension; change the queue instead")
+        if old is not None:  # a change, not the job's creation
+            kopf.event(body, type="Normal", reason="SuspendIgnored", message="Kueue manages this Job's suspension; change the queue instead")
         return
-    kube.set_job_suspended(memo.api, body["metadata"]["namespace"], name, bool(new))
-    logger.info("Job %s suspend=%s", name, bool(new))
+    job = kube.read_job(memo.api, body["metadata"]["namespace"], name)
+    if job is not None:
+        _hold_suspend(body, memo, job, logger)
+
+
+def _hold_suspend(body: kopf.Body, memo: kopf.Memo, job: Mapping[str, Any], logger: logging.Logger) -> None:
+    """The Job's suspend follows spec.runtime.suspend, checked on every sync as well: a change that
+    lands while `launch` is still creating the Job reaches kopf as part of the creation, with no old
+    value to tell it from the default, and would otherwise be lost."""
+    wanted = bool(((body.get("spec") or {}).get("runtime") or {}).get("suspend"))
+    if is_kueue_managed(body) or _job_finished(job) or bool((job.get("spec") or {}).get("suspend")) == wanted:
+        return
+    name = job["metadata"]["name"]
+    kube.set_job_suspended(memo.api, body["metadata"]["namespace"], name, wanted)
+    logger.info("Job %s suspend=%s", name, wanted)
 
 
 def cleanup(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
