@@ -45,5 +45,18 @@ def test_the_gguf_conversion_shows_its_bars_only_when_asked(tmp_path: Path, capf
     assert (smollm2_dir(tmp_path / "quiet") / "model.safetensors").is_file()
     quiet = capfd.readouterr()
     assert "Converting" not in quiet.err and "Loading weights" not in quiet.err and quiet.out == ""
-    smollm2_dir(tmp_path / "shown", progress=True)
+    # `progress` converts outside `_no_bars` (a second 20 s conversion is not needed to see that):
+    # the same bar shows there, and after it transformers' bars are on again
+    from transformers.utils import logging as hf_logging
+
+    from modelpress.runner import smollm2
+
+    def bar() -> None:
+        for _ in hf_logging.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors"):
+            pass
+
+    with smollm2._no_bars():
+        bar()
+    assert "Converting" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
+    bar()
     assert "Converting and de-quantizing GGUF tensors" in capfd.readouterr().err
