@@ -55,8 +55,14 @@ def test_the_gguf_conversion_shows_its_bars_only_when_asked(tmp_path: Path, capf
         for _ in hf_logging.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors"):
             pass
 
-    with smollm2._no_bars():
+    was_enabled = hf_logging.is_progress_bar_enabled()  # an earlier run in this process may have turned them off
+    hf_logging.enable_progress_bar()
+    try:
+        with smollm2._no_bars():
+            bar()
+        assert "Converting" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
         bar()
-    assert "Converting" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
-    bar()
-    assert "Converting and de-quantizing GGUF tensors" in capfd.readouterr().err
+        assert "Converting and de-quantizing GGUF tensors" in capfd.readouterr().err
+    finally:
+        if not was_enabled:
+            hf_logging.disable_progress_bar()
