@@ -29,31 +29,11 @@ from compressed_tensors.quantization import QuantizationArgs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modelpress.engine.gptq import gptq
+from modelpress.engine.pipeline import capture_first_layer_inputs
 from modelpress.engine.quantize import dequantize, imatrix_mse_qparams
 from modelpress.runner.evaluation import perplexity
 
 BATCH = 8
-
-
-class _Stop(Exception):
-    pass
-
-
-def layer_kwargs(model: Any, ids: torch.Tensor) -> dict[str, Any]:
-    """What the model hands its first decoder layer besides the hidden states (masks, rotary tables)."""
-    seen: dict[str, Any] = {}
-
-    def catch(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        seen.update(kwargs)
-        raise _Stop
-
-    hook = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        model(ids)
-    except _Stop:
-        pass
-    hook.remove()
-    return {k: v for k, v in seen.items() if k != "hidden_states"}
 
 
 def float_target(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, alpha: float, damp: float = 0.01) -> torch.Tensor:
@@ -65,14 +45,17 @@ def float_target(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, al
 def run(model_dir: Path, windows: torch.Tensor, alpha: float, args: QuantizationArgs) -> Any:
     float_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     quant_model = copy.deepcopy(float_model)
-    kw = layer_kwargs(float_model, windows[:BATCH])
+    # layer 0's inputs, batch by batch: the hidden states, and the masks and rotary tables beside them
+    batches = [windows[i : i + BATCH] for i in range(0, len(windows), BATCH)]
+    captured = capture_first_layer_inputs(float_model, float_model.model.layers[0], batches, torch.device("cpu"))
+    kw = {k: v for k, v in captured[0][1].items() if k != "hidden_states"}
 
     def forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
         y = layer(x, **kw)
         return y[0] if isinstance(y, tuple) else y
 
     with torch.no_grad():
-        xf = [float_model.model.embed_tokens(windows[i : i + BATCH]) for i in range(0, len(windows), BATCH)]
+        xf = [args[0] if args else kwargs["hidden_states"] for args, kwargs in captured]
         xq = [x.clone() for x in xf]
         for fl, ql in zip(float_model.model.layers, quant_model.model.layers):
             linears = {n: m for n, m in ql.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -84,8 +67,9 @@ def run(model_dir: Path, windows: torch.Tensor, alpha: float, args: Quantization
             hessian: dict[str, torch.Tensor] = {}
             cross: dict[str, torch.Tensor] = {}
             tokens = 0
+            next_xf = []  # the float layer stays as it is: its outputs here are the next layer's inputs
             for f, q in zip(xf, xq):
-                forward(fl, f)
+                next_xf.append(forward(fl, f))
                 forward(ql, q)
                 tokens += q.shape[0] * q.shape[1]
                 for n in linears:
@@ -101,7 +85,7 @@ def run(model_dir: Path, windows: torch.Tensor, alpha: float, args: Quantization
                     w = float_target(w, h, cross[n], alpha)
                 result = gptq(w, h.clone(), args, observer=imatrix_mse_qparams, importance=h.diagonal() / tokens)
                 linear.weight.data = dequantize(result.q, result.qparams, args).float()
-            xf = [forward(fl, x) for x in xf]
+            xf = next_xf
             xq = [forward(ql, x) for x in xq]
     return quant_model
 
