@@ -171,8 +171,8 @@ def sync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> 
     if job is None:
         observation = observe_without_job(pods, name)
     else:
-        # FailedCreate events matter only while the Job runs and has no pod on its way.
         _hold_suspend(body, memo, job, logger)
+        # FailedCreate events matter only while the Job runs and has no pod on its way.
         making = (newest is None or finished(newest)) and not _job_finished(job)
         events = kube.job_events(memo.api, namespace, name) if making else []
         observation = observe(job, pods, kueue=is_kueue_managed(body), events=events)
