@@ -69,6 +69,11 @@ class Case:
 
 GPTQ = {"preset": "W4A16", "algorithm": "GPTQ", "groupSize": 64}
 RTN = {"preset": "W4A16", "algorithm": "RTN", "groupSize": 64}
+# GPTQ W4A16 g64 aimed at the float model's output: the float stream doubles the kept activations
+GPTQ_FLOAT = {"modifiers": {"quant_stage": {"quant_modifiers": {"GPTQModifier": {
+    "ignore": ["lm_head"], "float_target": 0.5,
+    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}}}}}}}}
 CASES = [
     Case("smollm2-rtn", "smollm2", RTN),
     Case("smollm2-rtn-ppl", "smollm2", RTN, perplexity=True),
@@ -78,6 +83,7 @@ CASES = [
     Case("smollm2-gptq-128x256-ppl", "smollm2", GPTQ, 128, 256, perplexity=True),
     Case("smollm2-gptq-32x512-ppl", "smollm2", GPTQ, 32, 512, perplexity=True),
     Case("smollm2-gptq-128x512-ppl", "smollm2", GPTQ, 128, 512, perplexity=True),
+    Case("smollm2-gptq-float-128x512-ppl", "smollm2", GPTQ_FLOAT, 128, 512, perplexity=True),
     Case("smollm2-gptq-selfgen-32x128", "smollm2", GPTQ, 32, 128, self_generated=True),
     Case("synthetic-rtn-ppl", "synthetic", RTN, perplexity=True),
     Case("synthetic-gptq-32x256-ppl", "synthetic", GPTQ, 32, 256, perplexity=True),
@@ -109,7 +115,7 @@ class Measured:
 
 
 def settings(case: Case) -> str:
-    recipe = f"{case.recipe['algorithm']} W4A16 g64"
+    recipe = f"{case.recipe['algorithm']} W4A16 g64" if "algorithm" in case.recipe else "GPTQ W4A16 g64, float_target 0.5"
     data = f", {case.samples} x {case.sequence}" + (" self-generated" if case.self_generated else "") if case.samples else ""
     tokens = f" ({case.perplexity_tokens} tokens)" if case.perplexity_tokens != PERPLEXITY_TOKENS else ""
     extra = (f", perplexity{tokens}" if case.perplexity else "") + (f", {case.prompts} prompts" if case.prompts else "")

@@ -53,14 +53,19 @@ METHODS = {
     "spinquant_hadamard_gptq": "SpinQuant R1/R2 Hadamard(64) + GPTQ",
 }
 OBSERVED = ("gptq", "spinquant_hadamard_gptq")  # the methods run with each observer
-OBSERVERS = {  # observer -> the recipe file's suffix; imatrix_mse+ends: ModelPress's `separate_ends` search, no peer has it
+# observer -> the recipe file's suffix; imatrix_mse+ends: ModelPress's `separate_ends` search, and
+# imatrix_mse+float: GPTQ's `float_target` 0.5 (aimed at the float model's output); no peer has either
+OBSERVERS = {
     "minmax": "",
     "imatrix_mse": "imatrix",
     "imatrix_mse+ends": "imatrix_ends",
+    "imatrix_mse+float": "imatrix_float",
 }
 FIRST = [  # priority a, in this order: (method, symmetric, observer) at group 64
     ("spinquant_hadamard_gptq", False, "imatrix_mse"),
+    ("spinquant_hadamard_gptq", False, "imatrix_mse+float"),
     ("spinquant_hadamard_gptq", False, "imatrix_mse+ends"),
+    ("gptq", False, "imatrix_mse+float"),
     ("gptq", False, "minmax"),
     ("gptq", False, "imatrix_mse"),
     ("gptq", True, "minmax"),
@@ -104,7 +109,7 @@ class Cell:
     def recipe(self) -> Recipe:
         """The compare_bench recipe; a peer without this method or observer is mapped to None."""
         peers: dict[str, Path | None] = {} if self.method in ("gptq", "awq") and self.observer == "minmax" else {GPTQMODEL: None}
-        if self.observer == "imatrix_mse+ends":
+        if self.observer in ("imatrix_mse+ends", "imatrix_mse+float"):
             peers[LLMC] = None
         return Recipe(self.name, self.label, RECIPES / f"{self.stem}.yaml", peers=peers)
 
@@ -120,6 +125,7 @@ def _cells() -> list[Cell]:
         if grouping != "g128" or (method in ("rtn", "gptq") and observer == "minmax")
     ]
     cells.append(Cell("spinquant_hadamard_gptq", False, "g64", "imatrix_mse+ends"))
+    cells += [Cell(method, False, "g64", "imatrix_mse+float") for method in OBSERVED]
 
     def order(c: Cell) -> tuple[str, int]:
         key = (c.method, c.symmetric, c.observer)

@@ -7,25 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from support.models import CORPUS
+from support.models import CORPUS, first_layer_inputs
 from modelpress import QuantizationModifier, oneshot
-from modelpress.engine.calibration import calibration_samples
 from modelpress.engine.gptq import GPTQModifier
 from modelpress.engine.modifier import LayerState
 from modelpress.engine.sparsegpt import SparseGPTModifier
 from modelpress.engine.activations import Storage
-from modelpress.engine.pipeline import capture_calibration, capture_first_layer_inputs, compress_layer_sequential, run_layer
+from modelpress.engine.pipeline import capture_first_layer_inputs, compress_layer_sequential, run_layer
 from modelpress.engine.layer_pass import find_parts, reproduces_layer
 from modelpress.engine.weights import find_decoder_layers
-
-
-def first_layer_inputs(model_dir: Path, model: torch.nn.Module, samples: int = 6):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = calibration_samples(CORPUS, tokenizer, samples, 32)
-    _, layers = find_decoder_layers(model)
-    return layers, capture_calibration(model, layers[0], ids, torch.device("cpu"), Storage())
 
 
 def test_split_reproduces_each_architecture(tiny_model: Path) -> None:

@@ -92,11 +92,11 @@ def test_a_kill_while_saving_activations_redoes_one_layer(deep_llama: Path, tmp_
 
     real, calls = resume.ResumeState.save_activations, {"n": 0}
 
-    def dies_on_third(self, after: int, hidden: list[torch.Tensor]) -> None:
+    def dies_on_third(self, after: int, *hidden: object) -> None:
         calls["n"] += 1
         if calls["n"] == 3:
             raise Killed  # layer 3 is recorded, its activations are not
-        real(self, after, hidden)
+        real(self, after, *hidden)
 
     monkeypatch.setattr(resume.ResumeState, "save_activations", dies_on_third)
     with pytest.raises(Killed):

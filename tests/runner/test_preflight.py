@@ -274,3 +274,19 @@ def test_the_synthetic_model_is_written_shard_by_shard_and_reads_back(tmp_path: 
     assert len(source.files) > 3 and source.get("model.layers.2.mlp.down_proj.weight").shape == (64, 128)
     shape = Shape.from_config(json.loads((out / "config.json").read_text()))
     assert shape.total_params * 2 == sum(math.prod(e[2]) * 2 for e in source.entries.values() if not e[2] == [64])  # weights, norms aside
+
+
+def test_a_float_target_recipe_counts_its_float_stream() -> None:
+    from modelpress.contract import JobSpec
+    from modelpress.engine.gptq import GPTQModifier
+    from modelpress.runner.preflight import job_work
+
+    shape = Shape.from_config(LLAMA_8B)
+    floats = replace(GPTQ, float_stream=True)
+    # every kept activation twice (8B, 512 x 2048 tokens: 44-52 GiB of them in one stream), one more layer
+    assert 1.8 * peak(shape, GPTQ) < peak(shape, floats) < 2.1 * peak(shape, GPTQ)
+    assert peak(shape, replace(floats, activations="disk")) < peak(shape, GPTQ)  # spilled, both streams stay on disk
+    spec = JobSpec.model_validate({"model": {"uri": "hf://a/b"}, "output": {"uri": "s3://bucket/out"}, "recipe": {"preset": "W4A16"},
+                                 "calibration": {"dataset": "self-generated"}})
+    assert job_work(spec, [GPTQModifier(scheme="W4A16", float_target=0.5)], True).float_stream
+    assert not job_work(spec, [GPTQModifier(scheme="W4A16")], True).float_stream

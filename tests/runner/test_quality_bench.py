@@ -16,16 +16,18 @@ from modelpress.engine.spinquant import SpinQuantModifier  # noqa: E402
 
 def test_every_cell_is_a_recipe_the_engine_reads_and_priority_a_comes_first() -> None:
     names = [c.name for c in quality_bench.CELLS]
-    assert len(names) == len(set(names)) == 33
+    assert len(names) == len(set(names)) == 35
     for cell in quality_bench.CELLS:
         file = quality_bench.RECIPES / f"{cell.stem}.yaml"
         modifiers = load_recipe(file)
         assert isinstance(modifiers[-1], GPTQModifier) == ("gptq" in cell.method)
         assert isinstance(modifiers[0], SpinQuantModifier) == cell.method.startswith("spinquant")
         weights = modifiers[-1].config_groups["group_0"]["weights"]
-        assert weights["symmetric"] == cell.symmetric and weights.get("observer", "minmax") == cell.observer.removesuffix("+ends")
-        assert weights.get("observer_kwargs", {}).get("separate_ends", False) == cell.observer.endswith("+ends")
-        assert (cell.recipe().for_peer("llmcompressor") is None) == cell.observer.endswith("+ends")
+        observer, _, variant = cell.observer.partition("+")
+        assert weights["symmetric"] == cell.symmetric and weights.get("observer", "minmax") == observer
+        assert weights.get("observer_kwargs", {}).get("separate_ends", False) == (variant == "ends")
+        assert getattr(modifiers[-1], "float_target", 0.0) == (0.5 if variant == "float" else 0.0)
+        assert (cell.recipe().for_peer("llmcompressor") is None) == bool(variant)
         assert quality_bench.group_size(file) == {"g64": 64, "g128": 128, "ch": None}[cell.grouping]
     first = quality_bench.CELLS[: len(quality_bench.FIRST)]
     assert [c.priority for c in first] == ["a"] * len(quality_bench.FIRST)

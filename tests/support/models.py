@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     Gemma2Config,
     GemmaConfig,
     LlamaConfig,
@@ -95,3 +96,15 @@ def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     return make_model("llama", tmp_path_factory.mktemp("llama"), tokenizer_dir)
+
+
+def first_layer_inputs(model_dir: Path, model: torch.nn.Module, samples: int = 6):
+    """The model's decoder layers, and layer 0's calibration inputs from CORPUS (32-token samples)."""
+    from modelpress.engine.activations import Storage
+    from modelpress.engine.calibration import calibration_samples
+    from modelpress.engine.pipeline import capture_calibration
+    from modelpress.engine.weights import find_decoder_layers
+
+    ids = calibration_samples(CORPUS, AutoTokenizer.from_pretrained(model_dir), samples, 32)
+    _, layers = find_decoder_layers(model)
+    return layers, capture_calibration(model, layers[0], ids, torch.device("cpu"), Storage())

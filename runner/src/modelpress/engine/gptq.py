@@ -3,7 +3,8 @@ rounding error on the columns not yet quantized, so the layer's output moves as 
 
 `GPTQModifier` is the recipe's side: it stacks the Linears that share a Hessian, keeps the mask of
 a SparseGPT run before it, and calls `gptq`, the sweep, per stack. The damped inverse Hessian and
-the lazy-batch column loop it shares with SparseGPT are in second_order.py.
+the lazy-batch column loop it shares with SparseGPT are in second_order.py. With `float_target`,
+each stack is first moved to `float_target`'s weight, which aims it at the float model's output.
 """
 
 from dataclasses import dataclass
@@ -14,11 +15,14 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 from pydantic import Field, field_validator, model_validator
 
 from modelpress.engine.errors import ModelPressError
-from modelpress.engine.modifier import LayerState, Plan
+from modelpress.engine.layer_pass import find_parts
+from modelpress.engine.modifier import LayerState, Plan, Planned
 from modelpress.engine.quantize import Observer, QParams, QuantizedLinear, dequantize, minmax_qparams, qrange, weight_observer
 from modelpress.engine.rtn import QuantizationModifier, importance, input_qparams
+from modelpress.engine.smoothing import SmoothingModifier
 from modelpress.engine.second_order import activation_order, aligned_block_size, group_aware_order, inverse_hessian, one_thread, sweep
 from modelpress.engine.statistics import ActivationStats
+from modelpress.engine.weights import find_decoder_layers
 
 Order = Literal["static", "group_aware"] | None
 
@@ -124,6 +128,36 @@ def gptq(
         return GPTQResult(codes, qp, row_loss, inverse.dampening_frac)
 
 
+def float_target(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor, alpha: float, dampening_frac: float = 0.01) -> torch.Tensor:
+    """The weight GPTQ should approximate so that the layer's output nears the float model's.
+
+    Plain GPTQ minimizes ||(Q - W) X|| on the inputs X the already-compressed layers before it
+    produce, so their error is never paid back. Against the float model's inputs X_f,
+    ||Q X - W X_f||^2 = ||(Q - W*) X||^2 + const with W* = W + W (X_f - X) X^T (X X^T)^-1, the
+    same Hessian and a moved target; `drift` is the cross term in the Hessian's scale
+    (ActivationStats.drift). `alpha` takes that fraction of the move: the cross term comes from
+    the calibration tokens only, and the whole move fits them too closely. H is damped as GPTQ
+    damps it, raised tenfold until it factors.
+    """
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.to(dtype)
+    diag = hessian.diagonal().to(dtype)
+    mean = diag.mean()
+    frac = dampening_frac
+    while True:
+        damped = hessian.to(dtype, copy=True)
+        damped.diagonal().add_(frac * mean + (diag == 0).to(dtype))
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
+        if info == 0:
+            break
+        if frac >= 1:
+            raise ModelPressError("GPTQModifier.float_target: the Hessian does not factor even damped; set float_target 0")
+        frac *= 10
+    # W C H^-1 = (H^-1 C^T W^T)^T, H symmetric
+    return (w + alpha * torch.cholesky_solve(drift.to(dtype).T @ w.T, lower).T).to(weight.dtype)
+
+
 def _coder(args: QuantizationArgs) -> Callable[..., torch.Tensor]:
     """x, scale, zero[, out] -> the codes of x as floats: clamp(x / scale + zero) on the format's grid."""
     qmin, qmax = qrange(args)
@@ -161,6 +195,8 @@ class GPTQModifier(QuantizationModifier):
     dampening_frac: float = Field(0.01, gt=0)
     actorder: Order = "static"
     offload_hessians: bool = False
+    # 0: plain GPTQ; up to 1: aim each Linear's output that far at the float model's (float_target)
+    float_target: float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("actorder", mode="before")
     @classmethod
@@ -186,6 +222,30 @@ class GPTQModifier(QuantizationModifier):
     def needs_data(self) -> bool:
         return True
 
+    def needs_float_inputs(self) -> bool:
+        return self.float_target > 0
+
+    def plan(self, model: torch.nn.Module) -> Plan:
+        plan = super().plan(model)
+        if self.float_target:
+            _, layers = find_decoder_layers(model)
+            odd = next((i for i, layer in enumerate(layers) if find_parts(layer) is None), None)
+            if odd is not None:
+                raise ModelPressError(
+                    f"GPTQModifier.float_target: decoder layer {odd} ({type(layers[odd]).__name__}) is not attention then a "
+                    "dense MLP, the layout whose float inputs the layer pass carries; set float_target 0"
+                )
+        return plan
+
+    def bind(self, plan: Plan, earlier: list[Planned], later: list[Planned]) -> Plan:
+        smoothing = next((type(m).__name__ for m, _ in earlier + later if isinstance(m, SmoothingModifier)), None)
+        if self.float_target and smoothing:
+            raise ModelPressError(
+                f"GPTQModifier.float_target: not with {smoothing} in the same recipe (smoothing rescales the "
+                "compressed model's inputs, not the float model's); set float_target 0"
+            )
+        return plan
+
     def apply(
         self, plan: Plan, modules: dict[str, torch.nn.Linear], stats: dict[str, ActivationStats], state: LayerState
     ) -> dict[str, QuantizedLinear]:
@@ -196,12 +256,22 @@ class GPTQModifier(QuantizationModifier):
             weights = [modules[n].weight.data for n in names]
             if stats.get(names[0]) is None or stats[names[0]].xtx is None:
                 raise ModelPressError(f"GPTQModifier: no Hessian for {names[0]}; GPTQ needs calibration data")
+            hessian = stats[names[0]].hessian.to(weights[0].device)
+            weight = torch.cat(weights)
+            if self.float_target:
+                if stats[names[0]].cross is None:
+                    raise ModelPressError(
+                        f"GPTQModifier.float_target: no float-model inputs for {names[0]} (its layer is not laid out as "
+                        "the sequential pass splits layers); set float_target 0"
+                    )
+                drift = stats[names[0]].drift.to(weight.device)
+                weight = float_target(weight, hessian, drift, self.float_target, self.dampening_frac)
             keep = None
             if any(n in state.masks for n in names):
                 keep = torch.cat([state.masks.get(n, torch.ones_like(w, dtype=torch.bool)) for n, w in zip(names, weights)])
             result = gptq(
-                torch.cat(weights),
-                stats[names[0]].hessian.to(weights[0].device),
+                weight,
+                hessian,
                 args,
                 self.block_size,
                 self.dampening_frac,

@@ -13,6 +13,10 @@ compressed: GPTQ's "true sequential" order, one forward of each part, one Hessia
 
 The split is checked against the layer's own forward on one sample before it is used; a layer it
 does not reproduce goes through the generic calibrate-then-propagate path instead.
+
+GPTQ aimed at the float model (`float_target`) needs each group's input in the float model too: a
+float copy of the layer runs the same parts beside the compressed one, on a second stream of hidden
+states, and hands each group's float input with its compressed one.
 """
 
 from dataclasses import dataclass
@@ -26,9 +30,10 @@ from modelpress.engine.weights import trim_heap
 LayerInput = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's (args, kwargs) for one sample
 
 
-# compress the named Linears given their input over all calibration tokens: changes made to it
-# (smoothing divides it, through Rows.update) are what the next part reads
-GroupCompressor = Callable[[list[str], Rows], None]
+# compress the named Linears given their input over all calibration tokens (and the float model's
+# input to them, when it is carried): changes made to the input (smoothing divides it, through
+# Rows.update) are what the next part reads
+GroupCompressor = Callable[[list[str], Rows, Rows | None], None]
 
 # tokens per call of a token-wise part and per X^T X product: the products are as fast per
 # token as with 16384
@@ -154,6 +159,7 @@ class Calibration:
     hidden: Rows
     bounds: list[int]
     rest: list[LayerInput]  # each sample's (arguments after the hidden states, keyword arguments)
+    float_hidden: Rows | None = None  # the same tokens' input to the float model's layer, when carried
 
     def __len__(self) -> int:
         return len(self.rest)
@@ -206,9 +212,10 @@ def compress_sequential(
     compress_group: GroupCompressor,
     last: bool,
     storage: Storage,
+    float_parts: PreNormParts | None = None,
 ) -> None:
     """Compress the layer group by group; the calibration's hidden states become the layer's
-    outputs, in place.
+    outputs, in place (and its float hidden states the float layer's, with `float_parts`).
 
     Token-wise parts (norms, projections, MLP) run over all samples' tokens in chunks; only
     attention runs sample by sample. Each part runs once: a norm's output is kept until the
@@ -217,35 +224,58 @@ def compress_sequential(
     never adds to the peak. The last layer's outputs are not computed. Every activation kept for
     all tokens is made by `storage` (activations.py).
     """
-    hidden, bounds = calibration.hidden, calibration.bounds
-    tokens = hidden.tokens
+    bounds, tokens = calibration.bounds, calibration.hidden.tokens
+    streams = [(parts, calibration.hidden)]
+    if float_parts is not None:
+        assert calibration.float_hidden is not None, "a float layer needs the float hidden states"
+        streams.append((float_parts, calibration.float_hidden))
 
-    normed = _collect(_per_token(parts.attn_norm, hidden.chunks()), tokens, storage, TOKEN_CHUNK)
-    compress_group(parts.groups[0], normed)
-    inner = _collect(
-        (
-            _attention_inner(parts, normed.read(bounds[i], bounds[i + 1]).unsqueeze(0), kwargs)[0]
-            for i, (_, kwargs) in enumerate(calibration.rest)
-        ),
-        tokens,
-        storage,
-        TOKEN_CHUNK,
-    )
-    normed.close()
+    def each(make: Callable[[PreNormParts, Rows], Rows]) -> list[Rows]:
+        return [make(p, hidden) for p, hidden in streams]
+
+    def compress(group: int, inputs: list[Rows]) -> None:
+        compress_group(parts.groups[group], inputs[0], inputs[1] if len(inputs) > 1 else None)
+
+    def close(rows: list[Rows]) -> None:
+        for r in rows:
+            r.close()
+
+    normed = each(lambda p, hidden: _collect(_per_token(p.attn_norm, hidden.chunks()), tokens, storage, TOKEN_CHUNK))
+    compress(0, normed)
+    inner = [
+        _collect(
+            (
+                _attention_inner(p, n.read(bounds[i], bounds[i + 1]).unsqueeze(0), kwargs)[0]
+                for i, (_, kwargs) in enumerate(calibration.rest)
+            ),
+            tokens,
+            storage,
+            TOKEN_CHUNK,
+        )
+        for (p, _), n in zip(streams, normed)
+    ]
+    close(normed)
     del normed
-    compress_group(parts.groups[1], inner)
-    _add_residual(hidden, inner, lambda x: _post(parts.post_attn_norm, parts.o_proj(x)))
-    inner.close()
+    compress(1, inner)
+    for (p, hidden), x in zip(streams, inner):
+        _add_residual(hidden, x, lambda x, p=p: _post(p.post_attn_norm, p.o_proj(x)))
+    close(inner)
     del inner
     trim_heap()  # what attention left on the heap, before the MLP's wider activations
 
-    normed = _collect(_per_token(parts.mlp_norm, _blocks(hidden, DROPPED_CHUNK)), tokens, storage, DROPPED_CHUNK, separate=True)
-    compress_group(parts.groups[2], normed)
+    normed = each(
+        lambda p, hidden: _collect(_per_token(p.mlp_norm, _blocks(hidden, DROPPED_CHUNK)), tokens, storage, DROPPED_CHUNK, separate=True)
+    )
+    compress(2, normed)
     # one buffer rather than separate pieces: the pieces would interleave with the MLP's
     # temporaries on the heap, which then grows by twice the activation
-    inner = _collect(_per_token(lambda x: _mlp_inner(parts, x), _consume(normed, MLP_CHUNK)), tokens, storage, TOKEN_CHUNK)
-    normed.close()
-    compress_group(parts.groups[3], inner)
+    inner = [
+        _collect(_per_token(lambda x, p=p: _mlp_inner(p, x), _consume(n, MLP_CHUNK)), tokens, storage, TOKEN_CHUNK)
+        for (p, _), n in zip(streams, normed)
+    ]
+    close(normed)
+    compress(3, inner)
     if not last:
-        _add_residual(hidden, inner, lambda x: _post(parts.post_mlp_norm, parts.down_proj(x)))
-    inner.close()
+        for (p, hidden), x in zip(streams, inner):
+            _add_residual(hidden, x, lambda x, p=p: _post(p.post_mlp_norm, p.down_proj(x)))
+    close(inner)

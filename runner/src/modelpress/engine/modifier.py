@@ -96,6 +96,11 @@ class Modifier(BaseModel):
         """Whether it reads X^T X of its Linears' inputs (GPTQ, SparseGPT, AWQ, imatrix_mse)."""
         return False
 
+    def needs_float_inputs(self) -> bool:
+        """Whether it reads the float model's inputs to its Linears beside the compressed model's
+        (GPTQ aimed at the float output): the pass then carries a float stream of hidden states."""
+        return False
+
     def needs_ranges(self) -> bool:
         """Whether it reads the inputs' ranges (static activation scales, smoothing); gathering
         them costs two passes over every input."""

@@ -3,9 +3,12 @@ load -> calibrate -> compress -> propagate -> write -> free.
 
 Each layer's inputs are the outputs of the already-compressed layer before it, so the error of
 earlier layers is seen (and, for GPTQ, compensated) by later ones. Peak memory is one layer plus
-the calibration activations.
+the calibration activations. A recipe that aims at the float model's outputs (GPTQ's
+`float_target`) also carries the float model's hidden states, through a float copy of each layer:
+one more layer and twice the activations.
 """
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -162,6 +165,24 @@ def run_layer_rows(layer: torch.nn.Module, calibration: Calibration, storage: St
     return Calibration(out, calibration.bounds, calibration.rest)
 
 
+def advance_float(layer: torch.nn.Module, calibration: Calibration, storage: Storage) -> None:
+    """The float hidden states become `layer`'s outputs (the float copy of a layer not split)."""
+    assert calibration.float_hidden is not None
+    floats = Calibration(calibration.float_hidden, calibration.bounds, calibration.rest)
+    calibration.float_hidden = run_layer_rows(layer, floats, storage).hidden  # type: ignore[union-attr]
+
+
+def carry_float(calibration: Calibration, storage: Storage) -> None:
+    """Start the float stream: layer 0's float inputs are the compressed model's (nothing before it is compressed)."""
+    hidden = calibration.hidden
+    floats = storage.rows(hidden.tokens, hidden.features, hidden.dtype, hidden.piece)
+    start = 0
+    for piece in hidden.chunks():
+        floats.write(start, piece)
+        start += piece.shape[0]
+    calibration.float_hidden = floats
+
+
 def _statistics_wanted(modifiers: list[Modifier]) -> tuple[bool, bool]:
     """Whether any modifier reads X^T X, and whether any reads input ranges."""
     return any(m.needs_hessians() for m in modifiers), any(m.needs_ranges() for m in modifiers)
@@ -220,30 +241,33 @@ def compress_layer_sequential(
     state: LayerState,
     last: bool,
     storage: Storage,
+    float_layer: torch.nn.Module | None = None,
 ) -> dict[str, QuantizedLinear] | None:
     """The one-pass path (see layer_pass.py), or None when the layer's layout is not known.
 
-    The hidden states of `inputs` become the layer's outputs in place.
+    The hidden states of `inputs` become the layer's outputs in place; with `float_layer` (the
+    layer's float copy), its float hidden states the float layer's.
     """
     parts = find_parts(layer)
     if parts is None or not reproduces_layer(layer, parts, inputs.sample(0)):
         return None
+    float_parts = find_parts(float_layer) if float_layer is not None else None
     quantized: dict[str, QuantizedLinear] = {}
     state.quantized = quantized
     hessians, ranges = _statistics_wanted(modifiers)
 
-    def compress_group(names: list[str], rows: Rows) -> None:
+    def compress_group(names: list[str], rows: Rows, float_rows: Rows | None) -> None:
         modules = {f"{prefix}{n}": layer.get_submodule(n) for n in names}
         modules = {n: m for n, m in modules.items() if any(n in plan for plan in plans)}
         if modules:
-            shared = group_stats(rows.chunks, hessians, ranges)
+            shared = group_stats(rows.chunks, hessians, ranges, float_rows.chunks if float_rows is not None else None)
             state.inputs = rows  # smoothing rescales them (and `shared`) in place to the smoothed model
             quantized.update(_apply_all(modifiers, plans, modules, {n: shared for n in modules}, state))
             state.inputs = None
             del shared
             trim_heap()  # the statistics and the algorithms' temporaries
 
-    compress_sequential(parts, inputs, compress_group, last, storage)
+    compress_sequential(parts, inputs, compress_group, last, storage, float_parts)
     return quantized
 
 
@@ -281,8 +305,11 @@ def run_pipeline(
                 writer.add(name, tensor)
         schemes.update(finished.schemes)
         reports.append(finished.report)
+    floats = inputs is not None and uses_data and any(m.needs_float_inputs() for m in modifiers)
+    if floats:
+        carry_float(inputs, storage)  # type: ignore[arg-type]
     if first and inputs is not None:
-        resume.load_activations(inputs.hidden)  # type: ignore[union-attr]
+        resume.load_activations(inputs.hidden, inputs.float_hidden)  # type: ignore[union-attr]
     ahead = ReadAhead(source) if source is not None else None
     try:
         for i in range(first, len(layers)):
@@ -303,14 +330,20 @@ def run_pipeline(
                 modifier.transform_layer(plan, layer, prefix)
             state = LayerState()
             last = i + 1 == len(layers)
+            float_layer = copy.deepcopy(layer) if floats else None
             done = None
             if inputs is not None and uses_data:
-                done = compress_layer_sequential(layer, prefix, modifiers, plans, inputs, state, last, storage)
+                done = compress_layer_sequential(layer, prefix, modifiers, plans, inputs, state, last, storage, float_layer)
             sequential = done is not None
             if done is None:
                 done = compress_layer(layer, prefix, modifiers, plans, inputs, state)
                 if inputs is not None and not last:
+                    if float_layer is not None:
+                        advance_float(float_layer, inputs, storage)
+                    float_hidden = inputs.float_hidden
                     inputs = run_layer_rows(layer, inputs, storage)
+                    inputs.float_hidden = float_hidden  # type: ignore[union-attr]
+            del float_layer
             recorder = LayerRecorder(writer) if resume is not None else None
             sink = recorder or writer
             if sink is not None:
@@ -326,7 +359,7 @@ def run_pipeline(
             if resume is not None and recorder is not None:
                 resume.save_layer(i, FinishedLayer(recorder.tensors, layer_schemes, report))
                 if inputs is not None and not last:
-                    resume.save_activations(i, inputs.hidden)
+                    resume.save_activations(i, inputs.hidden, inputs.float_hidden)
             del recorder
             if progress is not None:
                 per_layer = (time.monotonic() - start) / (i + 1 - first)

@@ -2,8 +2,9 @@
 
 After decoder layer i is compressed, its checkpoint tensors (as the writer got them), its schemes
 and its report go to `layer-i.pt`, then the hidden states layer i+1 reads to `activations-i.bin`
-(raw rows, written piece by piece from wherever they are kept, memory or disk) and
-`activations.json`, which names that file and replaces the previous layer's. A retry replays the finished layers into a fresh writer in the
+(raw rows, written piece by piece from wherever they are kept, memory or disk; the float model's
+beside them in `activations-i-float.bin` when the recipe carries them) and `activations.json`,
+which names those files and replaces the previous layer's. A retry replays the finished layers into a fresh writer in the
 same order, which gives the same shards byte for byte, and continues at the first unfinished
 layer. A layer whose activations were not saved yet is redone: a kill costs at most one layer.
 
@@ -111,32 +112,48 @@ class ResumeState:
         }
         _save(body, self._layer(i))
 
-    def load_activations(self, into: "Rows") -> None:
-        """The saved hidden states into `into`, piece by piece."""
+    def load_activations(self, into: "Rows", float_into: "Rows | None" = None) -> None:
+        """The saved hidden states into `into` (and the float model's into `float_into`), piece by piece."""
         saved = self._saved()
         assert saved is not None and saved["shape"] == [into.tokens, into.features] and saved["dtype"] == str(into.dtype)
-        with (self.folder / saved["file"]).open("rb") as f:
-            for start in range(0, into.tokens, into.piece):
-                rows = min(into.piece, into.tokens - start)
-                buffer = torch.empty(rows * into.features * into.dtype.itemsize, dtype=torch.uint8)
-                if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
-                    raise RuntimeError(f"{saved['file']} is shorter than its note says ({saved['shape']})")
-                into.write(start, buffer.view(into.dtype).view(rows, into.features))
+        _read_rows(self.folder / saved["file"], into)
+        if float_into is not None:
+            if saved.get("float_file") is None:
+                raise RuntimeError(f"{ACTIVATIONS} names no float hidden states, which this recipe carries")
+            _read_rows(self.folder / saved["float_file"], float_into)
 
-    def save_activations(self, after: int, hidden: "Rows") -> None:
-        """The rows to a file of their own, then the note naming it: a kill before the note leaves the previous pair."""
-        name = f"activations-{after:05d}.bin"
-        tmp = self.folder / f".{name}.tmp"
-        with tmp.open("wb") as f:
-            for piece in hidden.chunks():
-                f.write(memoryview(piece.detach().contiguous().cpu().view(torch.uint8).numpy()))
-            os.fsync(f.fileno())
-        tmp.replace(self.folder / name)
-        note = {"after": after, "file": name, "shape": [hidden.tokens, hidden.features], "dtype": str(hidden.dtype)}
+    def save_activations(self, after: int, hidden: "Rows", float_hidden: "Rows | None" = None) -> None:
+        """The rows to files of their own, then the note naming them: a kill before the note leaves the previous set."""
+        names = {"file": f"activations-{after:05d}.bin"}
+        if float_hidden is not None:
+            names["float_file"] = f"activations-{after:05d}-float.bin"
+        for key, rows in (("file", hidden), ("float_file", float_hidden)):
+            if rows is not None:
+                _write_rows(rows, self.folder / names[key])
+        note = {"after": after, **names, "shape": [hidden.tokens, hidden.features], "dtype": str(hidden.dtype)}
         _write_text(json.dumps(note), self.folder / ACTIVATIONS)
         for old in self.folder.glob("activations-*.bin"):
-            if old.name != name:
+            if old.name not in names.values():
                 old.unlink()
+
+
+def _write_rows(rows: "Rows", path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        for piece in rows.chunks():
+            f.write(memoryview(piece.detach().contiguous().cpu().view(torch.uint8).numpy()))
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _read_rows(path: Path, into: "Rows") -> None:
+    with path.open("rb") as f:
+        for start in range(0, into.tokens, into.piece):
+            rows = min(into.piece, into.tokens - start)
+            buffer = torch.empty(rows * into.features * into.dtype.itemsize, dtype=torch.uint8)
+            if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
+                raise RuntimeError(f"{path.name} is shorter than its note says ({[into.tokens, into.features]})")
+            into.write(start, buffer.view(into.dtype).view(rows, into.features))
 
 
 def _write_text(text: str, path: Path) -> None:

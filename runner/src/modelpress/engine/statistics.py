@@ -3,7 +3,8 @@
 Gathered per Linear by a forward pre-hook while a decoder layer runs over the calibration set
 (or per group of Linears from their shared input, on the sequential path): token count, input
 range, per-channel input maxima (SmoothQuant, AWQ) and, when asked, X^T X, from which GPTQ and
-SparseGPT take their Hessian and AWQ its output error.
+SparseGPT take their Hessian and AWQ its output error; and, for GPTQ aimed at the float model,
+(X_float - X)^T X, how far the float model's inputs to the same Linears lie from these.
 """
 
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ class ActivationStats:
     channel_absmax: torch.Tensor | None = None
     xtx: torch.Tensor | None = field(default=None, repr=False)
     made_hessian: bool = field(default=False, repr=False)  # `xtx` holds H = 2 X^T X / n now (see `hessian`)
+    cross: torch.Tensor | None = field(default=None, repr=False)  # sum of (x_float - x)^T x, [in, in]
 
     def update(self, x: torch.Tensor, with_hessian: bool, with_ranges: bool = True) -> None:
         if self.made_hessian:
@@ -42,6 +44,23 @@ class ActivationStats:
             if self.xtx is None:
                 self.xtx = x.new_zeros(x.shape[1], x.shape[1])
             add_upper_gram(self.xtx, x)
+
+    def update_drift(self, x: torch.Tensor, x_float: torch.Tensor) -> None:
+        """Add (x_float - x)^T x of tokens `update` has counted (or will): the same rows of both models."""
+        if x.shape != x_float.shape:
+            raise RuntimeError(f"float inputs {tuple(x_float.shape)} do not match the inputs {tuple(x.shape)}")
+        x = x.reshape(-1, x.shape[-1]).float()
+        d = x_float.reshape(x.shape).float() - x
+        if self.cross is None:
+            self.cross = x.new_zeros(x.shape[1], x.shape[1])
+        self.cross.addmm_(d.T, x)
+
+    @property
+    def drift(self) -> torch.Tensor:
+        """2 (X_float - X)^T X / n: the cross term in the Hessian's scale (see gptq.float_target)."""
+        if self.cross is None:
+            raise RuntimeError("the float model's inputs were not collected for this module")
+        return self.cross * (2.0 / self.tokens)
 
     @property
     def gram(self) -> torch.Tensor:
@@ -132,9 +151,19 @@ class StatsCollector:
         return record
 
 
-def group_stats(rows: Callable[[], Iterator[torch.Tensor]], with_hessian: bool, with_ranges: bool) -> ActivationStats:
-    """Statistics of one group's input: X^T X as a few large products over all tokens."""
+def group_stats(
+    rows: Callable[[], Iterator[torch.Tensor]],
+    with_hessian: bool,
+    with_ranges: bool,
+    float_rows: Callable[[], Iterator[torch.Tensor]] | None = None,
+) -> ActivationStats:
+    """Statistics of one group's input: X^T X as a few large products over all tokens; with
+    `float_rows` (the float model's input to the same group, in pieces of the same sizes) the
+    cross term too."""
     stats = ActivationStats()
+    floats = float_rows() if float_rows is not None else None
     for chunk in rows():
         stats.update(chunk, with_hessian, with_ranges)
+        if floats is not None:
+            stats.update_drift(chunk, next(floats))
     return stats

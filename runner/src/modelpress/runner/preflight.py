@@ -10,7 +10,9 @@ then what the stage adds:
   attention's output, or the MLP's inner activation ([tokens, intermediate], the widest), plus the
   MLP's per-chunk temporaries. Those kept activations take the model's dtype in memory, 16 bits
   with a compact `activation_storage`, or only the pieces in use when they are spilled to disk
-  (activations.py); one group's X^T X at a time (float32, input features squared), and while GPTQ
+  (activations.py). GPTQ aimed at the float model (`float_target`) keeps every one of those
+  activations twice (the float model's beside the compressed model's), a float copy of the layer,
+  and the cross term and a damped factor beside the Hessian. One group's X^T X at a time (float32, input features squared), and while GPTQ
   or SparseGPT solves it, the Hessian and the damped inverse's factors (two more matrices of that
   size at once) and float32 copies of the stacked weights. The embeddings and head are not held
   while the layers are compressed: they are read before (to embed the samples) and after (to be
@@ -57,6 +59,9 @@ PROMPT_TOKENS = 256  # a prompt's tokens, for the answers' KV cache
 # sweep (the Hessian, the inverse factor) with float32 copies of the stacked weight (in sweep
 # order, in natural order, the observer's grouped copy); the stack itself is in the weights' dtype
 HESSIAN_COPIES = 3
+# float_target's move (gptq.float_target): the cross term and the damped Hessian's factor, beside
+# the Hessian, before the solve's own copies
+FLOAT_TARGET_COPIES = 2
 SWEEP_HESSIANS = 2
 WEIGHT_COPIES = 3
 # round-to-nearest of a weight: one float32 temporary and the dequantized weight (gptq.py,
@@ -212,6 +217,7 @@ class Work:
     samples: int = 0  # calibration samples; 0: the recipe reads no data
     sequence: int = 0  # tokens per calibration sample
     hessians: bool = False  # X^T X per group (GPTQ, SparseGPT, AWQ), and a second-order solve
+    float_stream: bool = False  # the float model's activations carried beside the compressed ones (float_target)
     self_generated: bool = False
     perplexity_tokens: int = 0  # 0: no perplexity
     prompts: int = 0
@@ -235,12 +241,13 @@ class Stage:
     largest: str  # what takes the most of it, for people
 
 
-def _solve_bytes(shape: Shape, hessians: bool) -> int:
+def _solve_bytes(shape: Shape, hessians: bool, float_stream: bool = False) -> int:
     """The widest temporaries of compressing one layer's weights: a second-order solve of a stack
     sharing one input (its X^T X included), or round-to-nearest of a Linear."""
     d = shape.dtype_bytes
     if hessians:
-        return max(max(F32 * HESSIAN_COPIES * c * c, F32 * (SWEEP_HESSIANS * c * c + WEIGHT_COPIES * r * c)) + d * r * c
+        copies = HESSIAN_COPIES + (FLOAT_TARGET_COPIES if float_stream else 0)
+        return max(max(F32 * copies * c * c, F32 * (SWEEP_HESSIANS * c * c + WEIGHT_COPIES * r * c)) + d * r * c
                    for r, c in shape.stacks())
     return max((ROUNDING_TEMPORARIES + d) * r * c for r, c in shape.linears())
 
@@ -266,12 +273,14 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
         largest = "the widest decoder layer" if layer > outside + head else "the embeddings and head"
         return Stage("compress", base + holes + max(layer, outside + head), largest)
     tokens = work.tokens
-    kept = _kept_bytes(work.activations, d)
+    streams = 2 if work.float_stream else 1
+    kept = _kept_bytes(work.activations, d) * streams  # every kept activation, in each stream
     hidden = tokens * h * kept
     base += holes + ARENAS + tokens * 24  # and the samples' token ids: tensors, the dataset handed to the engine, its copy
-    resident = base + _layer_bytes(shape) + _pieces_in_use(shape, work)
+    float_layer = shape.layer_params * d if work.float_stream else 0
+    resident = base + _layer_bytes(shape) + float_layer + streams * _pieces_in_use(shape, work)
     upcast = min(tokens, TOKEN_CHUNK) * max(c for _, c in shape.stacks()) * F32 if d != F32 else 0  # a chunk of input, in float32
-    solve = _solve_bytes(shape, work.hessians) + upcast
+    solve = _solve_bytes(shape, work.hessians, work.float_stream) + streams * upcast
     if shape.moe:  # generic path: inputs, outputs, every X^T X of the layer, per-sample temporaries
         per_sample = MLP_TEMPORARIES * work.sequence * max(shape.expert_intermediate, shape.shared_intermediate) * d
         grams = shape.layer_gram_bytes() if work.hessians else 0
@@ -491,7 +500,7 @@ def head_ignored(ignore: list[str]) -> bool:
 
 def job_work(spec: JobSpec, modifiers: list[Any], on_host: bool, kv_cache_gib: float = 0.0) -> Work:
     """What the job asks of the model, from its spec and its recipe's modifiers (read by their
-    `needs_data`, `needs_hessians`, `quantizes` and `ignore`); `kv_cache_gib` is the servable
+    `needs_data`, `needs_hessians`, `needs_float_inputs`, `quantizes` and `ignore`); `kv_cache_gib` is the servable
     check's KV cache (VLLM_CPU_KVCACHE_SPACE)."""
     needs_data = any(m.needs_data() for m in modifiers)
     calibration, evaluation = spec.calibration, spec.evaluation
@@ -501,6 +510,7 @@ def job_work(spec: JobSpec, modifiers: list[Any], on_host: bool, kv_cache_gib: f
         samples=calibration.num_samples if needs_data else 0,
         sequence=sequence if needs_data else 0,
         hessians=any(m.needs_hessians() for m in modifiers),
+        float_stream=needs_data and any(m.needs_float_inputs() for m in modifiers),
         self_generated=self_generated and needs_data,
         perplexity_tokens=evaluation.perplexity.max_tokens if evaluation.perplexity is not None else 0,
         prompts=len(evaluation.prompts),
