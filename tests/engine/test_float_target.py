@@ -129,3 +129,15 @@ def test_a_killed_float_target_run_resumes_with_its_float_stream_to_the_same_byt
     assert events[0].resumed_at == 1
     digest = lambda d: {p.name: p.read_bytes() for p in d.glob("*.safetensors")}  # noqa: E731
     assert digest(tmp_path / "b") == digest(tmp_path / "whole")
+
+
+def test_both_streams_spilled_to_disk_give_the_bytes_of_an_in_memory_run(llama_dir: Path, tmp_path: Path) -> None:
+    recipe = GPTQModifier(**W4, float_target=0.5)
+    kept = {}
+    for storage in ("memory", "disk"):
+        out = tmp_path / storage
+        oneshot(model=llama_dir, recipe=recipe, dataset=CORPUS, num_calibration_samples=8, max_seq_length=32, output_dir=out,
+                activation_storage=storage, spill_dir=tmp_path / "spill")
+        kept[storage] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    assert kept["disk"] == kept["memory"]
+    assert list((tmp_path / "spill").iterdir()) == []  # both streams' pieces removed
