@@ -111,6 +111,11 @@ MATRIX = [
            RECIPES / "gptq_w4a16_sym_g64_group_aware.yaml", NO_LLMC),
     Recipe("gptq-w4a16-asym-g64-group-aware", "GPTQ W4A16 asym g64, group-aware order",
            RECIPES / "gptq_w4a16_asym_g64_group_aware.yaml", NO_LLMC),
+    # GPTQ aimed at the float model's output: GPTQModel's equal is GPTAQ with the same alpha; llm-compressor has none
+    Recipe("gptq-w4a16-g64-float", "GPTQ W4A16 g64, float_target 0.5 (GPTQModel: GPTAQ 0.5)",
+           RECIPES / "gptq_w4a16_g64_float.yaml", NO_LLMC),
+    Recipe("gptq-w4a16-asym-g64-float", "GPTQ W4A16 asym g64, float_target 0.5 (GPTQModel: GPTAQ 0.5)",
+           RECIPES / "gptq_w4a16_asym_g64_float.yaml", NO_LLMC),
     Recipe("awq-w4a16-g64", "AWQ W4A16 g64", RECIPES / "awq_w4a16_g64.yaml", NO_GPTQMODEL),
     Recipe("smoothquant-gptq-w8a8", "SmoothQuant 0.8 + GPTQ W8A8", RECIPES / "smoothquant_gptq_w8a8.yaml", NO_GPTQMODEL,
            target=(0.3, 0.6)),

@@ -53,10 +53,12 @@ METHODS = {
     "spinquant_hadamard_gptq": "SpinQuant R1/R2 Hadamard(64) + GPTQ",
 }
 OBSERVED = ("gptq", "spinquant_hadamard_gptq")  # the methods run with each observer
-# observer -> the recipe file's suffix; imatrix_mse+ends: ModelPress's `separate_ends` search, and
-# imatrix_mse+float: GPTQ's `float_target` 0.5 (aimed at the float model's output); no peer has either
+# observer -> the recipe file's suffix; imatrix_mse+ends: ModelPress's `separate_ends` search (no
+# peer has it), and +float: GPTQ's `float_target` 0.5, aimed at the float model's output (GPTQModel's
+# GPTAQ with the same alpha is its equal, llm-compressor has none)
 OBSERVERS = {
     "minmax": "",
+    "minmax+float": "float",
     "imatrix_mse": "imatrix",
     "imatrix_mse+ends": "imatrix_ends",
     "imatrix_mse+float": "imatrix_float",
@@ -108,8 +110,10 @@ class Cell:
 
     def recipe(self) -> Recipe:
         """The compare_bench recipe; a peer without this method or observer is mapped to None."""
-        peers: dict[str, Path | None] = {} if self.method in ("gptq", "awq") and self.observer == "minmax" else {GPTQMODEL: None}
-        if self.observer in ("imatrix_mse+ends", "imatrix_mse+float"):
+        observer, _, variant = self.observer.partition("+")
+        gptqmodel_has = self.method in ("gptq", "awq") and observer == "minmax" and variant in ("", "float")
+        peers: dict[str, Path | None] = {} if gptqmodel_has else {GPTQMODEL: None}
+        if variant:
             peers[LLMC] = None
         return Recipe(self.name, self.label, RECIPES / f"{self.stem}.yaml", peers=peers)
 
@@ -126,6 +130,7 @@ def _cells() -> list[Cell]:
     ]
     cells.append(Cell("spinquant_hadamard_gptq", False, "g64", "imatrix_mse+ends"))
     cells += [Cell(method, False, "g64", "imatrix_mse+float") for method in OBSERVED]
+    cells.append(Cell("gptq", False, "g64", "minmax+float"))
 
     def order(c: Cell) -> tuple[str, int]:
         key = (c.method, c.symmetric, c.observer)

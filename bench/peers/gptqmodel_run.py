@@ -64,7 +64,7 @@ def _only_modifier(document: Any) -> dict[str, Any]:
 
 def _weights(args: dict[str, Any]) -> dict[str, Any]:
     """The one config group's weight arguments, refused unless GPTQModel quantizes the same Linears."""
-    unknown = set(args) - {"ignore", "config_groups", "targets", "dampening_frac", "actorder", "block_size"}
+    unknown = set(args) - {"ignore", "config_groups", "targets", "dampening_frac", "actorder", "block_size", "float_target"}
     if unknown:
         raise RecipeError(f"GPTQModifier.{sorted(unknown)[0]}: not mapped to GPTQModel; remove it to compare with it")
     if set(args.get("ignore") or []) - {"lm_head"} or "lm_head" not in (args.get("ignore") or []):
@@ -119,7 +119,11 @@ def quantize_config_fields(document: Any) -> dict[str, Any]:
     frac = args.get("dampening_frac", DAMPENING_FRAC)
     if not isinstance(frac, (int, float)) or not 0 < frac < 1:
         raise RecipeError(f"GPTQModifier.dampening_frac: {frac!r}; GPTQModel's damp_percent needs 0 < value < 1")
+    toward_float = args.get("float_target", 0.0)
+    if not isinstance(toward_float, (int, float)) or not 0 <= toward_float <= 1:
+        raise RecipeError(f"GPTQModifier.float_target: {toward_float!r}; give a number from 0 to 1")
     return {
+        **({"gptaq": {"alpha": float(toward_float), "device": "cpu"}} if toward_float else {}),
         "bits": weights["num_bits"],
         "group_size": weights["group_size"],
         "sym": bool(weights.get("symmetric", True)),

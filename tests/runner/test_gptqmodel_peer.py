@@ -55,6 +55,16 @@ def test_static_actorder_is_desc_act_with_static_groups() -> None:
     assert DRIVER.quantize_config_fields(document)["damp_percent"] == 0.05
 
 
+def test_float_target_is_gptaq_with_the_same_alpha() -> None:
+    fields = DRIVER.quantize_config_fields(_recipe("gptq_w4a16_asym_g64_float.yaml"))
+    assert fields["gptaq"] == {"alpha": 0.5, "device": "cpu"} and fields["sym"] is False
+    assert "gptaq" not in DRIVER.quantize_config_fields(_recipe("gptq_w4a16_asym_g64.yaml"))
+    document = _recipe("gptq_w4a16_asym_g64_float.yaml")
+    _gptq_args(document)["float_target"] = 2
+    with pytest.raises(DRIVER.RecipeError, match="GPTQModifier.float_target: 2; give a number from 0 to 1"):
+        DRIVER.quantize_config_fields(document)
+
+
 def _changed(path: tuple[str, ...], value: Any) -> dict[str, Any]:
     document = copy.deepcopy(_recipe("gptq_w4a16_sym_g64_group_aware.yaml"))
     node = _gptq_args(document)

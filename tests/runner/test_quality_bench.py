@@ -16,7 +16,7 @@ from modelpress.engine.spinquant import SpinQuantModifier  # noqa: E402
 
 def test_every_cell_is_a_recipe_the_engine_reads_and_priority_a_comes_first() -> None:
     names = [c.name for c in quality_bench.CELLS]
-    assert len(names) == len(set(names)) == 35
+    assert len(names) == len(set(names)) == 36
     for cell in quality_bench.CELLS:
         file = quality_bench.RECIPES / f"{cell.stem}.yaml"
         modifiers = load_recipe(file)
@@ -28,6 +28,8 @@ def test_every_cell_is_a_recipe_the_engine_reads_and_priority_a_comes_first() ->
         assert weights.get("observer_kwargs", {}).get("separate_ends", False) == (variant == "ends")
         assert getattr(modifiers[-1], "float_target", 0.0) == (0.5 if variant == "float" else 0.0)
         assert (cell.recipe().for_peer("llmcompressor") is None) == bool(variant)
+        gptqmodel = cell.method == "gptq" and observer == "minmax" and variant in ("", "float")
+        assert (cell.recipe().for_peer("gptqmodel") is not None) == (gptqmodel or cell.method == "awq" and observer == "minmax")
         assert quality_bench.group_size(file) == {"g64": 64, "g128": 128, "ch": None}[cell.grouping]
     first = quality_bench.CELLS[: len(quality_bench.FIRST)]
     assert [c.priority for c in first] == ["a"] * len(quality_bench.FIRST)
