@@ -283,8 +283,9 @@ def test_a_float_target_recipe_counts_its_float_stream() -> None:
 
     shape = Shape.from_config(LLAMA_8B)
     floats = replace(GPTQ, float_stream=True)
-    # every kept activation twice (8B, 512 x 2048 tokens: 44-52 GiB of them in one stream), one more layer
-    assert 1.8 * peak(shape, GPTQ) < peak(shape, floats) < 2.1 * peak(shape, GPTQ)
+    # every kept activation twice (8B, 512 x 2048 tokens: 44-52 GiB of them in one stream) but the MLP
+    # norm output of one stream at a time, and one more layer
+    assert 1.7 * peak(shape, GPTQ) < peak(shape, floats) < 2.0 * peak(shape, GPTQ)
     assert peak(shape, replace(floats, activations="disk")) < peak(shape, GPTQ)  # spilled, both streams stay on disk
     spec = JobSpec.model_validate({"model": {"uri": "hf://a/b"}, "output": {"uri": "s3://bucket/out"}, "recipe": {"preset": "W4A16"},
                                  "calibration": {"dataset": "self-generated"}})

@@ -293,7 +293,8 @@ def _compress(shape: Shape, work: Work, base: int) -> Stage:
         2 * hidden + solve,  # the hidden states and the attention's norm output
         2 * hidden + attention + scores,
         hidden + attention + solve,
-        2 * hidden + inner + MLP_TEMPORARIES * min(tokens, MLP_CHUNK) * shape.intermediate * d,
+        # the MLP's norm output drains as its inner activation is built, one stream at a time
+        hidden + hidden // streams + inner + MLP_TEMPORARIES * min(tokens, MLP_CHUNK) * shape.intermediate * d,
         hidden + inner + solve,
     ]
     return Stage("compress", max(resident + max(phases), base + outside + hidden), f"calibration activations, {human_bytes(hidden + inner)}")
