@@ -116,6 +116,11 @@ MATRIX = [
            RECIPES / "gptq_w4a16_g64_float.yaml", NO_LLMC),
     Recipe("gptq-w4a16-asym-g64-float", "GPTQ W4A16 asym g64, float_target 0.5 (GPTQModel: GPTAQ 0.5)",
            RECIPES / "gptq_w4a16_asym_g64_float.yaml", NO_LLMC),
+    # at GPTQModel's recommended alpha
+    Recipe("gptq-w4a16-g64-float25", "GPTQ W4A16 g64, float_target 0.25 (GPTQModel: GPTAQ 0.25)",
+           RECIPES / "gptq_w4a16_g64_float25.yaml", NO_LLMC),
+    Recipe("gptq-w4a16-asym-g64-float25", "GPTQ W4A16 asym g64, float_target 0.25 (GPTQModel: GPTAQ 0.25)",
+           RECIPES / "gptq_w4a16_asym_g64_float25.yaml", NO_LLMC),
     Recipe("awq-w4a16-g64", "AWQ W4A16 g64", RECIPES / "awq_w4a16_g64.yaml", NO_GPTQMODEL),
     Recipe("smoothquant-gptq-w8a8", "SmoothQuant 0.8 + GPTQ W8A8", RECIPES / "smoothquant_gptq_w8a8.yaml", NO_GPTQMODEL,
            target=(0.3, 0.6)),
