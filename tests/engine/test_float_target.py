@@ -141,3 +141,33 @@ def test_both_streams_spilled_to_disk_give_the_bytes_of_an_in_memory_run(llama_d
         kept[storage] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
     assert kept["disk"] == kept["memory"]
     assert list((tmp_path / "spill").iterdir()) == []  # both streams' pieces removed
+
+
+def test_a_kill_between_the_two_activation_files_resumes_from_the_previous_pair(
+    tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelpress.engine import resume
+
+    model = make_model("llama", tmp_path / "m", tokenizer_dir, num_hidden_layers=4)
+    recipe = GPTQModifier(**W4, float_target=0.5)
+    run = lambda out, events: oneshot(model=model, recipe=recipe, dataset=CORPUS, num_calibration_samples=8,  # noqa: E731
+                                      max_seq_length=32, output_dir=out, progress=events.append, resume_dir=tmp_path / "layers")
+    real, written = resume._write_rows, []
+
+    def dies_on_the_second_float_file(rows, path: Path) -> None:
+        written.append(path.name)
+        if path.name == "activations-00001-float.bin":
+            raise RuntimeError("killed")  # layer 1's compressed rows are written, its float rows are not
+        real(rows, path)
+
+    monkeypatch.setattr(resume, "_write_rows", dies_on_the_second_float_file)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "a", [])
+    monkeypatch.setattr(resume, "_write_rows", real)
+    assert written[-2:] == ["activations-00001.bin", "activations-00001-float.bin"]
+    events: list = []
+    run(tmp_path / "b", events)
+    assert events[0].resumed_at == 1  # layer 1 is redone from layer 0's pair, not from a half-written set
+    oneshot(model=model, recipe=recipe, dataset=CORPUS, num_calibration_samples=8, max_seq_length=32, output_dir=tmp_path / "whole")
+    digest = lambda d: {p.name: p.read_bytes() for p in d.glob("*.safetensors")}  # noqa: E731
+    assert digest(tmp_path / "b") == digest(tmp_path / "whole")

@@ -20,7 +20,8 @@ from modelpress.engine.modifier import LayerState, Plan, Planned
 from modelpress.engine.quantize import Observer, QParams, QuantizedLinear, dequantize, minmax_qparams, qrange, weight_observer
 from modelpress.engine.rtn import QuantizationModifier, importance, input_qparams
 from modelpress.engine.smoothing import SmoothingModifier
-from modelpress.engine.second_order import activation_order, aligned_block_size, group_aware_order, inverse_hessian, one_thread, sweep
+from modelpress.engine.second_order import (activation_order, aligned_block_size, damped_cholesky, group_aware_order, inverse_hessian,
+                                            one_thread, sweep)
 from modelpress.engine.statistics import ActivationStats
 from modelpress.engine.weights import find_decoder_layers
 
@@ -137,23 +138,13 @@ def float_target(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tenso
     same Hessian and a moved target; `drift` is the cross term in the Hessian's scale
     (ActivationStats.drift). `alpha` takes that fraction of the move: the cross term comes from
     the calibration tokens only, and the whole move fits them too closely. H is damped as GPTQ
-    damps it, raised tenfold until it factors.
+    damps it (second_order.damped_cholesky).
     """
     dtype = torch.promote_types(weight.dtype, torch.float32)
     w = weight.to(dtype)
-    diag = hessian.diagonal().to(dtype)
-    mean = diag.mean()
-    frac = dampening_frac
-    while True:
-        damped = hessian.to(dtype, copy=True)
-        damped.diagonal().add_(frac * mean + (diag == 0).to(dtype))
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if info == 0:
-            break
-        if frac >= 1:
-            raise ModelPressError("GPTQModifier.float_target: the Hessian does not factor even damped; set float_target 0")
-        frac *= 10
+    diag = hessian.diagonal().to(dtype, copy=True)
+    diag[diag == 0] = 1.0
+    lower, _ = damped_cholesky(lambda: hessian.to(dtype, copy=True), diag, diag.mean(), dampening_frac)
     # W C H^-1 = (H^-1 C^T W^T)^T, H symmetric
     return (w + alpha * torch.cholesky_solve(drift.to(dtype).T @ w.T, lower).T).to(weight.dtype)
 

@@ -177,7 +177,8 @@ def _per_token(fn: Callable[[torch.Tensor], torch.Tensor], chunks: Iterable[torc
         yield fn(chunk.unsqueeze(0))[0]
 
 
-def _collect(chunks: Iterator[torch.Tensor], tokens: int, storage: Storage, piece: int, separate: bool = False) -> Rows:
+def collect(chunks: Iterator[torch.Tensor], tokens: int, storage: Storage, piece: int, separate: bool = False) -> Rows:
+    """New Rows of `storage` in pieces of `piece` rows, filled from `chunks` in order."""
     out = None
     start = 0
     for y in chunks:
@@ -240,10 +241,10 @@ def compress_sequential(
         for r in rows:
             r.close()
 
-    normed = each(lambda p, hidden: _collect(_per_token(p.attn_norm, hidden.chunks()), tokens, storage, TOKEN_CHUNK))
+    normed = each(lambda p, hidden: collect(_per_token(p.attn_norm, hidden.chunks()), tokens, storage, TOKEN_CHUNK))
     compress(0, normed)
     inner = [
-        _collect(
+        collect(
             (
                 _attention_inner(p, n.read(bounds[i], bounds[i + 1]).unsqueeze(0), kwargs)[0]
                 for i, (_, kwargs) in enumerate(calibration.rest)
@@ -264,13 +265,13 @@ def compress_sequential(
     trim_heap()  # what attention left on the heap, before the MLP's wider activations
 
     normed = each(
-        lambda p, hidden: _collect(_per_token(p.mlp_norm, _blocks(hidden, DROPPED_CHUNK)), tokens, storage, DROPPED_CHUNK, separate=True)
+        lambda p, hidden: collect(_per_token(p.mlp_norm, _blocks(hidden, DROPPED_CHUNK)), tokens, storage, DROPPED_CHUNK, separate=True)
     )
     compress(2, normed)
     # one buffer rather than separate pieces: the pieces would interleave with the MLP's
     # temporaries on the heap, which then grows by twice the activation
     inner = [
-        _collect(_per_token(lambda x, p=p: _mlp_inner(p, x), _consume(n, MLP_CHUNK)), tokens, storage, TOKEN_CHUNK)
+        collect(_per_token(lambda x, p=p: _mlp_inner(p, x), _consume(n, MLP_CHUNK)), tokens, storage, TOKEN_CHUNK)
         for (p, _), n in zip(streams, normed)
     ]
     close(normed)

@@ -19,7 +19,7 @@ from compressed_tensors.quantization import QuantizationScheme
 
 from modelpress.engine.checkpoint_writer import ShardedSafetensorsWriter, write_module
 from modelpress.engine.activations import Rows, Storage
-from modelpress.engine.layer_pass import TOKEN_CHUNK, Calibration, LayerInput, compress_sequential, find_parts, reproduces_layer
+from modelpress.engine.layer_pass import TOKEN_CHUNK, Calibration, LayerInput, collect, compress_sequential, find_parts, reproduces_layer
 from modelpress.engine.modifier import LayerState, Modifier, Plan
 from modelpress.engine.quantize import QuantizedLinear
 from modelpress.engine.resume import FinishedLayer, LayerRecorder, ResumeState
@@ -162,7 +162,7 @@ def run_layer_rows(layer: torch.nn.Module, calibration: Calibration, storage: St
     if out is None:
         return None
     calibration.hidden.close()
-    return Calibration(out, calibration.bounds, calibration.rest)
+    return Calibration(out, calibration.bounds, calibration.rest, calibration.float_hidden)
 
 
 def advance_float(layer: torch.nn.Module, calibration: Calibration, storage: Storage) -> None:
@@ -175,12 +175,7 @@ def advance_float(layer: torch.nn.Module, calibration: Calibration, storage: Sto
 def carry_float(calibration: Calibration, storage: Storage) -> None:
     """Start the float stream: layer 0's float inputs are the compressed model's (nothing before it is compressed)."""
     hidden = calibration.hidden
-    floats = storage.rows(hidden.tokens, hidden.features, hidden.dtype, hidden.piece)
-    start = 0
-    for piece in hidden.chunks():
-        floats.write(start, piece)
-        start += piece.shape[0]
-    calibration.float_hidden = floats
+    calibration.float_hidden = collect(hidden.chunks(), hidden.tokens, storage, hidden.piece)
 
 
 def _statistics_wanted(modifiers: list[Modifier]) -> tuple[bool, bool]:
@@ -340,9 +335,7 @@ def run_pipeline(
                 if inputs is not None and not last:
                     if float_layer is not None:
                         advance_float(float_layer, inputs, storage)
-                    float_hidden = inputs.float_hidden
                     inputs = run_layer_rows(layer, inputs, storage)
-                    inputs.float_hidden = float_hidden  # type: ignore[union-attr]
             del float_layer
             recorder = LayerRecorder(writer) if resume is not None else None
             sink = recorder or writer

@@ -61,26 +61,36 @@ def inverse_hessian(hessian: torch.Tensor, dampening_frac: float, order: torch.T
     diag = torch.diag(hessian).float()[order]
     dead = diag == 0
     diag[dead] = 1.0
-    mean = diag.mean()
     # With J the column reversal, J H J = M M^T gives H = V V^T for the upper V = J M J, so
     # U = V^-1 is upper with U^T U = H^-1: one factorisation and one triangular inverse.
     reverse = order.flip(0)
+    # J H J, in `order`: one copy per try
+    lower, frac = damped_cholesky(lambda: hessian[reverse[:, None], reverse].float(), diag.flip(0), diag.mean(), dampening_frac)
+    upper_factor = lower.flip(0, 1)
+    del lower
+    # solved in place into the identity, laid out by columns as LAPACK works (and as a
+    # solve into a new tensor returns it, so the result is the same to the bit)
+    upper = torch.eye(n, dtype=upper_factor.dtype, device=upper_factor.device).T
+    torch.linalg.solve_triangular(upper_factor, upper, upper=True, out=upper)
+    if frac != dampening_frac:
+        log.warning("Hessian not positive definite: dampening raised from %g to %g", dampening_frac, frac)
+    return InverseHessian(upper, dead, frac)
+
+
+def damped_cholesky(
+    copy: Callable[[], torch.Tensor], diag: torch.Tensor, mean: torch.Tensor, dampening_frac: float
+) -> tuple[torch.Tensor, float]:
+    """The lower Cholesky factor of the matrix `copy()` makes, its diagonal replaced by `diag` +
+    frac x `mean` (dead columns already given a unit `diag`); frac starts at `dampening_frac` and
+    is raised tenfold until the factorisation holds. Returns the factor and the fraction used."""
     frac = dampening_frac
     while frac <= MAX_DAMPENING:
-        flipped = hessian[reverse[:, None], reverse].float()  # J H J, in `order`: one copy
-        flipped.diagonal().copy_((diag + frac * mean).flip(0))
-        lower, info = torch.linalg.cholesky_ex(flipped)
-        del flipped
+        matrix = copy()
+        matrix.diagonal().copy_(diag + frac * mean)
+        lower, info = torch.linalg.cholesky_ex(matrix)
+        del matrix
         if info == 0:
-            upper_factor = lower.flip(0, 1)
-            del lower
-            # solved in place into the identity, laid out by columns as LAPACK works (and as a
-            # solve into a new tensor returns it, so the result is the same to the bit)
-            upper = torch.eye(n, dtype=upper_factor.dtype, device=upper_factor.device).T
-            torch.linalg.solve_triangular(upper_factor, upper, upper=True, out=upper)
-            if frac != dampening_frac:
-                log.warning("Hessian not positive definite: dampening raised from %g to %g", dampening_frac, frac)
-            return InverseHessian(upper, dead, frac)
+            return lower, frac
         del lower
         frac *= 10
     raise ModelPressError(
