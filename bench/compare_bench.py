@@ -88,6 +88,10 @@ class Settings:
     perplexity_tokens: int
     repeats: int
     perplexity: bool
+    # disjoint sets of calibration windows, each run and measured on its own; perplexity is their mean.
+    # One run's perplexity moves by a percent or two with any change to the arithmetic (GPTQ's
+    # roundings cascade through the layers), more than most differences between recipes
+    draws: int = 1
 
 
 @dataclass
@@ -226,24 +230,34 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def compare_case(model_name: str, model: Path, recipe: Recipe, peers: list[Peer], windows: Path, settings: Settings,
+def compare_case(model_name: str, model: Path, recipe: Recipe, peers: list[Peer], windows: list[Path], settings: Settings,
                  work: Path) -> dict[str, Any]:
-    """Every side of one model and recipe, run in turn `repeats` times, then each output's perplexity."""
+    """Every side of one model and recipe, run in turn `repeats` times on each draw of windows, then
+    each output's perplexity; with several draws, the perplexity is their mean."""
     sides = [(OURS, sys.executable, BENCH / "peers" / "modelpress_run.py", recipe.ours)]
     sides += [(p.name, p.python, p.driver, recipe.for_peer(p.name)) for p in peers if recipe.for_peer(p.name) is not None]
     runs: dict[str, list[Run]] = {name: [] for name, *_ in sides}
+    perplexities: dict[str, list[float | None]] = {name: [] for name, *_ in sides}
     case_dir = work / model_name / recipe.name
-    (case_dir / "logs").mkdir(parents=True, exist_ok=True)
-    for attempt in range(settings.repeats):
-        for name, python, driver, file in sides:
-            run = run_side(Path(python), driver, model, file, windows, case_dir / name, case_dir / "logs" / f"{name}-{attempt}")
-            print(json.dumps({"model": model_name, "recipe": recipe.name, "side": name, "attempt": attempt, **asdict(run)}),
-                  file=sys.stderr, flush=True)
-            runs[name].append(run)
+    for draw, draw_windows in enumerate(windows):
+        draw_dir = case_dir if len(windows) == 1 else case_dir / f"draw-{draw}"
+        (draw_dir / "logs").mkdir(parents=True, exist_ok=True)
+        for attempt in range(settings.repeats):
+            for name, python, driver, file in sides:
+                run = run_side(Path(python), driver, model, file, draw_windows, draw_dir / name, draw_dir / "logs" / f"{name}-{attempt}")
+                print(json.dumps({"model": model_name, "recipe": recipe.name, "side": name, "draw": draw, "attempt": attempt,
+                                  **asdict(run)}), file=sys.stderr, flush=True)
+                runs[name].append(run)
+        for name, *_ in sides:
+            ok = any(r.exit_code == 0 for r in runs[name][-settings.repeats:])
+            perplexities[name].append(perplexity(draw_dir / name, model, settings) if ok else None)
     result: dict[str, Any] = {"model": model_name, "recipe": recipe.name, "label": recipe.label, "sides": {}}
     for name, *_ in sides:
-        ok = any(r.exit_code == 0 for r in runs[name])
-        result["sides"][name] = summary(runs[name], perplexity(case_dir / name, model, settings) if ok else None)
+        values = perplexities[name]
+        mean = round(statistics.fmean(values), 4) if values and None not in values else None
+        result["sides"][name] = summary(runs[name], mean)
+        if len(windows) > 1:
+            result["sides"][name]["perplexities"] = values
     mine = result["sides"][OURS]
     result["ratios"] = {
         name: {"wall": _ratio(mine["wall_s"], side["wall_s"]), "cpu": _ratio(mine["cpu_s"], side["cpu_s"]),
@@ -258,6 +272,21 @@ def compare_case(model_name: str, model: Path, recipe: Recipe, peers: list[Peer]
         result["target"] = {"wall": wall, "peak_rss": rss,
                             "met": got["wall"] is not None and got["peak_rss"] is not None and got["wall"] <= wall and got["peak_rss"] <= rss}
     return result
+
+
+def split_draws(windows: Path, num_samples: int, draws: int) -> list[Path]:
+    """The file of `num_samples` x `draws` windows cut into `draws` files of `num_samples`, in order:
+    the first is the one a single draw would use (the sampler's order does not depend on the count)."""
+    if draws == 1:
+        return [windows]
+    record = json.loads(windows.read_text())
+    files = []
+    for draw in range(draws):
+        part = windows.with_name(f"windows-{draw}.json")
+        ids = record["input_ids"][draw * num_samples : (draw + 1) * num_samples]
+        part.write_text(json.dumps({**record, "num_samples": num_samples, "draw": draw, "input_ids": ids}) + "\n")
+        files.append(part)
+    return files
 
 
 def prepare_models(names: list[str], work: Path) -> dict[str, Path]:
@@ -281,13 +310,20 @@ def run_matrix(models: list[str], recipes: list[Recipe], peers: list[Peer], sett
         windows = work / name / "windows.json"
         windows.parent.mkdir(parents=True, exist_ok=True)
         ours("windows", "--model", str(model), "--text", str(settings.text), "--span", settings.calibration_span,
-             "--num-samples", str(settings.num_samples), "--max-seq-length", str(settings.max_seq_length), "--out", str(windows))
+             "--num-samples", str(settings.num_samples * settings.draws), "--max-seq-length", str(settings.max_seq_length),
+             "--out", str(windows))
+        windows = split_draws(windows, settings.num_samples, settings.draws)
         report["models"][name] = {"path": str(model), "float_perplexity": perplexity(model, model, settings)}
         for recipe in recipes:
             report["cases"].append(compare_case(name, model, recipe, peers, windows, settings, work))
             if partial is not None:
                 partial.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _draws(settings: dict[str, Any]) -> str:
+    draws = settings.get("draws", 1)
+    return f"; perplexity the mean over {draws} disjoint draws of calibration windows" if draws > 1 else ""
 
 
 def _side_cell(side: dict[str, Any]) -> str:
@@ -306,7 +342,7 @@ def markdown(report: dict[str, Any]) -> str:
     settings = report["settings"]
     lines = [f"{report['machine']}; calibration {settings['num_samples']} × {settings['max_seq_length']} tokens from span "
              f"{settings['calibration_span']} of `{Path(settings['text']).name}`, perplexity on span {settings['evaluation_span']} "
-             f"({settings['perplexity_tokens'] or 'all'} tokens); median of {settings['repeats']} run(s) per side.", ""]
+             f"({settings['perplexity_tokens'] or 'all'} tokens); median of {settings['repeats']} run(s) per side{_draws(settings)}.", ""]
     floats = [f"{name} {m['float_perplexity']:.2f}" for name, m in report["models"].items() if m["float_perplexity"] is not None]
     if floats:
         lines += ["Float perplexity: " + ", ".join(floats) + ".", ""]
@@ -342,6 +378,7 @@ def main() -> None:
     parser.add_argument("--perplexity-tokens", type=int, default=8192, help="0: the whole evaluation span")
     parser.add_argument("--no-perplexity", action="store_true")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--draws", type=int, default=1, help="disjoint sets of --num-samples windows; perplexity is their mean")
     parser.add_argument("--work", type=Path, default=None, help="models, windows, outputs and logs (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=BENCH / "compare.json")
     parser.add_argument("--markdown", type=Path, default=BENCH / "compare.md")
@@ -362,10 +399,10 @@ def main() -> None:
     (cal_start, cal_end), (eval_start, eval_end) = parse_span(args.calibration_span), parse_span(args.evaluation_span)
     if cal_start < eval_end and eval_start < cal_end:
         raise SystemExit("--evaluation-span: overlaps --calibration-span; perplexity must be on text calibration never saw")
-    if args.repeats < 1 or args.num_samples < 1 or args.max_seq_length < 2:
-        raise SystemExit("--repeats, --num-samples: at least 1; --max-seq-length: at least 2")
+    if args.repeats < 1 or args.draws < 1 or args.num_samples < 1 or args.max_seq_length < 2:
+        raise SystemExit("--repeats, --draws, --num-samples: at least 1; --max-seq-length: at least 2")
     settings = Settings(args.text, args.calibration_span, args.evaluation_span, args.num_samples, args.max_seq_length,
-                        args.perplexity_tokens, args.repeats, not args.no_perplexity)
+                        args.perplexity_tokens, args.repeats, not args.no_perplexity, args.draws)
     work = args.work or Path(tempfile.mkdtemp(prefix="modelpress-compare-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

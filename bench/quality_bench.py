@@ -29,6 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_bench import (  # noqa: E402
+    _draws,
     BENCH,
     OURS,
     RECIPES,
@@ -192,7 +193,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"{report['machine']}; calibration **{settings['num_samples']} × {settings['max_seq_length']} tokens** from span "
              f"{settings['calibration_span']} of `{Path(settings['text']).name}`, perplexity on span "
              f"{settings['evaluation_span']} ({settings['perplexity_tokens'] or 'all'} tokens), never calibrated on; one run "
-             "per side, one process at a time.", ""]
+             f"per side, one process at a time{_draws(settings)}.", ""]
     floats = [f"{name} {m['float_perplexity']:.2f}" for name, m in report["models"].items() if m["float_perplexity"] is not None]
     if floats:
         lines += ["Float perplexity (1.000×): " + ", ".join(floats) + ".", ""]
@@ -213,6 +214,8 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             x = by_case[(case["model"], case["recipe"])].get(side)
             ppl = f"{got['perplexity']:.2f}" if got["perplexity"] is not None else "—"
+            if got.get("perplexities") and None not in got["perplexities"]:
+                ppl += " (" + " / ".join(f"{v:.2f}" for v in got["perplexities"]) + ")"
             cells.append(f"{ppl}, **{_x(x)}**, {got['wall_s']:.0f} s")
             if x is not None and "g64" in case["recipe"] and (side not in best or x < best[side][0]):
                 best[side] = (x, case["label"])
@@ -235,6 +238,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--perplexity-tokens", type=int, default=8192, help="0: the whole evaluation span")
+    parser.add_argument("--draws", type=int, default=1, help="disjoint sets of --num-samples windows; perplexity is their mean")
     parser.add_argument("--work", type=Path, default=None, help="models, windows, outputs and logs (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=BENCH / "quality.json")
     parser.add_argument("--markdown", type=Path, default=BENCH / "quality.md")
@@ -250,7 +254,9 @@ def main() -> None:
     if args.num_samples < 1 or args.max_seq_length < 2:
         raise SystemExit("--num-samples: at least 1; --max-seq-length: at least 2")
     peers = [venv_peer("--compare-llmcompressor", args.compare_llmcompressor, LLMC, "llm-compressor")] if args.compare_llmcompressor else []
-    settings = Settings(args.text, "0:0.5", "0.5:1", args.num_samples, args.max_seq_length, args.perplexity_tokens, 1, True)
+    if args.draws < 1:
+        raise SystemExit("--draws: at least 1")
+    settings = Settings(args.text, "0:0.5", "0.5:1", args.num_samples, args.max_seq_length, args.perplexity_tokens, 1, True, args.draws)
     work = args.work or Path(tempfile.mkdtemp(prefix="modelpress-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     chosen = [c for c in CELLS if (c.name in args.cells if args.cells else c.priority in args.priority)]

@@ -5,9 +5,9 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 
 from modelpress.engine.errors import ModelPressError
-from modelpress.engine.gptq import gptq
-from modelpress.engine.quantize import dequantize, minmax_qparams, qrange, quantize
-from modelpress.engine.second_order import group_aware_order, inverse_hessian
+from modelpress.engine.gptq import GPTQModifier, gptq, least_squares_scales, refitted
+from modelpress.engine.quantize import QParams, dequantize, minmax_qparams, qrange, quantize
+from modelpress.engine.second_order import damped_hessian, group_aware_order, inverse_hessian
 from modelpress.engine.sparsegpt import sparsegpt
 
 ROWS, COLS, TOKENS = 48, 192, 1536
@@ -97,6 +97,85 @@ def test_gptq_keeps_a_sparsity_mask(layer) -> None:
     ours = dequantize(result.q, result.qparams, args)
     assert torch.all(ours[~keep] == 0)
     assert (ours[keep] != 0).float().mean() > 0.8
+
+
+def damped_error(q: torch.Tensor, w: torch.Tensor, h: torch.Tensor, frac: float = 0.01) -> torch.Tensor:
+    """Per row, the damped layer-wise error (q - w) Hd (q - w)^T GPTQ minimises, in float64."""
+    dw = q.double() - w.double()
+    dw[:, torch.diag(h) == 0] = 0  # GPTQ drops a dead input's weights: no error counted there
+    return ((dw @ damped_hessian(h, frac).double()) * dw).sum(1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("strategy", [{"strategy": "channel"}, {"strategy": "group", "group_size": 32}])
+def test_refitted_scales_are_each_rows_least_squares_and_the_loss_is_the_error_left(layer, symmetric: bool, strategy: dict) -> None:
+    w, x, h = layer
+    args = QuantizationArgs(num_bits=4, symmetric=symmetric, **strategy)
+    plain = gptq(w, h, args)
+    hd = damped_hessian(h, plain.dampening_frac).double()
+    scale, gain = least_squares_scales(w, plain.q, plain.qparams, hd.float())
+    # direct: per row, the codes as a [cols, groups] basis, solved in float64
+    groups = plain.qparams.scale.shape[1]
+    size = COLS // groups
+    c = plain.q.double().view(ROWS, groups, size)
+    if plain.qparams.zero_point is not None:
+        c = c - plain.qparams.zero_point.double()[..., None]
+    for row in range(0, ROWS, 7):
+        basis = torch.block_diag(*[c[row, g][:, None] for g in range(groups)])
+        expected = torch.linalg.solve(basis.T @ hd @ basis, basis.T @ hd @ w[row].double())
+        assert torch.allclose(scale[row].double(), expected, rtol=1e-4)
+    assert torch.all(gain > 0)
+    refit = refitted(w, h, args, 1)
+    assert torch.equal(refit.q, plain.q) and torch.equal(refit.qparams.scale, scale)
+    ours = dequantize(refit.q, refit.qparams, args)
+    error = damped_error(ours, w, h)
+    assert torch.all(error <= damped_error(dequantize(plain.q, plain.qparams, args), w, h))
+    assert torch.allclose(2 * refit.row_loss.double(), error, rtol=1e-4)  # the loss reported is the error left
+    assert output_error(ours, w, x) < output_error(dequantize(plain.q, plain.qparams, args), w, x)
+
+
+def test_more_rounds_never_raise_the_error_and_zero_is_plain_gptq(layer) -> None:
+    w, _, h = layer
+    args = QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=32)
+    plain = gptq(w, h, args, actorder=None)
+    zero = refitted(w, h, args, 0, actorder=None)
+    assert torch.equal(zero.q, plain.q) and torch.equal(zero.qparams.scale, plain.qparams.scale)
+    errors = [damped_error(dequantize(r.q, r.qparams, args), w, h).sum().item()
+              for r in (refitted(w, h, args, n, actorder=None) for n in range(4))]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:]))
+    assert errors[3] < 0.97 * errors[0]
+
+
+def test_a_refit_keeps_what_it_cannot_better() -> None:
+    """A group whose codes are all zero has no scale to fit; a row fitted to a negative scale, or
+    one that rounding in the scales' dtype would leave worse, keeps the observer's."""
+    w = torch.tensor([[0.5, -0.5, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    h = torch.eye(4)
+    old = QParams(torch.tensor([[0.09, 0.3], [1.0, 1.0]]), None)
+    codes = torch.tensor([[5, -5, 0, 0], [-1, -2, -3, -4]], dtype=torch.int8)  # row 1 fits only with s = -1
+    scale, gain = least_squares_scales(w, codes, old, h)
+    assert scale[0, 0] == pytest.approx(0.1) and scale[0, 1] == pytest.approx(0.3)  # fitted / nothing to fit
+    assert gain[0] > 0
+    assert torch.equal(scale[1], old.scale[1]) and gain[1] == 0
+    coarse = QParams(torch.tensor([[1.0]], dtype=torch.bfloat16), None)
+    near = torch.tensor([[1.001, 2.002, 3.003]])  # the best scale, 1.001, rounds back to 1 in bfloat16
+    scale, gain = least_squares_scales(near, torch.tensor([[1, 2, 3]], dtype=torch.int8), coarse, torch.eye(3))
+    assert scale.dtype == torch.bfloat16 and scale.item() == 1.0 and gain.item() == 0
+
+
+def test_a_refit_keeps_a_sparsity_mask_and_per_tensor_scales(layer) -> None:
+    w, x, h = layer
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    args = QuantizationArgs(num_bits=4, symmetric=True, strategy="group", group_size=32)
+    result = refitted(w * keep, h, args, 2, keep=keep)
+    assert torch.all(dequantize(result.q, result.qparams, args)[~keep] == 0)
+    tensor = QuantizationArgs(num_bits=8, symmetric=True, strategy="tensor")
+    assert torch.equal(refitted(w, h, tensor, 2).qparams.scale, gptq(w, h, tensor).qparams.scale)
+
+
+def test_refit_scales_is_a_count_of_rounds() -> None:
+    with pytest.raises(ValueError, match="refit_scales"):
+        GPTQModifier(targets=["Linear"], scheme="W4A16", refit_scales=-1)
 
 
 @pytest.mark.parametrize("structure", [(0, 0), (2, 4)])

@@ -53,7 +53,7 @@ def test_both_sides_read_the_same_windows(llama_dir: Path, tmp_path: Path) -> No
     twin = compare_bench.Peer("llmcompressor", "twin", Path(sys.executable), REPO / "bench" / "peers" / "modelpress_run.py")
     recipe = compare_bench.MATRIX[1]  # GPTQ W4A16 g64, which has a target
     settings = compare_bench.Settings(text, "0:0.5", "0.5:1", 3, 32, 0, 1, perplexity=False)
-    case = compare_bench.compare_case("tiny", llama_dir, recipe, [twin], windows, settings, tmp_path / "work")
+    case = compare_bench.compare_case("tiny", llama_dir, recipe, [twin], [windows], settings, tmp_path / "work")
 
     out = tmp_path / "work" / "tiny" / recipe.name
     digests = {side: [hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((out / side).glob("*.safetensors"))]
@@ -67,6 +67,32 @@ def test_both_sides_read_the_same_windows(llama_dir: Path, tmp_path: Path) -> No
               "cases": [case]}
     row = compare_bench.markdown(report).splitlines()[-1]
     assert row.startswith("| tiny | GPTQ W4A16 g64 |") and "≤ 0.4×, ≤ 0.6×" in row
+
+
+def test_draws_are_disjoint_window_sets_each_run_and_perplexity_is_their_mean(llama_dir: Path, tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(CORPUS), encoding="utf-8")
+    single, both = tmp_path / "one" / "windows.json", tmp_path / "two" / "windows.json"
+    single.parent.mkdir()
+    both.parent.mkdir()
+    held_out.write_windows(llama_dir, text, "0:0.5", 2, 16, single)
+    held_out.write_windows(llama_dir, text, "0:0.5", 4, 16, both)
+    assert compare_bench.split_draws(single, 2, 1) == [single]
+    draws = compare_bench.split_draws(both, 2, 2)
+    ids = [json.loads(d.read_text())["input_ids"] for d in draws]
+    assert ids[0] == json.loads(single.read_text())["input_ids"]  # the first draw is the single draw's windows
+    assert len(ids[1]) == 2 and not set(map(tuple, ids[0])) & set(map(tuple, ids[1]))
+
+    measured = iter([30.0, 33.0])
+    monkeypatch.setattr(compare_bench, "perplexity", lambda *_: next(measured))
+    settings = compare_bench.Settings(text, "0:0.5", "0.5:1", 2, 16, 0, 1, perplexity=True, draws=2)
+    case = compare_bench.compare_case("tiny", llama_dir, compare_bench.MATRIX[1], [], draws, settings, tmp_path / "work")
+    out = tmp_path / "work" / "tiny" / compare_bench.MATRIX[1].name
+    weights = [(out / f"draw-{d}" / "modelpress" / "model-00001-of-00001.safetensors").read_bytes() for d in (0, 1)]
+    assert weights[0] != weights[1]  # each draw calibrated on its own windows
+    ours = case["sides"]["modelpress"]
+    assert ours["perplexities"] == [30.0, 33.0] and ours["perplexity"] == 31.5 and len(ours["runs"]) == 2
 
 
 def test_markdown_has_columns_per_peer_and_says_where_a_peer_has_no_equivalent() -> None:

@@ -20,8 +20,8 @@ from modelpress.engine.modifier import LayerState, Plan, Planned
 from modelpress.engine.quantize import Observer, QParams, QuantizedLinear, dequantize, minmax_qparams, qrange, weight_observer
 from modelpress.engine.rtn import QuantizationModifier, importance, input_qparams
 from modelpress.engine.smoothing import SmoothingModifier
-from modelpress.engine.second_order import (activation_order, aligned_block_size, damped_cholesky, group_aware_order, inverse_hessian,
-                                            one_thread, sweep)
+from modelpress.engine.second_order import (activation_order, aligned_block_size, damped_cholesky, damped_hessian, group_aware_order,
+                                            inverse_hessian, one_thread, sweep)
 from modelpress.engine.statistics import ActivationStats
 from modelpress.engine.weights import find_decoder_layers
 
@@ -56,6 +56,7 @@ def gptq(
     observer: Observer = minmax_qparams,
     keep: torch.Tensor | None = None,
     importance: torch.Tensor | None = None,
+    scales: QParams | None = None,
 ) -> GPTQResult:
     """Quantize `weight` [out, in] given the Hessian [in, in] of its layer-wise error.
 
@@ -66,6 +67,7 @@ def gptq(
     observed when the sweep reaches the group, on the weights as the earlier columns' errors
     left them. `importance` (E[x^2] per input column) is handed to the observer.
     `keep` (bool, [out, in]) forces the other weights to zero: a sparsity mask survives.
+    `scales`, when given, are used as they are instead of observed (as static ones are).
     """
     rows, cols = weight.shape
     dtype = weight.dtype
@@ -87,11 +89,11 @@ def gptq(
 
         # a column's scale and zero point are its group's: rows of [groups, rows] tables, never
         # spread to the weight's size
-        static = not group or actorder == "static"
+        static = not group or actorder == "static" or scales is not None
         groups = cols // size if group else 1
         column_group = (order // size).tolist() if group else [0] * cols
         if static:
-            qp = observer(wt[natural].T, args, dtype, importance)
+            qp = scales if scales is not None else observer(wt[natural].T, args, dtype, importance)
             scale_g, zero_g = _per_group(qp, rows)
         else:
             scale_g = torch.empty(groups, rows, dtype=torch.float32, device=weight.device)
@@ -127,6 +129,74 @@ def gptq(
             zp = torch.cat(group_zeros, dim=1)[:, visited] if group_zeros[0] is not None else None
             qp = QParams(torch.cat(group_scales, dim=1)[:, visited], zp)
         return GPTQResult(codes, qp, row_loss, inverse.dampening_frac)
+
+
+def refitted(weight: torch.Tensor, hessian: torch.Tensor, args: QuantizationArgs, rounds: int, **options: Any) -> GPTQResult:
+    """GPTQ alternated with least-squares scales, `rounds` times: the sweep chooses codes for the
+    scales, then each row's scales are refitted to those codes (`least_squares_scales`); a later
+    round sweeps again against the refitted scales. Both steps lower the same layer-wise error,
+    so each round ends no worse than the one before. Per-tensor scales (one for every row) are
+    left as observed. `options` are gptq()'s."""
+    result = gptq(weight, hessian, args, **options)
+    if args.strategy == QuantizationStrategy.TENSOR:
+        return result
+    for round_ in range(rounds):
+        if round_:
+            result = gptq(weight, hessian, args, **{**options, "scales": result.qparams})
+        damped = damped_hessian(hessian, result.dampening_frac)
+        scale, gain = least_squares_scales(weight, result.q, result.qparams, damped, options.get("keep"))
+        del damped
+        result = GPTQResult(result.q, QParams(scale, result.qparams.zero_point), result.row_loss - gain / 2, result.dampening_frac)
+    return result
+
+
+REFIT_ROW_CHUNKS = 2  # a refit's temporaries are a half-weight at a time (the preflight counts them so)
+
+
+def least_squares_scales(
+    weight: torch.Tensor, codes: torch.Tensor, qp: QParams, hessian: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales that best fit fixed codes: per row, s minimising the layer-wise error
+    (w - s (q - z)) H (w - s (q - z))^T, one unknown per group: M s = b with
+    M[g, h] = c_g H_gh c_h^T and b[g] = c_g (H w^T)_g, c = q - z. A row keeps its scales where
+    the fitted ones, rounded to the scales' dtype, are not better (or not positive).
+
+    `hessian` is the damped one GPTQ solved with. Returns the scales, laid out as `qp`'s, and
+    each row's decrease of the error. Dead columns and pruned weights have code c = 0 (and
+    the dead ones no Hessian terms), so they take no part.
+    """
+    rows, cols = codes.shape
+    old = qp.scale.double().reshape(rows, -1)
+    groups = old.shape[1]
+    size = cols // groups
+    m = torch.empty(rows, groups, groups, dtype=torch.float64)
+    b = torch.empty(rows, groups, dtype=torch.float64)
+    chunk = -(-rows // REFIT_ROW_CHUNKS)
+    for r1 in range(0, rows, chunk):
+        part = slice(r1, r1 + chunk)
+        c = codes[part].float()
+        if qp.zero_point is not None:
+            c = c.view(-1, groups, size).sub_(qp.zero_point[part].float().reshape(-1, groups, 1)).view(-1, cols)
+        w = weight[part].float() if keep is None else weight[part].float() * keep[part]
+        for g in range(groups):
+            cols_g = slice(g * size, (g + 1) * size)
+            through = c[:, cols_g] @ hessian[cols_g]  # group g's codes through H: row g of M, entry g of b
+            b[part, g] = torch.linalg.vecdot(through, w).double()
+            m[part, g] = torch.linalg.vecdot(through.view(-1, groups, size), c.view(-1, groups, size)).double()
+    # the error, up to its constant w H w^T, is a difference of near-equal terms: in float64
+    ridge = 1e-9 * m.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # a group with no nonzero code keeps its scale
+    eye = torch.eye(groups, dtype=torch.float64)
+    fitted = torch.linalg.solve(m + ridge[:, None, None] * eye, (b + ridge[:, None] * old)[..., None]).squeeze(-1)
+    fitted = fitted.to(qp.scale.dtype).double()
+
+    def error(s: torch.Tensor) -> torch.Tensor:
+        return (s[:, None, :] @ m @ s[:, :, None]).reshape(rows) - 2 * (b * s).sum(-1)
+
+    usable = (torch.isfinite(fitted) & (fitted > 0)).all(-1)
+    gain = torch.where(usable, error(old) - error(torch.where(usable[:, None], fitted, old)), 0.0)
+    better = gain > 0
+    scale = torch.where(better[:, None], fitted, old).to(qp.scale.dtype).reshape(qp.scale.shape)
+    return scale, torch.where(better, gain, 0.0).float()
 
 
 def float_target(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor, alpha: float, dampening_frac: float = 0.01) -> torch.Tensor:
@@ -188,6 +258,8 @@ class GPTQModifier(QuantizationModifier):
     offload_hessians: bool = False
     # 0: plain GPTQ; up to 1: aim each Linear's output that far at the float model's (float_target)
     float_target: float = Field(0.0, ge=0.0, le=1.0)
+    # rounds of least-squares scales after the sweep (refitted); 0: the observer's scales, as llm-compressor
+    refit_scales: int = Field(1, ge=0)
 
     @field_validator("actorder", mode="before")
     @classmethod
@@ -260,12 +332,13 @@ class GPTQModifier(QuantizationModifier):
             keep = None
             if any(n in state.masks for n in names):
                 keep = torch.cat([state.masks.get(n, torch.ones_like(w, dtype=torch.bool)) for n, w in zip(names, weights)])
-            result = gptq(
+            result = refitted(
                 weight,
                 hessian,
                 args,
-                self.block_size,
-                self.dampening_frac,
+                self.refit_scales,
+                block_size=self.block_size,
+                dampening_frac=self.dampening_frac,
                 actorder=self.actorder,
                 observer=weight_observer(self.observer_name(scheme)),
                 keep=keep,

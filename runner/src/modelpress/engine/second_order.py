@@ -77,6 +77,16 @@ def inverse_hessian(hessian: torch.Tensor, dampening_frac: float, order: torch.T
     return InverseHessian(upper, dead, frac)
 
 
+def damped_hessian(hessian: torch.Tensor, dampening_frac: float) -> torch.Tensor:
+    """H as GPTQ factors it, in natural order: dead columns given a unit diagonal, then
+    `dampening_frac` x the diagonal's mean added to it (inverse_hessian)."""
+    damped = hessian.float().clone()
+    diag = damped.diagonal()
+    diag[diag == 0] = 1.0
+    diag += dampening_frac * diag.mean()
+    return damped
+
+
 def damped_cholesky(
     copy: Callable[[], torch.Tensor], diag: torch.Tensor, mean: torch.Tensor, dampening_frac: float
 ) -> tuple[torch.Tensor, float]:
