@@ -169,8 +169,8 @@ def least_squares_scales(
     old = qp.scale.double().reshape(rows, -1)
     groups = old.shape[1]
     size = cols // groups
-    m = torch.empty(rows, groups, groups, dtype=torch.float64)
-    b = torch.empty(rows, groups, dtype=torch.float64)
+    m = torch.empty(rows, groups, groups, dtype=torch.float64, device=codes.device)
+    b = torch.empty(rows, groups, dtype=torch.float64, device=codes.device)
     chunk = -(-rows // REFIT_ROW_CHUNKS)
     for r1 in range(0, rows, chunk):
         part = slice(r1, r1 + chunk)
@@ -185,7 +185,7 @@ def least_squares_scales(
             m[part, g] = torch.linalg.vecdot(through.view(-1, groups, size), c.view(-1, groups, size)).double()
     # the error, up to its constant w H w^T, is a difference of near-equal terms: in float64
     ridge = 1e-9 * m.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # a group with no nonzero code keeps its scale
-    eye = torch.eye(groups, dtype=torch.float64)
+    eye = torch.eye(groups, dtype=torch.float64, device=codes.device)
     fitted = torch.linalg.solve(m + ridge[:, None, None] * eye, (b + ridge[:, None] * old)[..., None]).squeeze(-1)
     fitted = fitted.to(qp.scale.dtype).double()
 

@@ -57,7 +57,10 @@ PROMPT_TOKENS = 256  # a prompt's tokens, for the answers' KV cache
 # the Hessian, made in the accumulated X^T X's place, and two more at once: its damped reordered
 # copy and the Cholesky factor, then the flipped factor and the inverse factor), and through the
 # sweep (the Hessian, the inverse factor) with float32 copies of the stacked weight (in sweep
-# order, in natural order, the observer's grouped copy); the stack itself is in the weights' dtype
+# order, in natural order, the observer's grouped copy); the stack itself is in the weights' dtype.
+# The scale refit after a sweep (gptq.least_squares_scales) holds the Hessian and its damped copy
+# with float32 temporaries of half the stack at a time (its codes, weights and products): less
+# than the sweep's.
 HESSIAN_COPIES = 3
 # float_target's move (gptq.float_target): the cross term and the damped Hessian's factor, beside
 # the Hessian, before the solve's own copies
