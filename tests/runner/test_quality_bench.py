@@ -77,3 +77,19 @@ def test_table_gives_multiples_of_float_and_the_best_g64_per_side() -> None:
     assert "failed: exit 1: no kernel" in table and "not run: group 128 does not divide hidden_size 576" in table
     assert "Best W4A16 g64, ModelPress: **1.100×** (GPTQ asym g64)." in table  # the channel cell is lower but not g64
     assert "Best W4A16 g64, llm-compressor 0.14: **1.080×** (RTN asym g64)." in table
+
+
+def test_table_with_draws_gives_the_mean_and_each_draw() -> None:
+    side = {**_side(22.0, 80), "perplexities": [21.0, 22.5, 22.5]}
+    report = {
+        "machine": "m",
+        "settings": {"num_samples": 32, "max_seq_length": 512, "calibration_span": "0:0.5", "evaluation_span": "0.5:1",
+                     "perplexity_tokens": 8192, "text": "valid.txt", "draws": 3},
+        "peers": {},
+        "models": {"smollm2": {"float_perplexity": 20.0}},
+        "cases": [{"model": "smollm2", "recipe": "gptq-w4a16-asym-g64", "label": "GPTQ asym g64",
+                   "sides": {"modelpress": side}, "ratios": {}}],
+    }
+    table = quality_bench.markdown(report)
+    assert "perplexity the mean over 3 disjoint draws of calibration windows" in table
+    assert "| smollm2 | GPTQ asym g64 | 22.00 (21.00 / 22.50 / 22.50), **1.100×**, 80 s |" in table
