@@ -322,7 +322,7 @@ def run_matrix(models: list[str], recipes: list[Recipe], peers: list[Peer], sett
     return report
 
 
-def _draws(settings: dict[str, Any]) -> str:
+def draws_phrase(settings: dict[str, Any]) -> str:
     draws = settings.get("draws", 1)
     return f"; perplexity the mean over {draws} disjoint draws of calibration windows" if draws > 1 else ""
 
@@ -343,7 +343,7 @@ def markdown(report: dict[str, Any]) -> str:
     settings = report["settings"]
     lines = [f"{report['machine']}; calibration {settings['num_samples']} × {settings['max_seq_length']} tokens from span "
              f"{settings['calibration_span']} of `{Path(settings['text']).name}`, perplexity on span {settings['evaluation_span']} "
-             f"({settings['perplexity_tokens'] or 'all'} tokens); median of {settings['repeats']} run(s) per side{_draws(settings)}.", ""]
+             f"({settings['perplexity_tokens'] or 'all'} tokens); median of {settings['repeats']} run(s) per side{draws_phrase(settings)}.", ""]
     floats = [f"{name} {m['float_perplexity']:.2f}" for name, m in report["models"].items() if m["float_perplexity"] is not None]
     if floats:
         lines += ["Float perplexity: " + ", ".join(floats) + ".", ""]

@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_bench import (  # noqa: E402
-    _draws,
+    draws_phrase,
     BENCH,
     OURS,
     RECIPES,
@@ -193,7 +193,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"{report['machine']}; calibration **{settings['num_samples']} × {settings['max_seq_length']} tokens** from span "
              f"{settings['calibration_span']} of `{Path(settings['text']).name}`, perplexity on span "
              f"{settings['evaluation_span']} ({settings['perplexity_tokens'] or 'all'} tokens), never calibrated on; one run "
-             f"per side, one process at a time{_draws(settings)}.", ""]
+             f"per side, one process at a time{draws_phrase(settings)}.", ""]
     floats = [f"{name} {m['float_perplexity']:.2f}" for name, m in report["models"].items() if m["float_perplexity"] is not None]
     if floats:
         lines += ["Float perplexity (1.000×): " + ", ".join(floats) + ".", ""]
@@ -251,11 +251,9 @@ def main() -> None:
         return
     if not args.text.is_file():
         raise SystemExit(f"--text: {args.text} is not a file; give the calibration and evaluation text")
-    if args.num_samples < 1 or args.max_seq_length < 2:
-        raise SystemExit("--num-samples: at least 1; --max-seq-length: at least 2")
+    if args.num_samples < 1 or args.draws < 1 or args.max_seq_length < 2:
+        raise SystemExit("--num-samples, --draws: at least 1; --max-seq-length: at least 2")
     peers = [venv_peer("--compare-llmcompressor", args.compare_llmcompressor, LLMC, "llm-compressor")] if args.compare_llmcompressor else []
-    if args.draws < 1:
-        raise SystemExit("--draws: at least 1")
     settings = Settings(args.text, "0:0.5", "0.5:1", args.num_samples, args.max_seq_length, args.perplexity_tokens, 1, True, args.draws)
     work = args.work or Path(tempfile.mkdtemp(prefix="modelpress-quality-"))
     work.mkdir(parents=True, exist_ok=True)

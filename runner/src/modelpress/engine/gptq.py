@@ -195,10 +195,9 @@ def least_squares_scales(
         return (s[:, None, :] @ m @ s[:, :, None]).reshape(rows) - 2 * (b * s).sum(-1)
 
     usable = (torch.isfinite(fitted) & (fitted > 0)).all(-1)
-    gain = torch.where(usable, error(old) - error(torch.where(usable[:, None], fitted, old)), 0.0)
-    better = gain > 0
-    scale = torch.where(better[:, None], fitted, old).to(qp.scale.dtype).reshape(qp.scale.shape)
-    return scale, torch.where(better, gain, 0.0).float()
+    gain = torch.where(usable, error(old) - error(torch.where(usable[:, None], fitted, old)), 0.0).clamp_min(0)
+    scale = torch.where((gain > 0)[:, None], fitted, old).to(qp.scale.dtype).reshape(qp.scale.shape)
+    return scale, gain.float()
 
 
 def float_target(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor, alpha: float, dampening_frac: float = 0.01) -> torch.Tensor:
