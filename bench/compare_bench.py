@@ -105,7 +105,7 @@ class Run:
     error: str | None = None
 
 
-# GPTQModel runs only a lone GPTQModifier (bench/peers/gptqmodel_run.py); llm-compressor has no group-aware order.
+# GPTQModel runs a lone GPTQModifier, or AWQ with clipping (bench/peers/gptqmodel_run.py); llm-compressor has no group-aware order.
 NO_GPTQMODEL: dict[str, Path | None] = {"gptqmodel": None}
 NO_LLMC: dict[str, Path | None] = {"llmcompressor": None}
 MATRIX = [
@@ -127,6 +127,9 @@ MATRIX = [
     Recipe("gptq-w4a16-asym-g64-float25", "GPTQ W4A16 asym g64, float_target 0.25 (GPTQModel: GPTAQ 0.25)",
            RECIPES / "gptq_w4a16_asym_g64_float25.yaml", NO_LLMC),
     Recipe("awq-w4a16-g64", "AWQ W4A16 g64", RECIPES / "awq_w4a16_g64.yaml", NO_GPTQMODEL),
+    # GPTQModel's AWQ always clips; llm-compressor's AWQ does not run on a CPU-only machine (its activation cache pins memory)
+    Recipe("awq-clip-w4a16-g64", "AWQ W4A16 g64, apply_clip", RECIPES / "awq_clip_w4a16_g64.yaml", NO_LLMC),
+    Recipe("awq-clip-w4a16-asym-g64", "AWQ W4A16 asym g64, apply_clip", RECIPES / "awq_clip_w4a16_asym_g64.yaml", NO_LLMC),
     Recipe("smoothquant-gptq-w8a8", "SmoothQuant 0.8 + GPTQ W8A8", RECIPES / "smoothquant_gptq_w8a8.yaml", NO_GPTQMODEL,
            target=(0.3, 0.6)),
     Recipe("sparsegpt-2of4", "SparseGPT 2:4", RECIPES / "sparsegpt_2of4.yaml", NO_GPTQMODEL),

@@ -43,7 +43,7 @@ from compare_bench import (  # noqa: E402
 )
 
 LLMC = "llmcompressor"
-GPTQMODEL = "gptqmodel"  # the third peer: GPTQ and AWQ with min-max scales, no rotations, no importance-weighted search
+GPTQMODEL = "gptqmodel"  # the third peer: GPTQ with min-max scales, no rotations, no importance-weighted search; its AWQ always clips
 PEER_LABELS = {OURS: "ModelPress", LLMC: "llm-compressor 0.14", GPTQMODEL: "GPTQModel"}
 GROUPINGS = {"g64": "group 64", "g128": "group 128", "ch": "per channel"}
 METHODS = {
@@ -112,7 +112,7 @@ class Cell:
     def recipe(self) -> Recipe:
         """The compare_bench recipe; a peer without this method or observer is mapped to None."""
         observer, _, variant = self.observer.partition("+")
-        gptqmodel_has = self.method in ("gptq", "awq") and observer == "minmax" and variant in ("", "float")
+        gptqmodel_has = self.method == "gptq" and observer == "minmax" and variant in ("", "float")
         peers: dict[str, Path | None] = {} if gptqmodel_has else {GPTQMODEL: None}
         if variant:
             peers[LLMC] = None

@@ -4,16 +4,18 @@
         --windows windows.json --output DIR --report report.json
 
 Run by GPTQModel's own interpreter (the venv `make bench-compare` builds as .venv-gptqmodel); it
-imports gptqmodel and never the project. The recipe is ours: one GPTQModifier with integer
-weight-only group quantization, mapped to GPTQModel's QuantizeConfig by `quantize_config_fields`;
+imports gptqmodel and never the project. The recipe is ours: one GPTQModifier, or an AWQModifier
+with the QuantizationModifier after it, with integer weight-only group quantization, mapped to
+GPTQModel's QuantizeConfig by `quantize_config_fields`;
 anything it has no equal for is refused with a one-line error. The windows (bench/held_out.py)
 go in as token ids, all of them, in file order: no sorting, no concatenation, no truncation.
 
 GPTQModel packs its result into its own kernel format, which our perplexity code does not read.
 What it packs is taken just before packing: each Linear's reconstructed weight with the scales,
 zero points and group index it found. The output is the float model with each quantized Linear's
-weight replaced by that reconstruction (float32 safetensors, config, tokenizer), checked to sit on
-its `bits`-bit grid per group, so the caller scores it like any other checkpoint.
+weight replaced by that reconstruction (and, after AWQ, each norm by the one AWQ divided by its
+scales; float32 safetensors, config, tokenizer), checked to sit on its `bits`-bit grid per group,
+so the caller scores it like any other checkpoint.
 
 The functions above `main` are pure (no gptqmodel import), for the tests to load this file by path.
 """
@@ -40,11 +42,11 @@ class RecipeError(ValueError):
     """A recipe GPTQModel has no equal for; the message names the field and the fix."""
 
 
-def _only_modifier(document: Any) -> dict[str, Any]:
-    """The GPTQModifier's arguments: the recipe must hold that one modifier and nothing else."""
+def _modifiers(document: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The recipe's modifiers in order, each with its arguments."""
     if not isinstance(document, dict):
         raise RecipeError("recipe: expected a mapping of stages (quant_stage: {quant_modifiers: {GPTQModifier: ...}})")
-    modifiers: list[tuple[str, Any]] = []
+    modifiers: list[tuple[str, dict[str, Any]]] = []
     for stage_name, stage in document.items():
         groups = {stage_name: stage} if str(stage_name).endswith("_modifiers") else stage
         if not isinstance(groups, dict):
@@ -52,41 +54,38 @@ def _only_modifier(document: Any) -> dict[str, Any]:
         for group_name, group in groups.items():
             if not isinstance(group, dict):
                 raise RecipeError(f"recipe.{stage_name}.{group_name}: expected a mapping of modifiers")
-            modifiers += list(group.items())
-    names = [name for name, _ in modifiers]
-    if names != ["GPTQModifier"]:
-        raise RecipeError(f"recipe: modifiers {names}; the GPTQModel peer runs exactly one GPTQModifier")
-    args = modifiers[0][1] or {}
-    if not isinstance(args, dict):
-        raise RecipeError("recipe.GPTQModifier: expected a mapping of its arguments")
-    return args
+            for name, args in group.items():
+                if not isinstance(args or {}, dict):
+                    raise RecipeError(f"recipe.{name}: expected a mapping of its arguments")
+                modifiers.append((name, args or {}))
+    return modifiers
 
 
-def _weights(args: dict[str, Any]) -> dict[str, Any]:
+def _weights(modifier: str, args: dict[str, Any], allowed: set[str], bits: tuple[int, ...]) -> dict[str, Any]:
     """The one config group's weight arguments, refused unless GPTQModel quantizes the same Linears."""
-    unknown = set(args) - {"ignore", "config_groups", "targets", "dampening_frac", "actorder", "block_size", "float_target"}
+    unknown = set(args) - allowed - {"ignore", "config_groups", "targets"}
     if unknown:
-        raise RecipeError(f"GPTQModifier.{sorted(unknown)[0]}: not mapped to GPTQModel; remove it to compare with it")
+        raise RecipeError(f"{modifier}.{sorted(unknown)[0]}: not mapped to GPTQModel; remove it to compare with it")
     if set(args.get("ignore") or []) - {"lm_head"} or "lm_head" not in (args.get("ignore") or []):
-        raise RecipeError("GPTQModifier.ignore: give [lm_head]; GPTQModel quantizes every decoder Linear and never the head")
+        raise RecipeError(f"{modifier}.ignore: give [lm_head]; GPTQModel quantizes every decoder Linear and never the head")
     groups = args.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
-        raise RecipeError("GPTQModifier.config_groups: give exactly one group; GPTQModel quantizes all Linears one way")
+        raise RecipeError(f"{modifier}.config_groups: give exactly one group; GPTQModel quantizes all Linears one way")
     (group,) = groups.values()
     if not isinstance(group, dict) or group.get("targets") != ["Linear"]:
-        raise RecipeError("GPTQModifier.config_groups.targets: give [Linear]; GPTQModel quantizes every decoder Linear")
+        raise RecipeError(f"{modifier}.config_groups.targets: give [Linear]; GPTQModel quantizes every decoder Linear")
     if group.get("input_activations") or group.get("output_activations"):
-        raise RecipeError("GPTQModifier.config_groups.input_activations: remove it; the GPTQModel peer is weight-only")
+        raise RecipeError(f"{modifier}.config_groups.input_activations: remove it; the GPTQModel peer is weight-only")
     weights = group.get("weights")
     if not isinstance(weights, dict):
-        raise RecipeError("GPTQModifier.config_groups.weights: missing; give num_bits, symmetric, strategy: group, group_size")
+        raise RecipeError(f"{modifier}.config_groups.weights: missing; give num_bits, symmetric, strategy: group, group_size")
     unknown = set(weights) - {"num_bits", "type", "symmetric", "strategy", "group_size", "observer", "actorder"}
     if unknown:
         raise RecipeError(f"weights.{sorted(unknown)[0]}: not mapped to GPTQModel; remove it to compare with it")
     if weights.get("type", "int") != "int":
-        raise RecipeError(f"weights.type: {weights['type']!r}; GPTQModel's GPTQ is integer, give int")
-    if weights.get("num_bits") not in BITS:
-        raise RecipeError(f"weights.num_bits: {weights.get('num_bits')!r}; give one of {list(BITS)}")
+        raise RecipeError(f"weights.type: {weights['type']!r}; the GPTQModel peer quantizes to integers, give int")
+    if weights.get("num_bits") not in bits:
+        raise RecipeError(f"weights.num_bits: {weights.get('num_bits')!r}; give one of {list(bits)}")
     if weights.get("strategy") != "group" or not isinstance(weights.get("group_size"), int) or weights["group_size"] < 1:
         raise RecipeError("weights.strategy: give group with a positive group_size; the peer compares group scales")
     if weights.get("observer", "minmax") != "minmax":
@@ -95,7 +94,20 @@ def _weights(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def quantize_config_fields(document: Any) -> dict[str, Any]:
-    """GPTQModel QuantizeConfig arguments equal to our GPTQModifier recipe `document` (parsed YAML).
+    """GPTQModel QuantizeConfig arguments equal to our recipe `document` (parsed YAML): one
+    GPTQModifier (`_gptq_fields`), or an AWQModifier then the QuantizationModifier that quantizes
+    what it scaled (`_awq_fields`)."""
+    modifiers = _modifiers(document)
+    names = [name for name, _ in modifiers]
+    if names == ["GPTQModifier"]:
+        return _gptq_fields(modifiers[0][1])
+    if names == ["AWQModifier", "QuantizationModifier"]:
+        return _awq_fields(modifiers[0][1], modifiers[1][1])
+    raise RecipeError(f"recipe: modifiers {names}; the GPTQModel peer runs one GPTQModifier, or AWQModifier then QuantizationModifier")
+
+
+def _gptq_fields(args: dict[str, Any]) -> dict[str, Any]:
+    """GPTQModifier's arguments as GPTQModel's GPTQ.
 
     actorder "static" (ours, the default) visits columns by descending Hessian diagonal with group
     scales observed up front on the whole weight: GPTQModel's desc_act with static_groups (without
@@ -111,8 +123,7 @@ def quantize_config_fields(document: Any) -> dict[str, Any]:
     result, and is not mapped. The low-sample fallback (RTN for Linears calibration barely reaches)
     is off, so every Linear is solved by GPTQ as ours are.
     """
-    args = _only_modifier(document)
-    weights = _weights(args)
+    weights = _weights("GPTQModifier", args, {"dampening_frac", "actorder", "block_size", "float_target"}, BITS)
     actorder = args.get("actorder", ACTORDER)
     if actorder not in ("static", "group_aware"):
         raise RecipeError(f"GPTQModifier.actorder: {actorder!r}; the GPTQModel peer maps static or group_aware")
@@ -131,6 +142,41 @@ def quantize_config_fields(document: Any) -> dict[str, Any]:
         "static_groups": actorder == "static",
         "act_group_aware": actorder == "group_aware",
         "damp_percent": float(frac),
+        "fallback": None,
+        "offload_to_disk": False,
+    }
+
+
+# GPTQModel's AWQ (looper/awq_processor.py) has no knobs for its search: these are its fixed values
+AWQ_FIXED = {"apply_clip": True, "duo_scaling": True, "n_grid": 20, "clip_n_grid": 20, "clip_max_shrink": 0.5}
+
+
+def _awq_fields(awq: dict[str, Any], quantization: dict[str, Any]) -> dict[str, Any]:
+    """AWQModifier + QuantizationModifier as GPTQModel's AWQ.
+
+    GPTQModel always searches the scales on a grid of 20 ratios with both activation and weight
+    magnitudes (duo scaling), then clips every Linear but q/k on 20 steps down to half the range,
+    and it maps each model family's norms and Linears itself. So our recipe is its equal only with
+    apply_clip on, the rest of our search at its defaults, and no mappings of its own. Its int4
+    GEMM layout is the one it quantizes AWQ for. The low-sample fallback (RTN where calibration
+    barely reaches) is off, as for GPTQ.
+    """
+    if "mappings" in awq:
+        raise RecipeError("AWQModifier.mappings: GPTQModel maps each model family's norms and Linears itself; remove it")
+    unknown = set(awq) - set(AWQ_FIXED) - {"offload_device"}
+    if unknown:
+        raise RecipeError(f"AWQModifier.{sorted(unknown)[0]}: not mapped to GPTQModel; remove it to compare with it")
+    for field, value in AWQ_FIXED.items():
+        given = awq.get(field, False if field == "apply_clip" else value)
+        if given != value:
+            raise RecipeError(f"AWQModifier.{field}: {given!r}; GPTQModel's AWQ always uses {value!r}, give that")
+    weights = _weights("QuantizationModifier", quantization, set(), (4,))
+    return {
+        "method": "awq",
+        "format": "gemm",
+        "bits": weights["num_bits"],
+        "group_size": weights["group_size"],
+        "sym": bool(weights.get("symmetric", True)),
         "fallback": None,
         "offload_to_disk": False,
     }
@@ -184,22 +230,27 @@ def main() -> None:
     import torch
     from driver_report import write_report  # beside this file
     from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.looper.awq_processor import AWQProcessor
     from gptqmodel.looper.gptq_processor import GPTQProcessor
     from transformers import AutoModelForCausalLM
 
     windows = json.loads(args.windows.read_text())["input_ids"]
+    awq = fields.get("method") == "awq"
+    processor = AWQProcessor if awq else GPTQProcessor
     captured: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    pack = GPTQProcessor.submodule_finalize
+    pack = processor.submodule_finalize
 
     def capture(self: Any, module: Any, model: Any, **kwargs: Any) -> Any:
-        """What GPTQ reconstructed, taken before it is packed into GPTQModel's kernel format."""
+        """What GPTQ or AWQ reconstructed, taken before it is packed into GPTQModel's kernel format."""
         module.stream_sync()
-        state = module.state
-        captured[module.full_name] = (module.weight.data.detach().float().clone(), state["q_scales"].float().clone(),
-                                      state["q_zeros"].float().clone(), state["q_g_idx"].clone())
-        return pack(self, module, model, **kwargs)
+        state, weight = module.state, module.weight.data
+        g_idx = state["q_g_idx"].clone() if not awq else torch.arange(weight.shape[1], dtype=torch.int32) // fields["group_size"]
+        captured[module.full_name] = (weight.detach().float().clone(), state["q_scales"].float().clone(),
+                                      state["q_zeros"].float().clone(), g_idx)
+        # AWQ's torch packer takes only float16 and bfloat16 weights, and the packed form is thrown away
+        return None if awq else pack(self, module, model, **kwargs)
 
-    GPTQProcessor.submodule_finalize = capture
+    processor.submodule_finalize = capture
     imported = time.monotonic()
     model = GPTQModel.load(str(args.model), QuantizeConfig(**fields), device="cpu", dtype=torch.float32)
     model.quantize([{"input_ids": w} for w in windows], calibration_sort=None, batch_size=1)
@@ -210,6 +261,18 @@ def main() -> None:
     if set(captured) != linears:
         raise SystemExit(f"GPTQModel quantized {len(captured)} Linears, the model has {len(linears)}: "
                          f"missing {sorted(linears - set(captured))[:3]}, extra {sorted(set(captured) - linears)[:3]}")
+    if awq:  # AWQ divided each norm by the scales it multiplied into the Linears after it
+        theirs = model.model.state_dict()
+        scaled = 0
+        for name, param in dense.named_parameters():
+            if name.rsplit(".", 1)[0] in captured:
+                continue
+            if name not in theirs or theirs[name].shape != param.shape:
+                raise SystemExit(f"GPTQModel's AWQ model has no {name} of shape {tuple(param.shape)}")
+            scaled += not torch.equal(theirs[name].float(), param.data)
+            param.data.copy_(theirs[name])
+        if not scaled:
+            raise SystemExit("GPTQModel's AWQ changed no norm: its scales were not applied")
     for name, (weight, scale, zero, g_idx) in captured.items():
         problem = grid_error(weight, scale, zero, g_idx, fields["bits"])
         assert problem is None, f"{name}: GPTQModel's weight is not on its {fields['bits']}-bit grid ({problem})"

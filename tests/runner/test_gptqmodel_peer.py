@@ -65,6 +65,16 @@ def test_float_target_is_gptaq_with_the_same_alpha() -> None:
         DRIVER.quantize_config_fields(document)
 
 
+def test_awq_with_clipping_maps_to_gptqmodels_awq() -> None:
+    """GPTQModel's AWQ always clips and searches on its fixed grids; ours with apply_clip and the defaults is its equal."""
+    fields = DRIVER.quantize_config_fields(_recipe("awq_clip_w4a16_asym_g64.yaml"))
+    assert fields == {"method": "awq", "format": "gemm", "bits": 4, "group_size": 64, "sym": False, "fallback": None,
+                      "offload_to_disk": False}
+    assert DRIVER.quantize_config_fields(_recipe("awq_clip_w4a16_g64.yaml"))["sym"] is True
+    document = _awq_changed(("n_grid",), 20)  # our defaults, spelled out, are still its values
+    assert DRIVER.quantize_config_fields(document)["method"] == "awq"
+
+
 def _changed(path: tuple[str, ...], value: Any) -> dict[str, Any]:
     document = copy.deepcopy(_recipe("gptq_w4a16_sym_g64_group_aware.yaml"))
     node = _gptq_args(document)
@@ -75,6 +85,20 @@ def _changed(path: tuple[str, ...], value: Any) -> dict[str, Any]:
 
 
 WEIGHTS = ("config_groups", "group_0", "weights")
+AWQ_WEIGHTS = ("QuantizationModifier", *WEIGHTS)
+
+
+def _awq_changed(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """The asymmetric AWQ-with-clipping recipe with one field set; a path from QuantizationModifier
+    changes that modifier, any other the AWQModifier."""
+    document = copy.deepcopy(_recipe("awq_clip_w4a16_asym_g64.yaml"))
+    modifiers = document["quant_stage"]["quant_modifiers"]
+    node = modifiers["QuantizationModifier"] if path[0] == "QuantizationModifier" else modifiers["AWQModifier"]
+    path = path[1:] if path[0] == "QuantizationModifier" else path
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return document
 
 
 @pytest.mark.parametrize(
@@ -91,7 +115,16 @@ WEIGHTS = ("config_groups", "group_0", "weights")
         (_changed((*WEIGHTS, "type"), "float"), "weights.type"),
         (_changed(("config_groups", "group_0", "input_activations"), {"num_bits": 8}), "input_activations"),
         (_recipe("gptq_w8a8.yaml"), "GPTQModifier.scheme"),
-        (_recipe("awq_w4a16_g64.yaml"), "recipe: modifiers"),
+        (_recipe("awq_w4a16_g64.yaml"), "AWQModifier.apply_clip"),
+        (_awq_changed(("mappings",), [["re:.*q_proj"], "re:.*input_layernorm"]), "AWQModifier.mappings"),
+        (_awq_changed(("n_grid",), 10), "AWQModifier.n_grid"),
+        (_awq_changed(("duo_scaling",), False), "AWQModifier.duo_scaling"),
+        (_awq_changed(("clip_max_shrink",), 0.3), "AWQModifier.clip_max_shrink"),
+        (_awq_changed(("smoothing_strength",), 0.5), "AWQModifier.smoothing_strength"),
+        (_awq_changed((*AWQ_WEIGHTS, "num_bits"), 8), "weights.num_bits"),
+        (_awq_changed((*AWQ_WEIGHTS, "observer"), "mse"), "weights.observer"),
+        (_awq_changed(("QuantizationModifier", "ignore"), []), "QuantizationModifier.ignore"),
+        (_recipe("rtn_w4a16_g64.yaml"), "recipe: modifiers"),
         (_recipe("sparsegpt_2of4_gptq_w4a16_g64.yaml"), "recipe: modifiers"),
         (["GPTQModifier"], "recipe:"),
     ],

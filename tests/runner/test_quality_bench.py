@@ -29,7 +29,7 @@ def test_every_cell_is_a_recipe_the_engine_reads_and_priority_a_comes_first() ->
         assert getattr(modifiers[-1], "float_target", 0.0) == (0.5 if variant == "float" else 0.0)
         assert (cell.recipe().for_peer("llmcompressor") is None) == bool(variant)
         gptqmodel = cell.method == "gptq" and observer == "minmax" and variant in ("", "float")
-        assert (cell.recipe().for_peer("gptqmodel") is not None) == (gptqmodel or cell.method == "awq" and observer == "minmax")
+        assert (cell.recipe().for_peer("gptqmodel") is not None) == gptqmodel
         assert quality_bench.group_size(file) == {"g64": 64, "g128": 128, "ch": None}[cell.grouping]
     first = quality_bench.CELLS[: len(quality_bench.FIRST)]
     assert [c.priority for c in first] == ["a"] * len(quality_bench.FIRST)
