@@ -112,6 +112,8 @@ MATRIX = [
     Recipe("rtn-w4a16-g64", "RTN W4A16 g64", RECIPES / "rtn_w4a16_g64.yaml", NO_GPTQMODEL),
     Recipe("gptq-w4a16-g64", "GPTQ W4A16 g64", RECIPES / "gptq_w4a16_g64.yaml", target=(0.4, 0.6)),
     Recipe("gptq-w4a16-asym-g64", "GPTQ W4A16 asym g64", RECIPES / "gptq_w4a16_asym_g64.yaml"),
+    Recipe("gptq-w4a16-ch", "GPTQ W4A16 per channel", RECIPES / "gptq_w4a16_ch.yaml"),
+    Recipe("gptq-w4a16-asym-ch", "GPTQ W4A16 asym per channel", RECIPES / "gptq_w4a16_asym_ch.yaml"),
     Recipe("gptq-w4a16-sym-g64-group-aware", "GPTQ W4A16 g64, group-aware order",
            RECIPES / "gptq_w4a16_sym_g64_group_aware.yaml", NO_LLMC),
     Recipe("gptq-w4a16-asym-g64-group-aware", "GPTQ W4A16 asym g64, group-aware order",

@@ -86,8 +86,11 @@ def _weights(modifier: str, args: dict[str, Any], allowed: set[str], bits: tuple
         raise RecipeError(f"weights.type: {weights['type']!r}; the GPTQModel peer quantizes to integers, give int")
     if weights.get("num_bits") not in bits:
         raise RecipeError(f"weights.num_bits: {weights.get('num_bits')!r}; give one of {list(bits)}")
-    if weights.get("strategy") != "group" or not isinstance(weights.get("group_size"), int) or weights["group_size"] < 1:
-        raise RecipeError("weights.strategy: give group with a positive group_size; the peer compares group scales")
+    strategies = ("group", "channel") if modifier == "GPTQModifier" else ("group",)
+    if weights.get("strategy") not in strategies:
+        raise RecipeError(f"weights.strategy: {weights.get('strategy')!r}; the peer maps {' or '.join(strategies)}")
+    if weights["strategy"] == "group" and (not isinstance(weights.get("group_size"), int) or weights["group_size"] < 1):
+        raise RecipeError("weights.group_size: give a positive group size with strategy: group")
     if weights.get("observer", "minmax") != "minmax":
         raise RecipeError(f"weights.observer: {weights['observer']!r}; GPTQModel's scales are min-max, give minmax")
     return weights
@@ -112,7 +115,8 @@ def _gptq_fields(args: dict[str, Any]) -> dict[str, Any]:
     actorder "static" (ours, the default) visits columns by descending Hessian diagonal with group
     scales observed up front on the whole weight: GPTQModel's desc_act with static_groups (without
     static_groups its groups follow the permuted order, a g_idx layout we do not store). "group_aware"
-    is GPTQModel's act_group_aware (GAR) with desc_act off.
+    is GPTQModel's act_group_aware (GAR) with desc_act off. Per channel is its group_size -1, whose one
+    scale per row it observes on the whole weight before the sweep, as static order does ours.
 
     Dampening is equal: we add dampening_frac × mean(diag H) to H's diagonal after giving dead columns
     (zero diagonal) a unit one (second_order.inverse_hessian); GPTQModel adds damp_percent × the mean
@@ -133,13 +137,16 @@ def _gptq_fields(args: dict[str, Any]) -> dict[str, Any]:
     toward_float = args.get("float_target", 0.0)
     if not isinstance(toward_float, (int, float)) or not 0 <= toward_float <= 1:
         raise RecipeError(f"GPTQModifier.float_target: {toward_float!r}; give a number from 0 to 1")
+    per_channel = weights["strategy"] == "channel"
+    if per_channel and actorder == "group_aware":
+        raise RecipeError("GPTQModifier.actorder: group_aware needs strategy: group (GPTQModel's GAR orders groups)")
     return {
         **({"gptaq": {"alpha": float(toward_float), "device": "cpu"}} if toward_float else {}),
         "bits": weights["num_bits"],
-        "group_size": weights["group_size"],
+        "group_size": -1 if per_channel else weights["group_size"],
         "sym": bool(weights.get("symmetric", True)),
         "desc_act": actorder == "static",
-        "static_groups": actorder == "static",
+        "static_groups": actorder == "static" and not per_channel,
         "act_group_aware": actorder == "group_aware",
         "damp_percent": float(frac),
         "fallback": None,
@@ -244,7 +251,8 @@ def main() -> None:
         """What GPTQ or AWQ reconstructed, taken before it is packed into GPTQModel's kernel format."""
         module.stream_sync()
         state, weight = module.state, module.weight.data
-        g_idx = state["q_g_idx"].clone() if not awq else torch.arange(weight.shape[1], dtype=torch.int32) // fields["group_size"]
+        size = fields["group_size"] if fields["group_size"] > 0 else weight.shape[1]
+        g_idx = state["q_g_idx"].clone() if not awq else torch.arange(weight.shape[1], dtype=torch.int32) // size
         captured[module.full_name] = (weight.detach().float().clone(), state["q_scales"].float().clone(),
                                       state["q_zeros"].float().clone(), g_idx)
         # AWQ's torch packer takes only float16 and bfloat16 weights, and the packed form is thrown away

@@ -55,6 +55,12 @@ def test_static_actorder_is_desc_act_with_static_groups() -> None:
     assert DRIVER.quantize_config_fields(document)["damp_percent"] == 0.05
 
 
+def test_per_channel_is_group_size_minus_one_in_activation_order() -> None:
+    fields = DRIVER.quantize_config_fields(_recipe("gptq_w4a16_asym_ch.yaml"))
+    assert fields["group_size"] == -1 and fields["sym"] is False
+    assert fields["desc_act"] is True and fields["static_groups"] is False and fields["act_group_aware"] is False
+
+
 def test_float_target_is_gptaq_with_the_same_alpha() -> None:
     fields = DRIVER.quantize_config_fields(_recipe("gptq_w4a16_asym_g64_float.yaml"))
     assert fields["gptaq"] == {"alpha": 0.5, "device": "cpu"} and fields["sym"] is False
@@ -110,7 +116,10 @@ def _awq_changed(path: tuple[str, ...], value: Any) -> dict[str, Any]:
         (_changed(("offload_hessians",), True), "GPTQModifier.offload_hessians"),
         (_changed(("ignore",), []), "GPTQModifier.ignore"),
         (_changed((*WEIGHTS, "observer"), "mse"), "weights.observer"),
-        (_changed((*WEIGHTS, "strategy"), "channel"), "weights.strategy"),
+        (_changed((*WEIGHTS, "strategy"), "channel"), "GPTQModifier.actorder"),
+        (_changed((*WEIGHTS, "strategy"), "tensor"), "weights.strategy"),
+        (_changed((*WEIGHTS, "group_size"), 0), "weights.group_size"),
+        (_awq_changed((*AWQ_WEIGHTS, "strategy"), "channel"), "weights.strategy"),
         (_changed((*WEIGHTS, "num_bits"), 5), "weights.num_bits"),
         (_changed((*WEIGHTS, "type"), "float"), "weights.type"),
         (_changed(("config_groups", "group_0", "input_activations"), {"num_bits": 8}), "input_activations"),
