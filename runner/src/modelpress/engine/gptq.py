@@ -23,7 +23,7 @@ from modelpress.engine.quantize import Observer, QParams, QuantizedLinear, dequa
 from modelpress.engine.rtn import QuantizationModifier, importance, input_qparams
 from modelpress.engine.smoothing import SmoothingModifier
 from modelpress.engine.second_order import (activation_order, aligned_block_size, damped_cholesky, damped_hessian, group_aware_order,
-                                            inverse_hessian, one_thread, sweep)
+                                            inverse_hessian, live_diagonal, one_thread, sweep)
 from modelpress.engine.statistics import ActivationStats
 from modelpress.engine.weights import find_decoder_layers
 
@@ -213,8 +213,7 @@ def float_target(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tenso
     """
     dtype = torch.promote_types(weight.dtype, torch.float32)
     w = weight.to(dtype)
-    diag = hessian.diagonal().to(dtype, copy=True)
-    diag[diag == 0] = 1.0
+    diag = live_diagonal(hessian, dtype)
     lower, _ = damped_cholesky(lambda: hessian.to(dtype, copy=True), diag, diag.mean(), dampening_frac)
     # W C H^-1 = (H^-1 C^T W^T)^T, H symmetric
     return (w + alpha * torch.cholesky_solve(drift.to(dtype).T @ w.T, lower).T).to(weight.dtype)

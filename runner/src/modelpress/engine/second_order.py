@@ -58,9 +58,8 @@ def inverse_hessian(hessian: torch.Tensor, dampening_frac: float, order: torch.T
     """
     n = hessian.shape[0]
     order = torch.arange(n, device=hessian.device) if order is None else order
-    diag = torch.diag(hessian).float()[order]
-    dead = diag == 0
-    diag[dead] = 1.0
+    dead = torch.diag(hessian).float()[order] == 0
+    diag = live_diagonal(hessian)[order]
     # With J the column reversal, J H J = M M^T gives H = V V^T for the upper V = J M J, so
     # U = V^-1 is upper with U^T U = H^-1: one factorisation and one triangular inverse.
     reverse = order.flip(0)
@@ -77,26 +76,38 @@ def inverse_hessian(hessian: torch.Tensor, dampening_frac: float, order: torch.T
     return InverseHessian(upper, dead, frac)
 
 
-def damped_hessian(hessian: torch.Tensor, dampening_frac: float) -> torch.Tensor:
-    """H as GPTQ factors it, in natural order: dead columns given a unit diagonal, then
-    `dampening_frac` x the diagonal's mean added to it (inverse_hessian)."""
-    damped = hessian.float().clone()
-    diag = damped.diagonal()
+def live_diagonal(hessian: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """H's diagonal with a dead column's (zero: no calibration token reached it) set to 1, the
+    diagonal every damped form of H starts from."""
+    diag = hessian.diagonal().to(dtype, copy=True)
     diag[diag == 0] = 1.0
-    diag += dampening_frac * diag.mean()
+    return diag
+
+
+def damped_diagonal(live: torch.Tensor, mean: torch.Tensor, dampening_frac: float) -> torch.Tensor:
+    """The diagonal GPTQ factors H with: the live diagonal plus `dampening_frac` x its mean."""
+    return live + dampening_frac * mean
+
+
+def damped_hessian(hessian: torch.Tensor, dampening_frac: float) -> torch.Tensor:
+    """H as GPTQ factors it (inverse_hessian), in natural order."""
+    damped = hessian.float().clone()
+    live = live_diagonal(hessian)
+    damped.diagonal().copy_(damped_diagonal(live, live.mean(), dampening_frac))
     return damped
 
 
 def damped_cholesky(
     copy: Callable[[], torch.Tensor], diag: torch.Tensor, mean: torch.Tensor, dampening_frac: float
 ) -> tuple[torch.Tensor, float]:
-    """The lower Cholesky factor of the matrix `copy()` makes, its diagonal replaced by `diag` +
-    frac x `mean` (dead columns already given a unit `diag`); frac starts at `dampening_frac` and
-    is raised tenfold until the factorisation holds. Returns the factor and the fraction used."""
+    """The lower Cholesky factor of the matrix `copy()` makes, its diagonal replaced by the damped
+    `diag` (live_diagonal, in the matrix's order; `mean` is its mean); frac starts at
+    `dampening_frac` and is raised tenfold until the factorisation holds. Returns the factor and
+    the fraction used."""
     frac = dampening_frac
     while frac <= MAX_DAMPENING:
         matrix = copy()
-        matrix.diagonal().copy_(diag + frac * mean)
+        matrix.diagonal().copy_(damped_diagonal(diag, mean, frac))
         lower, info = torch.linalg.cholesky_ex(matrix)
         del matrix
         if info == 0:
