@@ -61,7 +61,7 @@ def _modifiers(document: Any) -> list[tuple[str, dict[str, Any]]]:
     return modifiers
 
 
-def _weights(modifier: str, args: dict[str, Any], allowed: set[str], bits: tuple[int, ...]) -> dict[str, Any]:
+def _weights(modifier: str, args: dict[str, Any], allowed: set[str], bits: tuple[int, ...], strategies: tuple[str, ...]) -> dict[str, Any]:
     """The one config group's weight arguments, refused unless GPTQModel quantizes the same Linears."""
     unknown = set(args) - allowed - {"ignore", "config_groups", "targets"}
     if unknown:
@@ -86,7 +86,6 @@ def _weights(modifier: str, args: dict[str, Any], allowed: set[str], bits: tuple
         raise RecipeError(f"weights.type: {weights['type']!r}; the GPTQModel peer quantizes to integers, give int")
     if weights.get("num_bits") not in bits:
         raise RecipeError(f"weights.num_bits: {weights.get('num_bits')!r}; give one of {list(bits)}")
-    strategies = ("group", "channel") if modifier == "GPTQModifier" else ("group",)
     if weights.get("strategy") not in strategies:
         raise RecipeError(f"weights.strategy: {weights.get('strategy')!r}; the peer maps {' or '.join(strategies)}")
     if weights["strategy"] == "group" and (not isinstance(weights.get("group_size"), int) or weights["group_size"] < 1):
@@ -127,7 +126,7 @@ def _gptq_fields(args: dict[str, Any]) -> dict[str, Any]:
     result, and is not mapped. The low-sample fallback (RTN for Linears calibration barely reaches)
     is off, so every Linear is solved by GPTQ as ours are.
     """
-    weights = _weights("GPTQModifier", args, {"dampening_frac", "actorder", "block_size", "float_target"}, BITS)
+    weights = _weights("GPTQModifier", args, {"dampening_frac", "actorder", "block_size", "float_target"}, BITS, ("group", "channel"))
     actorder = args.get("actorder", ACTORDER)
     if actorder not in ("static", "group_aware"):
         raise RecipeError(f"GPTQModifier.actorder: {actorder!r}; the GPTQModel peer maps static or group_aware")
@@ -177,7 +176,7 @@ def _awq_fields(awq: dict[str, Any], quantization: dict[str, Any]) -> dict[str, 
         given = awq.get(field, False if field == "apply_clip" else value)
         if given != value:
             raise RecipeError(f"AWQModifier.{field}: {given!r}; GPTQModel's AWQ always uses {value!r}, give that")
-    weights = _weights("QuantizationModifier", quantization, set(), (4,))
+    weights = _weights("QuantizationModifier", quantization, set(), (4,), ("group",))
     return {
         "method": "awq",
         "format": "gemm",
@@ -251,8 +250,8 @@ def main() -> None:
         """What GPTQ or AWQ reconstructed, taken before it is packed into GPTQModel's kernel format."""
         module.stream_sync()
         state, weight = module.state, module.weight.data
-        size = fields["group_size"] if fields["group_size"] > 0 else weight.shape[1]
-        g_idx = state["q_g_idx"].clone() if not awq else torch.arange(weight.shape[1], dtype=torch.int32) // size
+        # AWQ keeps no group index: its groups (the only strategy it maps) are the natural column runs
+        g_idx = torch.arange(weight.shape[1], dtype=torch.int32) // fields["group_size"] if awq else state["q_g_idx"].clone()
         captured[module.full_name] = (weight.detach().float().clone(), state["q_scales"].float().clone(),
                                       state["q_zeros"].float().clone(), g_idx)
         # AWQ's torch packer takes only float16 and bfloat16 weights, and the packed form is thrown away
