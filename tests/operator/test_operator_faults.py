@@ -34,6 +34,8 @@ def condition(kube: Any, kind: str = "Succeeded", name: str = "tiny") -> dict[st
 
 
 def warnings(kube: Any, reason: str) -> list[dict[str, Any]]:
+    """The Warning events of `reason`. kopf posts events from a queue after a handler returns, so a
+    test waits for them with `eventually` rather than reading them the moment a status lands."""
     return [item.raw for (resource, _, _), item in kube.objects.items() if resource.plural == "events"
             and not item.deleted and item.raw.get("reason") == reason and item.raw.get("type") == "Warning"]
 
@@ -90,7 +92,8 @@ async def test_a_refused_job_create_ends_failed_or_pending_with_the_servers_word
         assert status_of(kube)["phase"] == phase
         assert condition(kube)["reason"] == expected and message in condition(kube)["message"]
         if phase == "Failed":
-            assert status_of(kube)["failure"]["reason"] == expected and warnings(kube, expected)
+            assert status_of(kube)["failure"]["reason"] == expected
+            await eventually(lambda: warnings(kube, expected))
             launches = calls.count["launch"]
             await calls.wait("sync", 3)
             assert calls.count["launch"] == launches, "a refused Job is not retried"
@@ -155,7 +158,7 @@ async def test_a_stall_only_a_person_can_fix_is_pending_then_failed_and_the_job_
         await in_two_syncs(calls)
         assert (status_of(kube)["phase"], condition(kube)["reason"]) == ("Pending", reason)
         assert words in condition(kube)["message"] and condition(kube, "Stalled")["status"] == "True"
-        assert warnings(kube, reason)
+        await eventually(lambda: warnings(kube, reason))
         await eventually(lambda: status_of(kube).get("phase") == "Failed", timeout=5)
         assert status_of(kube)["failure"]["reason"] == reason and "blocked for" in status_of(kube)["failure"]["message"]
         await eventually(lambda: obj(kube, JOBS, "tiny-runner") is None)  # nothing starts after the run has failed
@@ -199,6 +202,7 @@ async def test_events_of_the_faults_reach_the_compressionjob(kube) -> None:
         await put_pod(kube, pod_of(job, "abcde", {"phase": "Pending", "containerStatuses": [{"name": "runner", "state": {
             "waiting": {"reason": "ErrImagePull", "message": "unauthorized: authentication required"}}}]}))
         await in_two_syncs(calls)
+        await eventually(lambda: warnings(kube, "ErrImagePull"))
     found = warnings(kube, "ErrImagePull")
     assert len(found) == 1 and found[0]["involvedObject"]["name"] == "tiny"
     assert "unauthorized" in found[0]["message"]
