@@ -21,15 +21,18 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 
-# tier -> (folders, marker expression): the real-model tests of every folder are their own tier.
+# tier -> (folders, marker expression, seconds one test may take before it fails with its stack:
+# a hang ends the tier with a reason instead of running into CI's limit; 0 for none): the
+# real-model tests of every folder are their own tier.
 TIERS = {
-    "operator": (("operator",), "not quality"),
-    "engine": (("engine",), "not quality"),
-    "runner": (("runner",), "not quality"),
-    "e2e": (("e2e",), "not quality"),
-    "quality": (("engine", "runner", "e2e"), "quality"),
-    # vLLM in its own venv: skipped, with the reason, unless MODELPRESS_VLLM_PYTHON names its python
-    "vllm": (("vllm",), "vllm"),
+    "operator": (("operator",), "not quality", 120),
+    "engine": (("engine",), "not quality", 600),
+    "runner": (("runner",), "not quality", 600),
+    "e2e": (("e2e",), "not quality", 600),
+    "quality": (("engine", "runner", "e2e"), "quality", 900),
+    # vLLM in its own venv: skipped, with the reason, unless MODELPRESS_VLLM_PYTHON names its python;
+    # a server's start is bounded by the tier's own waits
+    "vllm": (("vllm",), "vllm", 0),
 }
 
 
@@ -54,7 +57,7 @@ def counts(report: Path) -> tuple[int, int, int]:
 
 
 def run_tier(tier: str, python: str, everything: bool, extra: list[str]) -> Outcome:
-    folders, marker = TIERS[tier]
+    folders, marker, timeout = TIERS[tier]
     if not everything:
         marker = f"({marker}) and not exhaustive"
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +65,7 @@ def run_tier(tier: str, python: str, everything: bool, extra: list[str]) -> Outc
         print(f"\n=== tier {tier}: {' '.join(f'tests/{f}' for f in folders)} -m '{marker}' ===", flush=True)
         start = time.monotonic()
         done = subprocess.run([python, "-m", "pytest", *(str(TESTS / f) for f in folders), "-m", marker,
-                               f"--junitxml={report}", "-q", *extra], cwd=TESTS.parent)
+                               f"--junitxml={report}", f"--timeout={timeout}", "-q", *extra], cwd=TESTS.parent)
         outcome = Outcome(tier, time.monotonic() - start, exit_code=done.returncode)
         if report.is_file():
             outcome.passed, outcome.failed, outcome.skipped = counts(report)

@@ -174,7 +174,8 @@ async def operator_running(config: OperatorConfig = FAST, namespace: str = NAMES
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            # a shutdown that never ends fails here, named, instead of hanging the tier
+            await asyncio.wait_for(task, timeout=30)
 
 
 async def eventually(probe: Callable[[], Any], timeout: float = 10.0, step: float = 0.05) -> Any:
