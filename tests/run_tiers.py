@@ -21,9 +21,10 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 
-# tier -> (folders, marker expression, seconds one test may take before it fails with its stack:
-# a hang ends the tier with a reason instead of running into CI's limit; 0 for none): the
-# real-model tests of every folder are their own tier.
+# tier -> (folders, marker expression, seconds one test may take; 0 for no limit): the real-model
+# tests of every folder are their own tier. A test past its limit ends its tier's process with the
+# stacks of every thread (a hung thread can block even the teardown, so the process is ended, not
+# the test), instead of running into CI's limit; the later tiers still run.
 TIERS = {
     "operator": (("operator",), "not quality", 120),
     "engine": (("engine",), "not quality", 600),
@@ -65,7 +66,7 @@ def run_tier(tier: str, python: str, everything: bool, extra: list[str]) -> Outc
         print(f"\n=== tier {tier}: {' '.join(f'tests/{f}' for f in folders)} -m '{marker}' ===", flush=True)
         start = time.monotonic()
         done = subprocess.run([python, "-m", "pytest", *(str(TESTS / f) for f in folders), "-m", marker,
-                               f"--junitxml={report}", f"--timeout={timeout}", "-q", *extra], cwd=TESTS.parent)
+                               f"--junitxml={report}", f"--timeout={timeout}", "--timeout-method=thread", "-q", *extra], cwd=TESTS.parent)
         outcome = Outcome(tier, time.monotonic() - start, exit_code=done.returncode)
         if report.is_file():
             outcome.passed, outcome.failed, outcome.skipped = counts(report)
