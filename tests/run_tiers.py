@@ -70,6 +70,8 @@ def run_tier(tier: str, python: str, everything: bool, extra: list[str]) -> Outc
         outcome = Outcome(tier, time.monotonic() - start, exit_code=done.returncode)
         if report.is_file():
             outcome.passed, outcome.failed, outcome.skipped = counts(report)
+        elif done.returncode != 0:
+            outcome.failed = 1  # ended before its report (a test past the tier's limit): not "0 failed"
     return outcome
 
 
