@@ -2,6 +2,7 @@
 
 import os
 import sys
+import threading
 
 import pytest
 
@@ -15,3 +16,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     line = fuzz.summary() if fuzz is not None else None
     if line:
         terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> object:
+    """The main thread carries the running test's id, so the stacks a test past its tier's limit
+    prints (tests/run_tiers.py) name it even when an asyncio test's own frame is not on them."""
+    thread = threading.main_thread()
+    name, thread.name = thread.name, f"MainThread running {item.nodeid}"
+    try:
+        return (yield)
+    finally:
+        thread.name = name
