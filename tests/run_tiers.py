@@ -1,9 +1,11 @@
-"""Run the test tiers one after another and say how long each took.
+"""Run the test tiers and say how long each took.
 
     python tests/run_tiers.py [--all] [--operator-python PY] [TIER ...]
 
 Each tier is its own pytest run, so a tier cannot lean on what another imported: the operator
 tier runs under `--operator-python`, an interpreter without torch, as in the operator image.
+The torch tiers run one after another; the operator tier runs beside them (see BESIDE), its output
+printed in one block when it ends.
 `make test` leaves out the tests marked `exhaustive`; `--all` (`make test-all`) runs them too.
 The vllm tier runs only where MODELPRESS_VLLM_PYTHON names vLLM's own interpreter (`make test-vllm`)
 and is skipped, saying so, everywhere else.
@@ -16,8 +18,10 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 TESTS = Path(__file__).resolve().parent
 
@@ -27,14 +31,21 @@ TESTS = Path(__file__).resolve().parent
 # the test), instead of running into CI's limit; the later tiers still run.
 TIERS = {
     "operator": (("operator",), "not quality", 120),
-    "engine": (("engine",), "not quality", 600),
     "runner": (("runner",), "not quality", 600),
+    "engine": (("engine",), "not quality", 600),
     "e2e": (("e2e",), "not quality", 600),
     "quality": (("engine", "runner", "e2e"), "quality", 900),
     # vLLM in its own venv: skipped, with the reason, unless MODELPRESS_VLLM_PYTHON names its python;
     # a server's start is bounded by the tier's own waits
     "vllm": (("vllm",), "vllm", 0),
 }
+
+
+# Tiers that run beside the others when more than one is asked for: the operator tier has no torch
+# and waits on its operators' timers for about half its time, and the runner tier after it in
+# TIERS keeps one core of two busy, so on 2 cores the two together take about as long as the runner
+# tier alone.
+BESIDE = ("operator",)
 
 
 @dataclass
@@ -57,16 +68,18 @@ def counts(report: Path) -> tuple[int, int, int]:
     return total - failed - skipped, failed, skipped
 
 
-def run_tier(tier: str, python: str, everything: bool, extra: list[str]) -> Outcome:
+def run_tier(tier: str, python: str, everything: bool, extra: list[str], output: TextIO | None = None) -> Outcome:
+    """One tier's pytest run, printing to this process's stdout or, where given, to `output`."""
     folders, marker, timeout = TIERS[tier]
     if not everything:
         marker = f"({marker}) and not exhaustive"
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
-        print(f"\n=== tier {tier}: {' '.join(f'tests/{f}' for f in folders)} -m '{marker}' ===", flush=True)
+        print(f"\n=== tier {tier}: {' '.join(f'tests/{f}' for f in folders)} -m '{marker}' ===", file=output or sys.stdout, flush=True)
         start = time.monotonic()
         done = subprocess.run([python, "-m", "pytest", *(str(TESTS / f) for f in folders), "-m", marker,
-                               f"--junitxml={report}", f"--timeout={timeout}", "--timeout-method=thread", "-q", *extra], cwd=TESTS.parent)
+                               f"--junitxml={report}", f"--timeout={timeout}", "--timeout-method=thread", "-q", *extra],
+                              cwd=TESTS.parent, stdout=output, stderr=subprocess.STDOUT if output else None)
         outcome = Outcome(tier, time.monotonic() - start, exit_code=done.returncode)
         if report.is_file():
             outcome.passed, outcome.failed, outcome.skipped = counts(report)
@@ -85,8 +98,21 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown tier(s) {', '.join(unknown)}; choose from {', '.join(TIERS)}")
     tiers = args.tiers or list(TIERS)
-    outcomes = [run_tier(t, args.operator_python if t == "operator" else sys.executable, args.all, extra)
-                for t in tiers]
+    python = {t: args.operator_python if t == "operator" else sys.executable for t in tiers}
+    beside = [t for t in tiers if t in BESIDE] if len(tiers) > 1 else []
+    outcomes: dict[str, Outcome] = {}
+    with ThreadPoolExecutor() as pool:
+        logs = {t: tempfile.TemporaryFile("w+") for t in beside}
+        running = {t: pool.submit(run_tier, t, python[t], args.all, extra, logs[t]) for t in beside}
+        for t in tiers:
+            if t not in beside:
+                outcomes[t] = run_tier(t, python[t], args.all, extra)
+        for t, future in running.items():
+            outcomes[t] = future.result()
+            logs[t].seek(0)
+            print(f"\n(tier {t} ran beside the others; its output:)", logs[t].read(), sep="", end="", flush=True)
+            logs[t].close()
+    outcomes = [outcomes[t] for t in tiers]
     print("\n| tier | seconds | passed | failed | skipped |\n|---|---|---|---|---|")
     for o in outcomes:
         print(f"| {o.tier} | {o.seconds:.0f} | {o.passed} | {o.failed} | {o.skipped} |")
