@@ -131,10 +131,10 @@ def _cells() -> list[Cell]:
     ]
     cells.append(Cell("spinquant_hadamard_gptq", False, "g64", "imatrix_mse+ends"))
     cells += [Cell(method, False, "g64", "imatrix_mse+float") for method in OBSERVED]
-    # and where plain GPTQ trails llm-compressor at 32 windows: symmetric g64, asymmetric per channel
+    # and where plain GPTQ trails llm-compressor at 32 windows: symmetric g64, per channel
     cells += [Cell("gptq", False, "g64", "minmax+float"), Cell("gptq", True, "g64", "minmax+float"),
               Cell("gptq", True, "g64", "imatrix_mse+float"), Cell("gptq", False, "ch", "minmax+float"),
-              Cell("gptq", False, "ch", "imatrix_mse+float")]
+              Cell("gptq", False, "ch", "imatrix_mse+float"), Cell("gptq", True, "ch", "imatrix_mse+float")]
 
     def order(c: Cell) -> tuple[str, int]:
         key = (c.method, c.symmetric, c.observer)

@@ -16,7 +16,7 @@ from modelpress.engine.spinquant import SpinQuantModifier  # noqa: E402
 
 def test_every_cell_is_a_recipe_the_engine_reads_and_priority_a_comes_first() -> None:
     names = [c.name for c in quality_bench.CELLS]
-    assert len(names) == len(set(names)) == 40
+    assert len(names) == len(set(names)) == 41
     for cell in quality_bench.CELLS:
         file = quality_bench.RECIPES / f"{cell.stem}.yaml"
         modifiers = load_recipe(file)
