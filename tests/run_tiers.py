@@ -102,7 +102,7 @@ def main() -> int:
     beside = [t for t in tiers if t in BESIDE] if len(tiers) > 1 else []
     outcomes: dict[str, Outcome] = {}
     with ThreadPoolExecutor() as pool:
-        logs = {t: tempfile.TemporaryFile("w+") for t in beside}
+        logs = {t: tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") for t in beside}
         running = {t: pool.submit(run_tier, t, python[t], args.all, extra, logs[t]) for t in beside}
         for t in tiers:
             if t not in beside:
