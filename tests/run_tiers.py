@@ -88,6 +88,14 @@ def run_tier(tier: str, python: str, everything: bool, extra: list[str], output:
     return outcome
 
 
+def run_tier_buffered(tier: str, python: str, everything: bool, extra: list[str]) -> tuple[Outcome, str]:
+    """run_tier with everything it prints kept, for a tier that runs beside others."""
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
+        outcome = run_tier(tier, python, everything, extra, log)
+        log.seek(0)
+        return outcome, log.read()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tiers", nargs="*", metavar="TIER", help=f"any of {', '.join(TIERS)} (default: all, in that order)")
@@ -100,19 +108,16 @@ def main() -> int:
     tiers = args.tiers or list(TIERS)
     python = {t: args.operator_python if t == "operator" else sys.executable for t in tiers}
     beside = [t for t in tiers if t in BESIDE] if len(tiers) > 1 else []
-    outcomes: dict[str, Outcome] = {}
+    by_tier: dict[str, Outcome] = {}
     with ThreadPoolExecutor() as pool:
-        logs = {t: tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") for t in beside}
-        running = {t: pool.submit(run_tier, t, python[t], args.all, extra, logs[t]) for t in beside}
+        running = {t: pool.submit(run_tier_buffered, t, python[t], args.all, extra) for t in beside}
         for t in tiers:
             if t not in beside:
-                outcomes[t] = run_tier(t, python[t], args.all, extra)
+                by_tier[t] = run_tier(t, python[t], args.all, extra)
         for t, future in running.items():
-            outcomes[t] = future.result()
-            logs[t].seek(0)
-            print(f"\n(tier {t} ran beside the others; its output:)", logs[t].read(), sep="", end="", flush=True)
-            logs[t].close()
-    outcomes = [outcomes[t] for t in tiers]
+            by_tier[t], printed = future.result()
+            print(f"\n(tier {t} ran beside the others; its output:)", printed, sep="", end="", flush=True)
+    outcomes = [by_tier[t] for t in tiers]
     print("\n| tier | seconds | passed | failed | skipped |\n|---|---|---|---|---|")
     for o in outcomes:
         print(f"| {o.tier} | {o.seconds:.0f} | {o.passed} | {o.failed} | {o.skipped} |")
