@@ -1,10 +1,15 @@
 """Fixtures for the operator: a kmock API server (with the project's emulator) and kopf in-process."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
-# kubernetes reads $KUBECONFIG once at import; point it somewhere harmless before anything imports it.
-os.environ["KUBECONFIG"] = os.path.join(tempfile.mkdtemp(prefix="modelpress-kube-"), "config")
+# kubernetes reads $KUBECONFIG once at import; point it somewhere harmless before anything imports it,
+# and leave nothing behind in /tmp when the test process ends.
+_KUBE_HOME = tempfile.mkdtemp(prefix="modelpress-kube-")
+atexit.register(shutil.rmtree, _KUBE_HOME, ignore_errors=True)
+os.environ["KUBECONFIG"] = os.path.join(_KUBE_HOME, "config")
 
 import asyncio
 import base64
