@@ -5,7 +5,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 
 from modelpress.engine.errors import ModelPressError
-from modelpress.engine.gptq import GPTQModifier, gptq, least_squares_scales, refitted
+from modelpress.engine.gptq import CLIP_SEARCH, GPTQModifier, gptq, least_squares_scales, refitted, row_searched
 from modelpress.engine.quantize import QParams, dequantize, minmax_qparams, qrange, quantize
 from modelpress.engine.second_order import damped_hessian, group_aware_order, inverse_hessian
 from modelpress.engine.sparsegpt import sparsegpt
@@ -234,3 +234,66 @@ def test_the_sweep_runs_on_one_thread_and_gives_the_threads_back() -> None:
             1 / 0
     assert torch.get_num_threads() == before == 2
     torch.set_num_threads(original)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("strategy", [{"strategy": "channel"}, {"strategy": "group", "group_size": 32}])
+def test_a_clip_search_keeps_each_row_of_its_best_run_and_never_raises_a_rows_error(layer, symmetric: bool, strategy: dict) -> None:
+    w, x, h = layer
+    args = QuantizationArgs(num_bits=4, symmetric=symmetric, **strategy)
+    shrinks = (0.9, 0.8, 0.7)
+    plain = gptq(w, h, args)
+    searched = row_searched(w, h, args, shrinks)
+    runs = [plain] + [gptq(w, h, args, scales=minmax_qparams(w * (torch.diag(h) != 0) * f, args, torch.float32)) for f in shrinks]
+    kept = 0
+    for row in range(ROWS):
+        same = [i for i, r in enumerate(runs) if torch.equal(r.q[row], searched.q[row]) and torch.equal(r.qparams.scale[row], searched.qparams.scale[row])]
+        assert same, f"row {row} is no run's row"
+        assert searched.row_loss[row] == min(r.row_loss[row] for r in runs)
+        kept += same[0] == 0
+    assert 0 < kept < ROWS  # some rows keep the observer's scales, some take a shrunk range
+    error = damped_error(dequantize(searched.q, searched.qparams, args), w, h)
+    assert torch.all(error <= damped_error(dequantize(plain.q, plain.qparams, args), w, h) * (1 + 1e-6))
+    assert torch.allclose(2 * searched.row_loss.double(), error, rtol=1e-4)  # the loss reported is the error left
+    assert output_error(dequantize(searched.q, searched.qparams, args), w, x) < output_error(dequantize(plain.q, plain.qparams, args), w, x)
+
+
+def test_no_clip_search_is_plain_gptq_and_per_tensor_scales_are_left_alone(layer) -> None:
+    w, _, h = layer
+    channel = QuantizationArgs(num_bits=4, symmetric=True, strategy="channel")
+    assert torch.equal(row_searched(w, h, channel, ()).q, gptq(w, h, channel).q)
+    tensor = QuantizationArgs(num_bits=8, symmetric=True, strategy="tensor")
+    assert torch.equal(row_searched(w, h, tensor, (0.8,)).qparams.scale, gptq(w, h, tensor).qparams.scale)
+
+
+def test_a_sweep_leaves_its_inverse_hessian_as_it_was(layer) -> None:
+    """One factorisation serves every run of a clip search: a sweep must not consume it."""
+    w, _, h = layer
+    args = QuantizationArgs(num_bits=4, symmetric=True, strategy="channel")
+    inverse = inverse_hessian(h, 0.01, torch.argsort(torch.diag(h), descending=True, stable=True))
+    before = inverse.upper.clone()
+    first = gptq(w, h, args, inverse=inverse)
+    assert torch.equal(inverse.upper, before)
+    assert torch.equal(gptq(w, h, args, inverse=inverse).q, first.q) and torch.equal(first.q, gptq(w, h, args).q)
+
+
+def test_a_clip_search_keeps_a_sparsity_mask(layer) -> None:
+    w, _, h = layer
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) > 0.5
+    args = QuantizationArgs(num_bits=4, symmetric=False, strategy="channel")
+    result = row_searched(w * keep, h, args, (0.9, 0.7), keep=keep)
+    assert torch.all(dequantize(result.q, result.qparams, args)[~keep] == 0)
+
+
+def test_the_clip_search_defaults_to_4_bit_per_channel_scales_and_refuses_factors_outside_0_1() -> None:
+    def shrinks(**weights) -> tuple[float, ...]:
+        modifier = GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}})
+        return modifier.shrinks(modifier.groups["g"].weights)
+
+    assert shrinks(num_bits=4, symmetric=True, strategy="channel") == CLIP_SEARCH
+    assert shrinks(num_bits=4, symmetric=True, strategy="group", group_size=64) == ()
+    assert shrinks(num_bits=8, symmetric=True, strategy="channel") == ()
+    off = GPTQModifier(targets=["Linear"], scheme="W4A16", clip_search=[])
+    assert off.shrinks(QuantizationArgs(num_bits=4, strategy="channel")) == ()
+    with pytest.raises(ModelPressError, match=r"GPTQModifier.clip_search: \[1.2\] must be shrink factors between 0 and 1"):
+        GPTQModifier(targets=["Linear"], scheme="W4A16", clip_search=[1.2])

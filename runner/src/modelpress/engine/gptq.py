@@ -19,15 +19,17 @@ from pydantic import Field, field_validator, model_validator
 from modelpress.engine.errors import ModelPressError
 from modelpress.engine.layer_pass import find_parts
 from modelpress.engine.modifier import LayerState, Plan, Planned
-from modelpress.engine.quantize import Observer, QParams, QuantizedLinear, dequantize, minmax_qparams, qrange, weight_observer
+from modelpress.engine.quantize import (Observer, QParams, QuantizedLinear, dequantize, grouped, minmax_qparams, qparams_from_range, qrange,
+                                       weight_observer)
 from modelpress.engine.rtn import QuantizationModifier, importance, input_qparams
 from modelpress.engine.smoothing import SmoothingModifier
-from modelpress.engine.second_order import (activation_order, aligned_block_size, damped_cholesky, damped_hessian, group_aware_order,
-                                            inverse_hessian, live_diagonal, one_thread, sweep)
+from modelpress.engine.second_order import (InverseHessian, activation_order, aligned_block_size, damped_cholesky, damped_hessian,
+                                            group_aware_order, inverse_hessian, live_diagonal, one_thread, sweep)
 from modelpress.engine.statistics import ActivationStats
 from modelpress.engine.weights import find_decoder_layers
 
 Order = Literal["static", "group_aware"] | None
+CLIP_SEARCH = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # GPTQModifier.clip_search's default for 4-bit per-channel scales
 
 
 @dataclass
@@ -59,6 +61,7 @@ def gptq(
     keep: torch.Tensor | None = None,
     importance: torch.Tensor | None = None,
     scales: QParams | None = None,
+    inverse: InverseHessian | None = None,
 ) -> GPTQResult:
     """Quantize `weight` [out, in] given the Hessian [in, in] of its layer-wise error.
 
@@ -70,6 +73,7 @@ def gptq(
     left them. `importance` (E[x^2] per input column) is handed to the observer.
     `keep` (bool, [out, in]) forces the other weights to zero: a sparsity mask survives.
     `scales`, when given, are used as they are instead of observed (as static ones are).
+    `inverse`, when given, is the damped inverse factored for `hessian` in this `actorder`.
     """
     rows, cols = weight.shape
     dtype = weight.dtype
@@ -77,7 +81,7 @@ def gptq(
     size = args.group_size if group else cols
 
     order = sweep_order(hessian, args, actorder)
-    inverse = inverse_hessian(hessian, dampening_frac, order)
+    inverse = inverse or inverse_hessian(hessian, dampening_frac, order)
     # the rest is many small steps, which lose far more to threads' joins than they gain (one_thread);
     # the inverse before it is a few large factorisations, which gain
     with one_thread():
@@ -133,13 +137,59 @@ def gptq(
         return GPTQResult(codes, qp, row_loss, inverse.dampening_frac)
 
 
-def refitted(weight: torch.Tensor, hessian: torch.Tensor, args: QuantizationArgs, rounds: int, **options: Any) -> GPTQResult:
-    """GPTQ alternated with least-squares scales, `rounds` times: the sweep chooses codes for the
-    scales, then each row's scales are refitted to those codes (`least_squares_scales`); a later
-    round sweeps again against the refitted scales. Both steps lower the same layer-wise error,
-    so each round ends no worse than the one before. Per-tensor scales (one for every row) are
-    left as observed. `options` are gptq()'s."""
-    result = gptq(weight, hessian, args, **options)
+def row_searched(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    args: QuantizationArgs,
+    shrinks: tuple[float, ...],
+    actorder: Order = "static",
+    dampening_frac: float = 0.01,
+    **options: Any,
+) -> GPTQResult:
+    """GPTQ with the observer's scales, then once more per factor in `shrinks` with each group's
+    min-max range shrunk by it; every row keeps the run whose sweep left it the least error.
+
+    A column's rounding error moves only along its own row, so a GPTQ run's rows are independent
+    and the rows picked from several runs make up a GPTQ run of their own. The clip is then chosen
+    on the error GPTQ minimises, after its compensation, where an observer only sees the rounding
+    error before it. Per-tensor scales (one for every row) are left as observed. `options` are
+    gptq()'s.
+    """
+    if args.strategy == QuantizationStrategy.TENSOR or not shrinks:
+        return gptq(weight, hessian, args, actorder=actorder, dampening_frac=dampening_frac, **options)
+    inverse = inverse_hessian(hessian, dampening_frac, sweep_order(hessian, args, actorder))  # one factorisation for every run
+    options = {**options, "actorder": actorder, "inverse": inverse}
+    best = gptq(weight, hessian, args, **options)
+    live = weight.float() * (torch.diagonal(hessian) != 0)  # gptq() zeroes a dead column before it observes
+    if options.get("keep") is not None:
+        live *= options["keep"]
+    groups = grouped(live, args)
+    low, high = groups.amin(-1), groups.amax(-1)  # [rows, groups]: no weight-sized copy outlives this line
+    del live, groups
+    for factor in shrinks:
+        run = gptq(weight, hessian, args, **{**options, "scales": qparams_from_range(factor * low, factor * high, args, weight.dtype)})
+        better = run.row_loss < best.row_loss
+        per_row = better[:, None]
+        zero_point = None if best.qparams.zero_point is None else torch.where(per_row, run.qparams.zero_point, best.qparams.zero_point)
+        best = GPTQResult(
+            torch.where(per_row, run.q, best.q),
+            QParams(torch.where(per_row, run.qparams.scale, best.qparams.scale), zero_point),
+            torch.where(better, run.row_loss, best.row_loss),
+            best.dampening_frac,
+        )
+    return best
+
+
+def refitted(
+    weight: torch.Tensor, hessian: torch.Tensor, args: QuantizationArgs, rounds: int, shrinks: tuple[float, ...] = (), **options: Any
+) -> GPTQResult:
+    """GPTQ (with each row's clip searched over `shrinks`, row_searched) alternated with
+    least-squares scales, `rounds` times: the sweep chooses codes for the scales, then each row's
+    scales are refitted to those codes (`least_squares_scales`); a later round sweeps again
+    against the refitted scales. Both steps lower the same layer-wise error, so each round ends no
+    worse than the one before. Per-tensor scales (one for every row) are left as observed.
+    `options` are gptq()'s."""
+    result = row_searched(weight, hessian, args, shrinks, **options)
     if args.strategy == QuantizationStrategy.TENSOR:
         return result
     for round_ in range(rounds):
@@ -260,6 +310,23 @@ class GPTQModifier(QuantizationModifier):
     float_target: float = Field(0.0, ge=0.0, le=1.0)
     # rounds of least-squares scales after the sweep (refitted); 0: the observer's scales, as llm-compressor
     refit_scales: int = Field(1, ge=0)
+    # shrink factors of each row's min-max range that GPTQ also runs with, each row keeping the run
+    # with least error (row_searched); None: CLIP_SEARCH for per-channel schemes of 4 bits or fewer
+    clip_search: list[float] | None = None
+
+    @field_validator("clip_search")
+    @classmethod
+    def _clip_search(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(0 < f < 1 for f in value):
+            raise ModelPressError(f"GPTQModifier.clip_search: {value} must be shrink factors between 0 and 1 (e.g. [0.9, 0.8]); [] turns it off")
+        return value
+
+    def shrinks(self, args: QuantizationArgs) -> tuple[float, ...]:
+        """The clip search a scheme gets: per channel, one scale spans a whole row and clipping matters most."""
+        if self.clip_search is not None:
+            return tuple(self.clip_search)
+        narrow = args.type == QuantizationType.INT and args.num_bits <= 4
+        return CLIP_SEARCH if narrow and args.strategy == QuantizationStrategy.CHANNEL else ()
 
     @field_validator("actorder", mode="before")
     @classmethod
@@ -337,6 +404,7 @@ class GPTQModifier(QuantizationModifier):
                 hessian,
                 args,
                 self.refit_scales,
+                self.shrinks(args),
                 block_size=self.block_size,
                 dampening_frac=self.dampening_frac,
                 actorder=self.actorder,

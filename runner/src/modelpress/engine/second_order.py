@@ -145,23 +145,24 @@ def sweep(wt: torch.Tensor, upper: torch.Tensor, block_size: int, step: ColumnSt
     `wt` is W^T [in, out], so that a column of W is one contiguous row. After `step` fixes column
     i to q, its change d = w_i - q moves onto the later columns as d * U[i, later] / U_ii; the
     term for column i itself is d, which sets it to q. A row's loss is sum((d / U_ii)^2) / 2.
-    The loop is per column, so it is kept to a handful of vector operations. `upper` is divided
-    into the ratios in place (no second [in, in] matrix): it is not usable afterwards.
+    The loop is per column, so it is kept to a handful of vector operations. `upper` is left as
+    it was: the ratios are taken a block of its rows at a time, so one factorisation
+    serves several sweeps (gptq.row_searched).
     """
     cols, rows = wt.shape
-    diag = torch.diagonal(upper).clone()
-    ratios = upper.div_(diag[:, None])
+    diag = torch.diagonal(upper)
     loss = torch.zeros(rows, dtype=torch.float32, device=wt.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         block = wt[i1:i2]  # a view: updates land in wt
-        r1 = ratios[i1:i2, i1:i2]
+        ratios = upper[i1:i2, i1:] / diag[i1:i2, None]  # this block's rows of U, each over its U_ii
+        r1 = ratios[:, : i2 - i1]
         changes = torch.empty(i2 - i1, rows, dtype=wt.dtype, device=wt.device)
         for i in range(i2 - i1):
             torch.sub(block[i], step(block, i, i1 + i), out=changes[i])
             block[i:].addr_(r1[i, i:], changes[i], alpha=-1)
         if i2 < cols:
-            wt[i2:].addmm_(ratios[i1:i2, i2:].T, changes, alpha=-1)
+            wt[i2:].addmm_(ratios[:, i2 - i1 :].T, changes, alpha=-1)
         loss += (changes / diag[i1:i2, None]).square().sum(0) / 2
     return loss
 

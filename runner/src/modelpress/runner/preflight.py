@@ -57,7 +57,8 @@ PROMPT_TOKENS = 256  # a prompt's tokens, for the answers' KV cache
 # the Hessian, made in the accumulated X^T X's place, and two more at once: its damped reordered
 # copy and the Cholesky factor, then the flipped factor and the inverse factor), and through the
 # sweep (the Hessian, the inverse factor) with float32 copies of the stacked weight (in sweep
-# order, in natural order, the observer's grouped copy); the stack itself is in the weights' dtype.
+# order, in natural order, the observer's grouped copy) and, for a clip search (gptq.row_searched),
+# the int8 codes of the best run so far; the stack itself is in the weights' dtype.
 # The scale refit after a sweep (gptq.least_squares_scales) holds the Hessian and its damped copy
 # with float32 temporaries of half the stack at a time (its codes, weights and products): less
 # than the sweep's.
@@ -67,6 +68,7 @@ HESSIAN_COPIES = 3
 FLOAT_TARGET_COPIES = 2
 SWEEP_HESSIANS = 2
 WEIGHT_COPIES = 3
+SEARCH_CODES = 1  # bytes per weight: a clip search's best codes, counted for every sweep
 # round-to-nearest of a weight: one float32 temporary and the dequantized weight (gptq.py,
 # quantize.py work in place); reading a compressed weight back: its int8 codes, the float32 weight
 # and the result in the model's dtype (checkpoint_reader.py)
@@ -250,7 +252,7 @@ def _solve_bytes(shape: Shape, hessians: bool, float_stream: bool = False) -> in
     d = shape.dtype_bytes
     if hessians:
         copies = HESSIAN_COPIES + (FLOAT_TARGET_COPIES if float_stream else 0)
-        return max(max(F32 * copies * c * c, F32 * (SWEEP_HESSIANS * c * c + WEIGHT_COPIES * r * c)) + d * r * c
+        return max(max(F32 * copies * c * c, F32 * (SWEEP_HESSIANS * c * c + WEIGHT_COPIES * r * c) + SEARCH_CODES * r * c) + d * r * c
                    for r, c in shape.stacks())
     return max((ROUNDING_TEMPORARIES + d) * r * c for r, c in shape.linears())
 
