@@ -5,8 +5,10 @@ rounding error on the columns not yet quantized, so the layer's output moves as 
 a SparseGPT run before it, and calls `gptq`, the sweep, per stack. The damped inverse Hessian and
 the lazy-batch column loop it shares with SparseGPT are in second_order.py. With `float_target`,
 each stack is first moved to `float_target`'s weight, which aims it at the float model's output.
-After the sweep, each row's scales are refitted to the codes it chose (`refitted`, by least squares
-under the same Hessian): the codes and the format stay, the error only falls.
+With 4-bit per-channel scales, each row's clipping is chosen by GPTQ's own error: the sweep runs
+once per candidate range, and every row keeps its best run (`row_searched`). After the sweep, each
+row's scales are refitted to the codes it chose (`refitted`, by least squares under the same
+Hessian): the codes and the format stay, the error only falls.
 """
 
 from dataclasses import dataclass
