@@ -39,6 +39,37 @@ def test_clipping_outlier_weights_lowers_the_output_error(symmetric: bool) -> No
     assert torch.equal(result.weight[kept], w[kept])  # unclipped groups are untouched
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_revising_the_clips_on_the_rows_whole_error_lowers_it_and_never_raises_a_row(symmetric: bool) -> None:
+    """Correlated inputs couple the groups of a row: the per-group search cannot see the cross terms."""
+    torch.manual_seed(2)
+    mix = torch.randn(128, 128) / 128**0.5 + torch.eye(128)
+    x = torch.randn(1024, 128) @ mix * torch.linspace(0.5, 2, 128)
+    xtx = x.T @ x
+    w = torch.randn(48, 128)
+    w = torch.where(torch.rand(48, 128) < 0.02, 6 * w, w)
+    fake = fake_quantizer(QuantizationScheme(targets=["Linear"], weights={**W4_G32, "symmetric": symmetric}))
+    alone = search_clip(w, xtx, fake, 32, symmetric, n_grid=20, max_shrink=0.5)
+    coupled = search_clip(w, xtx, fake, 32, symmetric, n_grid=20, max_shrink=0.5, passes=2)
+
+    def row_errors(weight: torch.Tensor) -> torch.Tensor:
+        dw = (w - fake(weight)).double()
+        return ((dw @ xtx.double()) * dw).sum(1)
+
+    before, after = row_errors(alone.weight), row_errors(coupled.weight)
+    assert torch.all(after <= before * (1 + 1e-5))
+    assert after.sum() < 0.99 * before.sum(), (after.sum(), before.sum())
+    assert not torch.equal(coupled.ratios, alone.ratios) and coupled.ratios.min() >= 0.55 - 1e-6
+    assert torch.equal(coupled.loss, alone.loss)  # the per-group search's own losses, as reported before
+    one = search_clip(w[:, :32], xtx[:32, :32], fake, 32, symmetric, n_grid=20, max_shrink=0.5, passes=2)
+    assert torch.equal(one.weight, search_clip(w[:, :32], xtx[:32, :32], fake, 32, symmetric, n_grid=20, max_shrink=0.5).weight)
+
+
+def test_clip_passes_is_a_count() -> None:
+    with pytest.raises(ValueError, match="clip_passes"):
+        AWQModifier(apply_clip=True, clip_passes=-1)
+
+
 def test_group_errors_are_the_diagonal_blocks_of_x_t_x() -> None:
     torch.manual_seed(1)
     x = torch.randn(256, 64)

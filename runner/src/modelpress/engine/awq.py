@@ -126,12 +126,14 @@ def search_clip(
     symmetric: bool,
     n_grid: int,
     max_shrink: float,
+    passes: int = 0,
 ) -> ClipResult:
     """Per row and quantization group, the shrink r of the group's range with least output error.
 
     r runs over 1, 1 - 1/n_grid, ... while the shrink stays below `max_shrink` (AutoAWQ's grid).
     r = 1 is a candidate, so no group's error grows. `group_size` None is one group per row
-    (per-channel scales).
+    (per-channel scales). With `passes`, the groups' choices are then revised that many times on
+    each row's whole output error (`_coupled`); `loss` stays the per-group search's.
     """
     w = w.float()
     rows, cols = w.shape
@@ -152,13 +154,49 @@ def search_clip(
 
     unclipped = error(1.0)
     best, ratios = unclipped, torch.ones_like(unclipped)
-    for i in range(1, int(max_shrink * n_grid)):
-        r = 1 - i / n_grid
+    shrinks = [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
+    for r in shrinks[1:]:
         loss = error(r)
         better = loss < best
         best = torch.where(better, loss, best)
         ratios = torch.where(better, torch.full_like(ratios, r), ratios)
+    if passes and groups > 1:
+        ratios = _coupled(g, lo, hi, xtx.float().to(w.device), fake_quant, ratios, shrinks, passes)
     return ClipResult(clipped(ratios[..., None]).reshape(rows, cols), ratios, best, unclipped)
+
+
+def _coupled(
+    g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, xtx: torch.Tensor, fake_quant: FakeQuant,
+    ratios: torch.Tensor, shrinks: list[float], passes: int,
+) -> torch.Tensor:
+    """Each row's group ratios revised on the row's whole output error, cross terms included.
+
+    The per-group search scores group j on dw_j X_j^T X_j dw_j^T alone. The row's error is
+    e = dw X^T X dw^T, and moving group j's error by d changes it by 2 d (dw X^T X)_j + d (X^T X)_jj d^T,
+    so one group at a time, every row takes the shrink that lowers e most given its other groups
+    (none when none does): e never rises. `u` = dw X^T X is kept up to date as groups move.
+    """
+    rows, groups, size = g.shape
+    candidates = torch.tensor(shrinks, device=g.device)
+    chosen = (ratios[None] == candidates[:, None, None]).float().argmax(0)  # [rows, groups]: index into shrinks
+
+    def errors(j: int) -> torch.Tensor:  # [shrinks, rows, size]: group j's error at every shrink
+        return torch.stack([g[:, j] - fake_quant(torch.clamp(g[:, j], lo[:, j] * r, hi[:, j] * r)) for r in shrinks])
+
+    dw = torch.stack([errors(j)[chosen[:, j], torch.arange(rows)] for j in range(groups)], dim=1).reshape(rows, -1)
+    u = dw @ xtx
+    for _ in range(passes):
+        for j in range(groups):
+            cols = slice(j * size, (j + 1) * size)
+            move = errors(j) - dw[None, :, cols]
+            change = 2 * (move * u[None, :, cols]).sum(-1) + ((move @ xtx[cols, cols]) * move).sum(-1)  # [shrinks, rows]
+            best = change.argmin(0)
+            taken = change.gather(0, best[None])[0] < 0
+            step = move[best, torch.arange(rows)] * taken[:, None]
+            dw[:, cols] += step
+            u += step @ xtx[cols]
+            chosen[:, j] = torch.where(taken, best, chosen[:, j])
+    return candidates[chosen]
 
 
 class AWQModifier(SmoothingModifier):
@@ -177,6 +215,8 @@ class AWQModifier(SmoothingModifier):
     apply_clip: bool = False
     clip_n_grid: int = Field(20, ge=1)
     clip_max_shrink: float = Field(0.5, gt=0, lt=1)
+    # ModelPress's own: passes revising each row's group clips on its whole output error (search_clip); 0: AutoAWQ's per-group choice
+    clip_passes: int = Field(2, ge=0)
 
     def needs_hessians(self) -> bool:
         return True  # the search reads the inputs through X^T X
@@ -229,7 +269,7 @@ class AWQModifier(SmoothingModifier):
             w = balance[name].weight.data
             group_size = a.group_size if a.strategy == QuantizationStrategy.GROUP else None
             fake = fake_quantizer(quantizer[name].scheme)
-            result = search_clip(w, gram, fake, group_size, a.symmetric, self.clip_n_grid, self.clip_max_shrink)
+            result = search_clip(w, gram, fake, group_size, a.symmetric, self.clip_n_grid, self.clip_max_shrink, self.clip_passes)
             balance[name].weight.data = result.weight.to(w.dtype)
             log.debug("AWQ clip %s: group output error %.4g -> %.4g", name, float(result.unclipped_loss.sum()), float(result.loss.sum()))
 
