@@ -77,6 +77,8 @@ def test_group_errors_are_the_diagonal_blocks_of_x_t_x() -> None:
     fake = fake_quantizer(QuantizationScheme(targets=["Linear"], weights={**W4_G32, "symmetric": True}))
     result = search_clip(w, x.T @ x, fake, 32, True, n_grid=1, max_shrink=0.5)  # only r = 1
     assert torch.equal(result.weight, w) and (result.ratios == 1).all()
+    revised = search_clip(w, x.T @ x, fake, 32, True, n_grid=1, max_shrink=0.5, passes=2)  # one candidate: nothing to revise
+    assert torch.equal(revised.weight, w) and (revised.ratios == 1).all()
     dw = w - fake(w)
     for g in range(2):
         part = slice(32 * g, 32 * g + 32)

@@ -153,23 +153,25 @@ def search_clip(
         return torch.einsum("rgi,gij,rgj->rg", dw, blocks, dw)
 
     unclipped = error(1.0)
-    best, ratios = unclipped, torch.ones_like(unclipped)
-    shrinks = [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
-    for r in shrinks[1:]:
+    best, chosen = unclipped, torch.zeros_like(unclipped, dtype=torch.long)  # chosen: [rows, groups], index into shrinks
+    shrinks = [1 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))]  # 1 (unclipped) always first
+    for k, r in enumerate(shrinks[1:], 1):
         loss = error(r)
         better = loss < best
         best = torch.where(better, loss, best)
-        ratios = torch.where(better, torch.full_like(ratios, r), ratios)
+        chosen = torch.where(better, k, chosen)
     if passes and groups > 1:
-        ratios = _coupled(g, lo, hi, xtx.float().to(w.device), fake_quant, ratios, shrinks, passes)
+        chosen = _coupled(g, lo, hi, xtx.float().to(w.device), fake_quant, chosen, shrinks, passes)
+    ratios = torch.tensor(shrinks, device=w.device)[chosen]
     return ClipResult(clipped(ratios[..., None]).reshape(rows, cols), ratios, best, unclipped)
 
 
 def _coupled(
     g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, xtx: torch.Tensor, fake_quant: FakeQuant,
-    ratios: torch.Tensor, shrinks: list[float], passes: int,
+    chosen: torch.Tensor, shrinks: list[float], passes: int,
 ) -> torch.Tensor:
-    """Each row's group ratios revised on the row's whole output error, cross terms included.
+    """Each row's group shrinks (`chosen`, indices into `shrinks`) revised on the row's whole output
+    error, cross terms included.
 
     The per-group search scores group j on dw_j X_j^T X_j dw_j^T alone. The row's error is
     e = dw X^T X dw^T, and moving group j's error by d changes it by 2 d (dw X^T X)_j + d (X^T X)_jj d^T,
@@ -177,13 +179,14 @@ def _coupled(
     (none when none does): e never rises. `u` = dw X^T X is kept up to date as groups move.
     """
     rows, groups, size = g.shape
-    candidates = torch.tensor(shrinks, device=g.device)
-    chosen = (ratios[None] == candidates[:, None, None]).float().argmax(0)  # [rows, groups]: index into shrinks
+    chosen = chosen.clone()
 
     def errors(j: int) -> torch.Tensor:  # [shrinks, rows, size]: group j's error at every shrink
+        # made again on every pass: keeping them all would hold len(shrinks) copies of the weight
         return torch.stack([g[:, j] - fake_quant(torch.clamp(g[:, j], lo[:, j] * r, hi[:, j] * r)) for r in shrinks])
 
-    dw = torch.stack([errors(j)[chosen[:, j], torch.arange(rows)] for j in range(groups)], dim=1).reshape(rows, -1)
+    ratios = torch.tensor(shrinks, device=g.device)[chosen][..., None]
+    dw = (g - fake_quant(torch.clamp(g, lo * ratios, hi * ratios).reshape(rows, -1)).reshape(g.shape)).reshape(rows, -1)
     u = dw @ xtx
     for _ in range(passes):
         for j in range(groups):
@@ -196,7 +199,7 @@ def _coupled(
             dw[:, cols] += step
             u += step @ xtx[cols]
             chosen[:, j] = torch.where(taken, best, chosen[:, j])
-    return candidates[chosen]
+    return chosen
 
 
 class AWQModifier(SmoothingModifier):

@@ -83,7 +83,8 @@ def gptq(
     size = args.group_size if group else cols
 
     order = sweep_order(hessian, args, actorder)
-    inverse = inverse or inverse_hessian(hessian, dampening_frac, order)
+    if inverse is None:
+        inverse = inverse_hessian(hessian, dampening_frac, order)
     # the rest is many small steps, which lose far more to threads' joins than they gain (one_thread);
     # the inverse before it is a few large factorisations, which gain
     with one_thread():
